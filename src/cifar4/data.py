@@ -1,0 +1,291 @@
+"""The dataset: find it, load it without ever unpickling, check every array, describe it.
+
+CIFAR-4 is 24,000 RGB images, 32x32 uint8, of four CIFAR-10 classes. Two file layouts are
+read: the practical session's pair `CIFAR4_X.npy` (N,32,32,3) uint8 + `CIFAR4_Y.npy` (N,)
+integer labels, and one `.npz` with keys X, Y and optionally is_test (what `cifar4 data fetch`
+writes). Building the dataset from CIFAR-10 lives in `fetch.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from platformdirs import user_cache_dir
+
+from .errors import DataError
+
+CLASSES: tuple[str, ...] = ("bird", "cat", "frog", "horse")
+NPZ_NAME = "cifar4.npz"
+NPY_NAMES = ("CIFAR4_X.npy", "CIFAR4_Y.npy")
+ENV_VAR = "CIFAR4_DATA"
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def cache_dir() -> Path:
+    """The per-user folder where `cifar4 data fetch` puts the dataset by default."""
+    return Path(user_cache_dir("cifar4", appauthor=False))
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Images X (N,32,32,3) uint8 RGB, labels Y (N,) int64 in 0..3, optional is_test (N,) bool."""
+
+    X: np.ndarray
+    Y: np.ndarray
+    is_test: np.ndarray | None = None
+    source: str = "<memory>"
+    classes: tuple[str, ...] = CLASSES
+    _sha: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        validate_arrays(self.X, self.Y, self.is_test, name=self.source, classes=self.classes)
+        object.__setattr__(self, "Y", as_labels(self.Y, len(self.classes), self.source))
+
+    def __len__(self) -> int:
+        return len(self.Y)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def checksum(self) -> str:
+        """sha256 of the pixels and labels: names this exact data in runs and caches."""
+        if not self._sha:
+            h = hashlib.sha256(np.ascontiguousarray(self.X).tobytes())
+            h.update(np.ascontiguousarray(self.Y, dtype=np.int64).tobytes())
+            self._sha.append(h.hexdigest())
+        return self._sha[0]
+
+
+# ---------------------------------------------------------------- locate
+
+def _dataset_in_dir(folder: Path) -> Path | None:
+    if (folder / NPZ_NAME).is_file():
+        return folder / NPZ_NAME
+    if all((folder / n).is_file() for n in NPY_NAMES):
+        return folder / NPY_NAMES[0]
+    return None
+
+
+def candidates() -> list[tuple[str, Path]]:
+    """Where the dataset is looked for, in order (after an explicit --data)."""
+    out = []
+    if os.environ.get(ENV_VAR):
+        out.append((f"${ENV_VAR}", Path(os.environ[ENV_VAR])))
+    out.append(("./data", Path("data")))
+    out.append(("cache", cache_dir()))
+    return out
+
+
+def locate(path: str | os.PathLike | None = None) -> Path:
+    """The file to load: `path` (a file or a folder holding one), else $CIFAR4_DATA, else
+    ./data/, else the user cache folder."""
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"data path '{p}' does not exist; expected a {NPZ_NAME} or "
+                            f"{NPY_NAMES[0]} file, or a folder holding one")
+        if p.is_dir():
+            found = _dataset_in_dir(p)
+            if found is None:
+                raise DataError(f"data folder '{p}' holds no {NPZ_NAME} nor the pair "
+                                f"{NPY_NAMES[0]} + {NPY_NAMES[1]}")
+            return found
+        return p
+    for label, p in candidates():
+        if label.startswith("$"):
+            # An explicit environment setting that is wrong is an error, not a fallthrough.
+            return locate(p)
+        if p.is_dir() and (found := _dataset_in_dir(p)) is not None:
+            return found
+    looked = ", ".join(str(p) for _, p in candidates())
+    raise DataError(f"no CIFAR-4 dataset found (looked in {looked}); run 'cifar4 data fetch' "
+                    f"or pass --data PATH")
+
+
+# ---------------------------------------------------------------- safe reading
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(6)
+    except IsADirectoryError:
+        raise DataError(f"data file '{path}' is a folder; expected a .npy or .npz file") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file '{path}': {e.strerror or e}") from None
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """Load one .npy array, never unpickling; any damage becomes a DataError naming the file."""
+    path = Path(path)
+    head = _magic(path)
+    if not head:
+        raise DataError(f"data file '{path}' is empty (0 bytes); expected a .npy array")
+    if head != _NPY_MAGIC:
+        raise DataError(f"data file '{path}' is not a .npy file (bad magic bytes {head[:6]!r})")
+    try:
+        with open(path, "rb") as f:
+            return np.load(f, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise DataError(f"data file '{path}' holds an object/pickled array; cifar4 never "
+                            f"unpickles data: save a plain uint8 array with np.save") from None
+        raise DataError(f"data file '{path}' is truncated or corrupt ({e})") from None
+    except (EOFError, OSError) as e:
+        raise DataError(f"data file '{path}' is truncated or corrupt ({e})") from None
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load every array of a .npz, never unpickling."""
+    path = Path(path)
+    head = _magic(path)
+    if not head:
+        raise DataError(f"data file '{path}' is empty (0 bytes); expected a .npz archive")
+    if head[:4] != _ZIP_MAGIC:
+        raise DataError(f"data file '{path}' is not a .npz archive (bad magic bytes {head!r})")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise DataError(f"data file '{path}' holds an object/pickled array; cifar4 never "
+                            f"unpickles data: save plain arrays with np.savez") from None
+        raise DataError(f"data file '{path}' is truncated or corrupt ({e})") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+        raise DataError(f"data file '{path}' is truncated or corrupt ({e})") from None
+
+
+# ---------------------------------------------------------------- validation
+
+def _fmt_shape(shape: tuple) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def validate_images(X: np.ndarray, name: str = "X") -> None:
+    if not isinstance(X, np.ndarray):
+        raise DataError(f"{name}: expected a numpy array of images, got {type(X).__name__}")
+    if X.dtype == object:
+        raise DataError(f"{name}: object array; expected uint8 pixels")
+    if X.dtype.kind == "f" and X.size and not np.isfinite(X).all():
+        raise DataError(f"{name}: contains NaN or inf; expected uint8 pixels 0-255")
+    if X.ndim == 4 and X.shape[1:] == (3, 32, 32):
+        raise DataError(f"{name}: shape {_fmt_shape(X.shape)} looks channels-first; expected "
+                        f"(N, 32, 32, 3) channels-last (np.transpose(X, (0, 2, 3, 1)))")
+    if X.ndim != 4 or X.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{name}: shape {_fmt_shape(X.shape)}; expected (N, 32, 32, 3) RGB images")
+    if X.shape[0] == 0:
+        raise DataError(f"{name}: holds no images (N = 0)")
+    if X.dtype != np.uint8:
+        hint = " (scaled floats? use (X * 255).round().astype(np.uint8))" if X.dtype.kind == "f" else ""
+        raise DataError(f"{name}: dtype {X.dtype}; expected uint8 pixels 0-255{hint}")
+
+
+def as_labels(Y: np.ndarray, num_classes: int, name: str = "Y") -> np.ndarray:
+    """Check labels and return them as int64 (N,); one-hot (N, C) rows are accepted too."""
+    if not isinstance(Y, np.ndarray):
+        raise DataError(f"{name}: expected a numpy array of labels, got {type(Y).__name__}")
+    if Y.ndim == 2 and Y.shape[1] == num_classes and Y.dtype.kind in "iuf b":
+        if not (np.isin(Y, (0, 1)).all() and (Y.sum(axis=1) == 1).all()):
+            raise DataError(f"{name}: shape {_fmt_shape(Y.shape)} but rows are not one-hot")
+        Y = Y.argmax(axis=1)
+    if Y.ndim != 1:
+        raise DataError(f"{name}: shape {_fmt_shape(Y.shape)}; expected (N,) integer labels")
+    if Y.dtype.kind not in "iu":
+        raise DataError(f"{name}: dtype {Y.dtype}; expected integer labels 0..{num_classes - 1}")
+    if Y.size and (Y.min() < 0 or Y.max() >= num_classes):
+        bad = Y[(Y < 0) | (Y >= num_classes)][0]
+        raise DataError(f"{name}: label {bad} out of range; expected 0..{num_classes - 1} "
+                        f"({', '.join(f'{i}={c}' for i, c in enumerate(CLASSES[:num_classes]))})")
+    return Y.astype(np.int64, copy=False)
+
+
+def validate_arrays(X, Y, is_test=None, name: str = "dataset", classes=CLASSES) -> None:
+    validate_images(X, f"{name}: X")
+    Y = as_labels(Y, len(classes), f"{name}: Y")
+    if len(Y) != len(X):
+        raise DataError(f"{name}: X has {len(X)} images but Y has {len(Y)} labels; "
+                        f"expected the same length")
+    if is_test is not None:
+        if not isinstance(is_test, np.ndarray) or is_test.shape != (len(X),) or is_test.dtype != bool:
+            raise DataError(f"{name}: is_test must be a bool array of shape ({len(X)},), got "
+                            f"{getattr(is_test, 'dtype', type(is_test).__name__)} "
+                            f"{_fmt_shape(getattr(is_test, 'shape', ()))}")
+
+
+# ---------------------------------------------------------------- load
+
+def from_arrays(X: np.ndarray, Y: np.ndarray, is_test: np.ndarray | None = None,
+                source: str = "<memory>") -> Dataset:
+    """A Dataset from arrays (validated; labels may be int or one-hot). Inputs are not modified."""
+    validate_images(X, f"{source}: X")
+    return Dataset(X=X, Y=as_labels(Y, len(CLASSES), f"{source}: Y"), is_test=is_test, source=source)
+
+
+def load(path: str | os.PathLike | None = None) -> Dataset:
+    """Find (see `locate`), read and validate the dataset."""
+    p = locate(path)
+    if p.suffix == ".npz":
+        arrays = read_npz(p)
+        missing = [k for k in ("X", "Y") if k not in arrays]
+        if missing:
+            raise DataError(f"data file '{p}' lacks key(s) {', '.join(missing)}; expected keys "
+                            f"X, Y (and optionally is_test), found {', '.join(arrays) or 'none'}")
+        return from_arrays(arrays["X"], arrays["Y"], arrays.get("is_test"), source=str(p))
+    if p.name == NPY_NAMES[1] or p.name.endswith("_Y.npy"):
+        x_path, y_path = p.with_name(p.name[:-5] + "X.npy"), p
+    elif p.suffix == ".npy":
+        x_path = p
+        y_path = p.with_name(p.name[:-5] + "Y.npy") if p.name.endswith("_X.npy") else None
+        if y_path is None or not y_path.is_file():
+            want = y_path or p.with_name(NPY_NAMES[1])
+            raise DataError(f"data file '{p}': cannot find its labels; expected '{want}' beside "
+                            f"it (or give a .npz with X and Y)")
+    else:
+        raise DataError(f"data file '{p}': unknown kind; expected .npz or a "
+                        f"{NPY_NAMES[0]} / {NPY_NAMES[1]} pair")
+    if not x_path.is_file():
+        raise DataError(f"data file '{x_path}' does not exist; it must accompany '{y_path}'")
+    return from_arrays(read_npy(x_path), read_npy(y_path), None, source=str(x_path))
+
+
+def info(ds: Dataset) -> dict:
+    """Shapes, dtype, class counts and pixel statistics (the session's data checks)."""
+    X = ds.X
+    # Per-channel statistics in [0,1], computed in chunks to keep memory flat.
+    s = np.zeros(3)
+    s2 = np.zeros(3)
+    for i in range(0, len(X), 4096):
+        c = X[i:i + 4096].reshape(-1, 3).astype(np.float64) / 255.0
+        s += c.sum(0)
+        s2 += (c * c).sum(0)
+    n = X.shape[0] * 32 * 32
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0))
+    counts = np.bincount(ds.Y, minlength=ds.num_classes)
+    out = {
+        "source": ds.source,
+        "images": int(len(ds)),
+        "X_shape": list(X.shape),
+        "X_dtype": str(X.dtype),
+        "Y_shape": list(ds.Y.shape),
+        "classes": list(ds.classes),
+        "class_counts": {c: int(k) for c, k in zip(ds.classes, counts)},
+        "pixel_min": int(X.min()),
+        "pixel_max": int(X.max()),
+        "channel_mean": [round(float(v), 5) for v in mean],
+        "channel_std": [round(float(v), 5) for v in std],
+        "first_pixel": [int(v) for v in X[0, 0, 0]],
+        "X_sha256": hashlib.sha256(np.ascontiguousarray(X).tobytes()).hexdigest(),
+    }
+    if ds.is_test is not None:
+        out["official_test_images"] = int(ds.is_test.sum())
+    return out

@@ -1,0 +1,39 @@
+"""The one error hierarchy of cifar4.
+
+Every failure a user can cause (a bad file, config, flag, image or checkpoint) raises a
+subclass of `Cifar4Error` whose message is one line naming the input, what was found and what
+was expected. The CLI turns these into that line on stderr and exit code 2; anything else is a
+bug and keeps its traceback.
+"""
+
+
+class Cifar4Error(Exception):
+    """Base of every error cifar4 raises on purpose."""
+
+
+class DataError(Cifar4Error):
+    """A dataset file or array is missing, unreadable or not CIFAR-4 shaped."""
+
+
+class FetchError(Cifar4Error):
+    """The dataset could not be built from any source."""
+
+
+class ConfigError(Cifar4Error):
+    """An experiment file, preset or option is invalid."""
+
+
+class ModelError(Cifar4Error):
+    """An unknown model name or impossible architecture options."""
+
+
+class RunError(Cifar4Error):
+    """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class CheckpointError(Cifar4Error):
+    """A weights file is corrupt, truncated or does not fit the architecture."""
+
+
+class ImageError(Cifar4Error):
+    """An image given to predict cannot be decoded or is unsafe to decode."""

@@ -1,0 +1,69 @@
+"""Evaluation: loss and accuracy as the session prints them, per-class accuracy, the
+confusion matrix, and flip test-time augmentation (average the logits of an image and its
+mirror)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix
+from torch import nn
+
+from .transforms import Normalization
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: Normalization,
+                   batch_size: int = 1000, device: torch.device | str = "cpu",
+                   precision: str = "fp32", tta: bool = False) -> torch.Tensor:
+    """Logits (N, C) in float32 on the CPU, for uint8 NHWC images."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    cast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+            else contextlib.nullcontext())
+    out = []
+    try:
+        for i in range(0, len(x_uint8), batch_size):
+            xb = norm.apply(x_uint8[i:i + batch_size].to(device))
+            with cast:
+                logits = model(xb).float()
+                if tta:
+                    logits = 0.5 * (logits + model(xb.flip(3)).float())
+            out.append(logits.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Normalization,
+             batch_size: int = 1000, device: torch.device | str = "cpu", precision: str = "fp32",
+             tta: bool = False) -> dict[str, float]:
+    """{'loss', 'accuracy'}, like Keras' model.evaluate."""
+    logits = predict_logits(model, x_uint8, norm, batch_size, device, precision, tta)
+    y = torch.as_tensor(y).cpu()
+    return {"loss": float(F.cross_entropy(logits, y)),
+            "accuracy": float((logits.argmax(1) == y).float().mean())}
+
+
+def report(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Normalization,
+           classes: tuple[str, ...], device: torch.device | str = "cpu", precision: str = "fp32",
+           tta: bool = False) -> dict:
+    """Loss, accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
+    logits = predict_logits(model, x_uint8, norm, device=device, precision=precision, tta=tta)
+    y_np = torch.as_tensor(y).cpu().numpy()
+    pred = logits.argmax(1).numpy()
+    cm = confusion_matrix(y_np, pred, labels=list(range(len(classes))))
+    per_class = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else float("nan"))
+                 for i, c in enumerate(classes)}
+    return {"loss": float(F.cross_entropy(logits, torch.as_tensor(y_np))),
+            "accuracy": float((pred == y_np).mean()),
+            "per_class_accuracy": per_class,
+            "confusion": cm.tolist()}
+
+
+def softmax(logits: torch.Tensor) -> np.ndarray:
+    return torch.softmax(logits.float(), dim=1).numpy()

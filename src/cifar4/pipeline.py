@@ -1,0 +1,229 @@
+"""One experiment end to end: dataset -> split -> normalization -> model -> fit -> evaluation
+-> run directory. `train()` is what `cifar4 train` and the lab call; `resume()` continues an
+interrupted run from its last complete epoch with the same result as an uninterrupted one."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import config as cfgmod
+from . import data as datamod
+from . import io as cio
+from . import models, plots, runs
+from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
+from .config import Experiment
+from .data import Dataset
+from .errors import RunError
+from .evaluate import report
+from .split import Split, make_split
+from .train import Trainer, pick_device, seed_everything
+from .transforms import Augment, Normalization
+
+
+@dataclass
+class Result:
+    """What a finished training returns: where it lives and its numbers."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict]
+    model: torch.nn.Module
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("cifar4", "torch", "numpy", "scikit-learn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def prepare_data(exp: Experiment, ds: Dataset) -> tuple[Split, dict[str, np.ndarray]]:
+    sp = make_split(ds, exp.data.split, exp.data.split_seed)
+    idx = {"train": sp.train, "val": sp.val, "test": sp.test}
+    if exp.data.train_subset:
+        idx["train"] = idx["train"][:exp.data.train_subset]
+    if exp.data.eval_subset:
+        idx["val"] = idx["val"][:exp.data.eval_subset]
+        idx["test"] = idx["test"][:exp.data.eval_subset]
+    return sp, idx
+
+
+class _SaveEachEpoch(Callback):
+    """After every epoch: the history so far and the full training state, so that a killed run
+    loses at most the epoch in progress and `--resume` continues exactly."""
+
+    def __init__(self, folder: Path, extra: dict[str, Any]):
+        self.folder, self.extra = folder, extra
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        runs.write_history(self.folder, trainer.history.rows)
+        runs.save_state(self.folder, trainer.state_dict(), epoch, self.extra)
+
+
+def _callbacks(exp: Experiment, progress: bool, title: str) -> list[Callback]:
+    cbs: list[Callback] = [History()]
+    if progress:
+        cbs.append(ProgressBar(title=title))
+    es = exp.train.early_stopping
+    if es is not None:
+        cbs.append(EarlyStopping(es.monitor, es.patience, es.min_delta, es.restore_best_weights))
+    if exp.train.checkpoint_best:
+        cbs.append(ModelCheckpoint("val_accuracy"))
+    return cbs
+
+
+def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None,
+          runs_root: str | Path = "runs", run_dir: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True, save_state: bool = True) -> Result:
+    """Train one experiment (an Experiment, a built-in name or a TOML path) and write its run."""
+    if not isinstance(exp, Experiment):
+        exp = cfgmod.load(exp)
+    ds = data if isinstance(data, Dataset) else datamod.load(data)
+    folder = runs.create_run_dir(runs_root, exp.name, run_dir, overwrite)
+    cio.write_text(folder / "config.toml", exp.to_toml())
+    cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
+    return _run(exp, ds, folder, progress, save_state, resume_state=None)
+
+
+def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
+           progress: bool = True) -> Result:
+    """Continue an interrupted run from its last complete epoch (same config, same data)."""
+    folder = runs.resolve_run(run_dir)
+    if (folder / "metrics.json").exists():
+        raise RunError(f"run '{folder}' is already finished; nothing to resume")
+    exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+    ds = data if isinstance(data, Dataset) else datamod.load(data)
+    st = runs.load_state(folder)
+    if st is not None and st[1].get("data_sha256") not in (None, ds.checksum()):
+        raise RunError(f"run '{folder}' was trained on other data (sha256 "
+                       f"{st[1]['data_sha256'][:12]}...); pass the same --data")
+    return _run(exp, ds, folder, progress, True, resume_state=st)
+
+
+def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state: bool,
+         resume_state: tuple[dict, dict] | None) -> Result:
+    started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    t_start = time.perf_counter()
+    sp, idx = prepare_data(exp, ds)
+    device = pick_device(exp.train.device)
+    norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])
+    generator = seed_everything(exp.train.seed)
+    model = models.build(exp.model.name, num_classes=ds.num_classes, **exp.model.options)
+    if hasattr(model, "init_from_data"):  # e.g. the fast net's whitening layer
+        model.init_from_data(norm.apply(torch.from_numpy(ds.X[idx["train"][:5000]])))
+    options = models.resolve_options(exp.model.name, exp.model.options)
+    aug = Augment(**exp.augment.model_dump())
+    cbs = _callbacks(exp, progress, title=f"{exp.name} ")
+    extra = {"data_sha256": ds.checksum()}
+    if save_state:
+        cbs.append(_SaveEachEpoch(folder, extra))
+    trainer = Trainer(model, exp.train, norm, aug, device, cbs, generator)
+    x = {k: torch.from_numpy(ds.X[v]) for k, v in idx.items()}
+    y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
+    if resume_state is not None:
+        state, meta = resume_state
+        steps = exp.train.epochs * -(-len(idx["train"]) // exp.train.batch_size)
+        trainer.load_state_dict(state, int(meta["epoch"]), steps)
+    history = trainer.fit(x["train"], y["train"], x["val"], y["val"])
+    rows = history.rows
+    train_seconds = sum(r["seconds"] for r in rows)
+
+    t_eval = time.perf_counter()
+    prec, tta = exp.train.precision, exp.train.tta
+    res = {k: report(model, x[k], y[k], norm, ds.classes, device, prec, tta) for k in ("train", "val", "test")}
+    eval_seconds = time.perf_counter() - t_eval
+    trainable, non_trainable = models.count_params(model)
+    steps_per_epoch = -(-len(idx["train"]) // exp.train.batch_size)
+    metrics: dict[str, Any] = {
+        "experiment": exp.name,
+        "model": exp.model.name,
+        "model_options": options,
+        "train_accuracy": res["train"]["accuracy"],
+        "val_accuracy": res["val"]["accuracy"],
+        "test_accuracy": res["test"]["accuracy"],
+        "train_loss": res["train"]["loss"],
+        "val_loss": res["val"]["loss"],
+        "test_loss": res["test"]["loss"],
+        "per_class_accuracy": res["test"]["per_class_accuracy"],
+        "confusion": res["test"]["confusion"],
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_epoch": round(train_seconds / max(len(rows), 1), 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "epochs": len(rows),
+        "epochs_planned": exp.train.epochs,
+        "restored_epoch": trainer.restored_epoch,
+        "iterations": len(rows) * steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "params": trainable + non_trainable,
+        "trainable_params": trainable,
+        "seed": exp.train.seed,
+        "split": {"kind": sp.kind, "seed": sp.seed, "train": len(idx["train"]),
+                  "val": len(idx["val"]), "test": len(idx["test"])},
+        "data": {"source": ds.source, "sha256": ds.checksum(), "images": len(ds)},
+        "normalization": norm.to_dict(),
+        "precision": prec,
+        "tta": tta,
+        "resumed_from_epoch": int(resume_state[1]["epoch"]) if resume_state else None,
+        "versions": versions(),
+        "machine": machine(device),
+        "started_at": started,
+    }
+    model.cpu()
+    runs.save_model(folder, model, exp.model.name, options, ds.classes, norm)
+    runs.write_history(folder, rows)
+    plots.curves(rows, folder / "curves.png", title=exp.name)
+    plots.confusion(res["test"]["confusion"], ds.classes, folder / "confusion.png",
+                    title=f"{exp.name}: test accuracy {res['test']['accuracy']:.4f}")
+    summ = models.summary(model, exp.model.name).text()
+    cio.write_text(folder / "summary.txt", summ + "\n\n" + results_text(metrics) + "\n")
+    metrics["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
+    shutil.rmtree(folder / "state", ignore_errors=True)
+    return Result(folder, metrics, rows, model)
+
+
+def results_text(m: dict[str, Any]) -> str:
+    """The session's closing lines, plus the split and timing."""
+    s = m["split"]
+    return "\n".join([
+        f"Performance on the TRAIN set, ACCURACY= {m['train_accuracy']:.4f}  (loss {m['train_loss']:.4f})",
+        f"Performance on the VAL set,   ACCURACY= {m['val_accuracy']:.4f}  (loss {m['val_loss']:.4f})",
+        f"Performance on the TEST set,  ACCURACY= {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f})",
+        f"split {s['kind']} (seed {s['seed']}): {s['train']} train / {s['val']} val / {s['test']} test; "
+        f"{m['epochs']} epochs, {m['iterations']} iterations, {m['train_seconds']:.1f}s training "
+        f"({m['seconds_per_epoch']:.2f}s/epoch) on {m['machine']['device']}",
+    ])
+
+
+__all__ = ["train", "resume", "Result", "results_text"]
+_ = sys  # sys kept for callers patching stdout in notebooks

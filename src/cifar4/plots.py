@@ -1,0 +1,84 @@
+"""Figures (matplotlib, Agg backend, no display needed): the session's training curves (loss,
+accuracy; train vs validation), confusion matrices, sample grids, overlaid curves of runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import io as cio  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    cio.write_with(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def curves(rows: list[dict], path: Path, title: str = "") -> None:
+    """Two panels as in the session's display_training_curves: loss and accuracy per epoch."""
+    ep = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(ep, [r[key] for r in rows], "o-", ms=3, label=key)
+        ax.plot(ep, [r[f"val_{key}"] for r in rows], "o-", ms=3, label=f"val_{key}")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def confusion(cm: list[list[int]], classes: tuple[str, ...] | list[str], path: Path, title: str = "") -> None:
+    cm_a = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4.4, 3.8))
+    ax.imshow(cm_a, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm_a.shape[0]):
+        for j in range(cm_a.shape[1]):
+            ax.text(j, i, str(cm_a[i, j]), ha="center", va="center",
+                    color="white" if cm_a[i, j] > cm_a.max() / 2 else "black")
+    ax.set_title(title or "confusion (test)")
+    _save(fig, path)
+
+
+def sample_grid(X: np.ndarray, Y: np.ndarray, classes: tuple[str, ...], path: Path,
+                per_class: int = 8, seed: int = 0) -> None:
+    """`per_class` random images of each class, one row per class, labelled."""
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.25))
+    axes = np.atleast_2d(axes)
+    for k, name in enumerate(classes):
+        idx = np.flatnonzero(Y == k)
+        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        for j in range(per_class):
+            ax = axes[k, j]
+            ax.axis("off")
+            if j < len(pick):
+                ax.imshow(X[pick[j]], interpolation="nearest")
+                ax.set_title(f"{k}: {name}" if j == 0 else str(int(pick[j])), fontsize=7)
+    _save(fig, path)
+
+
+def compare(runs: list[tuple[str, list[dict]]], path: Path) -> None:
+    """Validation loss and accuracy of several runs on shared axes."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for label, rows in runs:
+        ep = [r["epoch"] for r in rows]
+        axes[0].plot(ep, [r["val_loss"] for r in rows], label=label)
+        axes[1].plot(ep, [r["val_accuracy"] for r in rows], label=label)
+    for ax, t in zip(axes, ("val_loss", "val_accuracy")):
+        ax.set_title(t)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    _save(fig, path)

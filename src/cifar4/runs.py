@@ -1,0 +1,299 @@
+"""Run directories: creating them without clobbering, saving and loading trained models
+(safetensors + a JSON description, never pickle), resumable training state, and listing runs.
+
+    runs/<experiment>-<YYYYmmdd-HHMMSS>/
+      config.toml     the resolved experiment
+      history.csv     one row per epoch: epoch, loss, accuracy, val_loss, val_accuracy, seconds, lr
+      metrics.json    accuracies, losses, per-class accuracy, timings, versions, machine, seed
+      model.safetensors + model.json   weights; architecture, classes, input normalization
+      curves.png  confusion.png  summary.txt
+      state/          last complete epoch (weights, optimizer, RNG), for --resume
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from . import io as cio
+from . import models
+from .callbacks import HISTORY_KEYS
+from .errors import CheckpointError, RunError
+from .transforms import Normalization
+
+MODEL_FORMAT = "cifar4-model"
+
+
+# ---------------------------------------------------------------- creating
+
+def create_run_dir(root: str | Path, name: str, run_dir: str | Path | None = None,
+                   overwrite: bool = False) -> Path:
+    """Make a fresh run folder. mkdir is atomic, so two processes never share one."""
+    if run_dir is not None:
+        path = Path(run_dir)
+        if path.exists():
+            if not overwrite:
+                raise RunError(f"run directory '{path}' already exists; pass --overwrite to "
+                               f"replace it or --resume to continue it")
+            if not path.is_dir():
+                raise RunError(f"run directory '{path}' is a file; expected a folder")
+            for p in path.iterdir():
+                if p.is_file() and (p.name in RUN_FILES or p.name.startswith(".")):
+                    p.unlink()
+            return path
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory '{path}': {e.strerror or e}") from None
+        return path
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create runs folder '{root}': {e.strerror or e}") from None
+    if not os.access(root, os.W_OK):
+        raise RunError(f"runs folder '{root}' is not writable")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        path = root / (f"{name}-{stamp}" if k == 0 else f"{name}-{stamp}-{k + 1}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"cannot create run directory '{path}': {e.strerror or e}") from None
+    raise RunError(f"cannot find a free run directory name under '{root}'")
+
+
+RUN_FILES = ("config.toml", "history.csv", "metrics.json", "model.safetensors", "model.json",
+             "curves.png", "confusion.png", "summary.txt")
+
+
+# ---------------------------------------------------------------- models
+
+def save_model(folder: Path, model: nn.Module, name: str, options: dict, classes: tuple[str, ...],
+               norm: Normalization) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": MODEL_FORMAT, "version": 1, "model": name, "options": options,
+            "num_classes": len(classes), "classes": list(classes), "input_shape": [3, 32, 32],
+            "normalization": norm.to_dict()}
+    cio.write_bytes(folder / "model.safetensors", st_save(state))
+    cio.write_json(folder / "model.json", meta)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a third-party .pth read with weights_only=True (no pickled code)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights '{path}': {e.strerror or e}") from None
+    if path.suffix in (".pth", ".pt"):
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"weights '{path}' are not a plain state dict loadable with "
+                                  f"weights_only=True ({first[:200]})") from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"weights '{path}' hold a {type(obj).__name__}; expected a "
+                                  f"state dict of tensors")
+        return obj
+    try:
+        return st_load(data)
+    except (SafetensorError, Exception) as e:
+        raise CheckpointError(f"weights '{path}' are not a readable safetensors file "
+                              f"(corrupt or truncated: {str(e)[:160]})") from None
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Strict key and shape matching, with a one-line account of any mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        raise CheckpointError(f"weights '{where}' do not fit the architecture: "
+                              f"{len(missing)} missing key(s) (e.g. {missing[:2]}), "
+                              f"{len(extra)} unexpected (e.g. {extra[:2]})")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"weights '{where}': {k} has shape {tuple(state[k].shape)}; "
+                                  f"the architecture expects {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    name: str
+    options: dict
+    classes: tuple[str, ...]
+    norm: Normalization
+    folder: Path
+
+
+def load_model(run: str | Path) -> LoadedModel:
+    folder = resolve_run(run)
+    meta_path = folder / "model.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"run '{folder}' has no model.json; is the run finished?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"'{meta_path}' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"'{meta_path}' is not a cifar4 model description "
+                              f"(expected \"format\": \"{MODEL_FORMAT}\")")
+    try:
+        classes = tuple(str(c) for c in meta["classes"])
+        norm = Normalization.from_dict(meta["normalization"])
+        model = models.build(meta["model"], num_classes=int(meta["num_classes"]), **meta["options"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"'{meta_path}' is incomplete or malformed ({type(e).__name__}: {e})") from None
+    if len(classes) != int(meta["num_classes"]):
+        raise CheckpointError(f"'{meta_path}': {len(classes)} class names for "
+                              f"{meta['num_classes']} classes")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise RunError(f"run '{folder}' has no model.safetensors; is the run finished?")
+    load_weights_into(model, read_weights(weights), str(weights))
+    model.eval()
+    return LoadedModel(model, meta["model"], meta["options"], classes, norm, folder)
+
+
+# ---------------------------------------------------------------- history and metrics
+
+def write_history(folder: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(HISTORY_KEYS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in HISTORY_KEYS})
+    cio.write_text(folder / "history.csv", buf.getvalue())
+
+
+def read_history(folder: Path) -> list[dict]:
+    path = Path(folder) / "history.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return [{k: (int(r[k]) if k == "epoch" else float(r[k])) for k in HISTORY_KEYS} for r in rows]
+    except FileNotFoundError:
+        raise RunError(f"run '{folder}' has no history.csv") from None
+    except (KeyError, ValueError, TypeError, OSError, csv.Error) as e:
+        raise RunError(f"'{path}' is malformed ({e})") from None
+
+
+def read_metrics(folder: str | Path) -> dict:
+    path = Path(folder) / "metrics.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"run '{folder}' has no metrics.json; is the run finished?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"'{path}' is not valid JSON ({e})") from None
+
+
+def resolve_run(run: str | Path) -> Path:
+    p = Path(run)
+    if not p.exists():
+        raise RunError(f"run '{run}' does not exist; expected a run directory (see 'cifar4 runs')")
+    if not p.is_dir():
+        raise RunError(f"run '{run}' is not a folder; expected a run directory")
+    return p
+
+
+def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
+    """Every run under `root` with its key numbers; unfinished runs are listed as such."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        row: dict[str, Any] = {"run": str(d), "status": "finished"}
+        try:
+            m = read_metrics(d)
+            row.update({k: m.get(k) for k in ("experiment", "model", "epochs", "params",
+                                              "train_accuracy", "val_accuracy", "test_accuracy",
+                                              "train_seconds")})
+        except RunError:
+            row["status"] = "unfinished" if (d / "state" / "last.json").exists() else "incomplete"
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------- training state (resume)
+
+def _pack(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """Split a nested structure into JSON and a flat dict of tensors (for safetensors)."""
+    if isinstance(obj, torch.Tensor):
+        key = path or "t"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError("dict keys must be str or int")
+        return {"__dict__": [[k, _pack(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot save {type(obj).__name__} in training state")
+
+
+def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: _unpack(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            items = [_unpack(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj.get("tuple") else items
+    return obj
+
+
+def save_state(folder: Path, state: dict[str, Any], epoch: int, extra: dict[str, Any]) -> None:
+    """The last complete epoch: tensors as safetensors, the rest as JSON; the JSON is written
+    last and names the tensor file, so a reader never pairs a new JSON with an old tensor file."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _pack(state, tensors, "s")
+    sdir = folder / "state"
+    tensor_name = f"epoch-{epoch}.safetensors"
+    cio.write_bytes(sdir / tensor_name, st_save(tensors))
+    cio.write_json(sdir / "last.json", {"epoch": epoch, "tensors": tensor_name,
+                                        "state": skeleton, **extra})
+    for old in sdir.glob("epoch-*.safetensors"):
+        if old.name != tensor_name:
+            old.unlink(missing_ok=True)
+
+
+def load_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    sdir = Path(folder) / "state"
+    meta_path = sdir / "last.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tensors = st_load((sdir / meta["tensors"]).read_bytes())
+    except (OSError, KeyError, json.JSONDecodeError, SafetensorError, Exception) as e:
+        raise CheckpointError(f"training state in '{sdir}' is unreadable ({str(e)[:160]}); "
+                              f"start the run again") from None
+    return _unpack(meta.pop("state"), tensors), meta

@@ -1,0 +1,61 @@
+"""Train / validation / test splits, as index arrays into a Dataset.
+
+`session` reproduces the practical session exactly: `train_test_split(X, Y, train_size=0.7,
+random_state=seed)`, then the rest cut in half with the same seed (16,800 / 3,600 / 3,600 on
+CIFAR-4 with seed 42). Splitting `arange(N)` with the same calls yields the same rows.
+`stratified` does the same with class-balanced parts; `official` keeps CIFAR-10's own test
+images as the test set and draws a stratified 15% validation set from the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from .data import Dataset
+from .errors import ConfigError, DataError
+
+KINDS = ("session", "stratified", "official")
+
+
+@dataclass(frozen=True)
+class Split:
+    kind: str
+    seed: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def describe(self) -> str:
+        s = self.sizes()
+        return f"{self.kind} (seed {self.seed}): {s['train']} train / {s['val']} val / {s['test']} test"
+
+
+def make_split(ds: Dataset, kind: str = "session", seed: int = 42) -> Split:
+    n = len(ds)
+    if kind not in KINDS:
+        raise ConfigError(f"split '{kind}' is unknown; expected one of {', '.join(KINDS)}")
+    if n < 7:
+        raise DataError(f"{ds.source}: {n} images are too few to split into train/val/test")
+    idx = np.arange(n)
+    if kind == "official":
+        if ds.is_test is None or not ds.is_test.any() or ds.is_test.all():
+            raise ConfigError(f"split 'official' needs the is_test array of the .npz "
+                              f"(with both kinds of rows); {ds.source} has none")
+        test = idx[ds.is_test]
+        rest = idx[~ds.is_test]
+        train, val = train_test_split(rest, test_size=0.15, random_state=seed, stratify=ds.Y[rest])
+        return Split(kind, seed, np.sort(train), np.sort(val), test)
+    strat = ds.Y if kind == "stratified" else None
+    try:
+        train, rest = train_test_split(idx, train_size=0.7, random_state=seed, stratify=strat)
+        val, test = train_test_split(rest, train_size=0.5, random_state=seed,
+                                     stratify=None if strat is None else ds.Y[rest])
+    except ValueError as e:
+        raise DataError(f"{ds.source}: cannot make a {kind} split ({e})") from None
+    return Split(kind, seed, train, val, test)

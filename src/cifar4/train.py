@@ -1,0 +1,211 @@
+"""The fit loop: optimizers with Keras' defaults, learning-rate schedules, categorical
+cross-entropy (+ Keras-style L2), validation after every epoch, callbacks.
+
+The training set lives on the device as one uint8 tensor; each step gathers a batch, scales it,
+augments it as a whole and takes one optimizer step. Nothing loops over images in Python.
+Everything random draws from one seeded generator (data order, augmentation) or from torch's
+seeded global generator (initialisation, dropout), so a seed fixes the run on a given machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .callbacks import Callback, History
+from .config import TrainConfig
+from .errors import ConfigError
+from .evaluate import evaluate
+from .transforms import Augment, Normalization
+
+KERAS_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else (os.cpu_count() or 1)))
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global generator (init, dropout) and return the data generator."""
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    lr = cfg.lr or KERAS_LR[cfg.optimizer]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7, momentum=cfg.momentum)
+
+
+def lr_factor(schedule: str, warmup: float, total_steps: int):
+    """Multiplier of the base learning rate at a given step. 'linear' with warmup is the
+    one-cycle (triangular) schedule of the fast CIFAR recipes."""
+    w = int(warmup * total_steps)
+
+    def f(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < w:
+            return (step + 1) / w
+        t = (step - w) / max(1, total_steps - w)
+        if schedule == "linear":
+            return max(0.0, 1.0 - t)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))  # cosine
+    return f
+
+
+def l2_penalty(model: nn.Module) -> torch.Tensor:
+    """Keras' kernel_regularizer=l2(1): the sum of squared kernels (not biases, not BN)."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad:
+            total = total + m.weight.pow(2).sum()
+    return total
+
+
+@dataclass
+class Trainer:
+    """Owns the model, optimizer, schedule and data generator of one training run."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    norm: Normalization
+    augment: Augment = field(default_factory=Augment)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    callbacks: Sequence[Callback] = ()
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    epochs: int = 0
+    steps_per_epoch: int = 0
+    stop_training: bool = False
+    restored_epoch: int | None = None
+    start_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        self.model.to(self.device).to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.history = next((c for c in self.callbacks if isinstance(c, History)), None)
+        if self.history is None:
+            self.history = History()
+            self.callbacks = [self.history, *self.callbacks]
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _decay_params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
+
+    def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+            y_val: torch.Tensor) -> History:
+        cfg = self.cfg
+        n = len(x_train)
+        if cfg.batch_size > n:
+            raise ConfigError(f"train.batch_size {cfg.batch_size} is larger than the training set "
+                              f"({n} images); expected at most {n}")
+        self.epochs = cfg.epochs
+        self.steps_per_epoch = math.ceil(n / cfg.batch_size)
+        if self.scheduler is None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lr_factor(cfg.schedule, cfg.warmup, cfg.epochs * self.steps_per_epoch))
+        x_train, y_train = x_train.to(self.device), y_train.to(self.device)
+        decay = self._decay_params() if cfg.weight_decay else []
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
+            if self.stop_training:
+                break
+            for cb in self.callbacks:
+                cb.on_epoch_begin(self, epoch)
+            self.model.train()
+            t0 = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)
+            for step in range(self.steps_per_epoch):
+                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                xb = self.norm.apply(x_train[idx])
+                if self.augment.active:
+                    xb = self.augment(xb, self.generator)
+                yb = y_train[idx]
+                with self._autocast():
+                    logits = self.model(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                if cfg.l2:
+                    loss = loss + cfg.l2 * l2_penalty(self.model)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if decay:
+                    step_lr = self.optimizer.param_groups[0]["lr"]
+                    with torch.no_grad():
+                        torch._foreach_mul_(decay, 1 - step_lr * cfg.weight_decay)
+                self.optimizer.step()
+                self.scheduler.step()
+                with torch.no_grad():
+                    loss_sum += loss.detach() * len(idx)
+                    correct += (logits.argmax(1) == yb).sum()
+                if any(type(cb).on_batch_end is not Callback.on_batch_end for cb in self.callbacks):
+                    seen = min((step + 1) * cfg.batch_size, n)
+                    logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
+                    for cb in self.callbacks:
+                        cb.on_batch_end(self, step + 1, logs)
+            seconds = time.perf_counter() - t0
+            val = evaluate(self.model, x_val, y_val, self.norm, device=self.device,
+                           precision=cfg.precision, tta=False)
+            logs = {"epoch": epoch, "loss": float(loss_sum) / n, "accuracy": float(correct) / n,
+                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                    "seconds": round(seconds, 4), "lr": lr}
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, logs)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.history
+
+    # ------------------------------------------------------------ resuming
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], epoch: int, total_steps: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(self.cfg.schedule, self.cfg.warmup, total_steps))
+        if state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        for cb, s in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(s)
+        self.start_epoch = epoch

@@ -1,0 +1,119 @@
+"""Tensor preprocessing and batch augmentation. Everything works on whole batches on the
+training device; nothing loops over images in Python.
+
+Images enter as uint8 NHWC (the dataset's layout) and leave as float NCHW in channels_last
+memory, which is what fast CPU and GPU convolutions want.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """x_model = (x_uint8 * scale - mean) / std, per channel. Stored with every model so that
+    evaluate and predict apply exactly what training applied."""
+
+    scale: float = 1 / 255
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def from_config(cls, scale: bool, standardize: bool, X_train: np.ndarray | None = None) -> "Normalization":
+        s = 1 / 255 if scale else 1.0
+        if not standardize:
+            return cls(scale=s)
+        x = X_train.reshape(-1, 3).astype(np.float64) * s
+        return cls(scale=s, mean=tuple(float(v) for v in x.mean(0)),
+                   std=tuple(float(max(v, 1e-8)) for v in x.std(0)))
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalization":
+        return cls(scale=float(d["scale"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+    def apply(self, x_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (N,32,32,3) -> float (N,3,32,32) channels_last, normalized."""
+        x = x_uint8.permute(0, 3, 1, 2).to(dtype)
+        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+        inv_std = 1 / torch.tensor(self.std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+        x = (x * self.scale - mean) * inv_std
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def one_hot(y: np.ndarray | torch.Tensor, num_classes: int = 4) -> torch.Tensor:
+    """The session's `to_categorical`."""
+    return F.one_hot(torch.as_tensor(y, dtype=torch.int64), num_classes).float()
+
+
+# ---------------------------------------------------------------- augmentation
+
+def flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror a random half of the batch left-right."""
+    mask = torch.rand(x.shape[0], generator=generator, device="cpu").to(x.device) < 0.5
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def translate(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random shifts of up to `pad` pixels (reflect padding, then a random crop per image),
+    done as one gather over the batch."""
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # (n,h)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # (n,w)
+    xp = xp.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, xp.shape[3]))
+    out = xp.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def affine(x: torch.Tensor, rotation: float, shift: float,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keras ImageDataGenerator-style random rotation (up to `rotation` degrees) and shifts (up
+    to `shift` of the width/height), nearest fill at the borders, for the whole batch at once."""
+    if rotation <= 0 and shift <= 0:
+        return x
+    n = x.shape[0]
+    ang = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(rotation)
+    tx = (torch.rand(n, generator=generator) * 2 - 1) * shift * 2  # grid units span 2
+    ty = (torch.rand(n, generator=generator) * 2 - 1) * shift * 2
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    theta = theta.to(device=x.device, dtype=torch.float32)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """What to do to each training batch. Defaults do nothing."""
+
+    flip: bool = False
+    translate: int = 0      # pixels, reflect-padded random crop (fast nets)
+    rotation: float = 0.0   # degrees, Keras rotation_range
+    shift: float = 0.0      # fraction of the side, Keras width/height_shift_range
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.translate > 0 or self.rotation > 0 or self.shift > 0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.rotation > 0 or self.shift > 0:
+            x = affine(x, self.rotation, self.shift, generator)
+        if self.translate > 0:
+            x = translate(x, self.translate, generator)
+        if self.flip:
+            x = flip(x, generator)
+        return x

@@ -1,0 +1,53 @@
+"""Shared fixtures: small learnable datasets made here, and the real dataset when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar4.data import Dataset, from_arrays
+
+REAL = Path(os.environ.get("CIFAR4_DATA", Path(__file__).parents[2] / "shared" / "data" / "cifar4.npz"))
+
+
+def make_arrays(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images whose class shows in a coloured square and its position: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    Y = np.repeat(np.arange(4), n // 4)
+    X = rng.integers(0, 80, size=(len(Y), 32, 32, 3), dtype=np.uint8)
+    for k in range(4):
+        r, c = divmod(k, 2)
+        X[Y == k, r * 16:r * 16 + 16, c * 16:c * 16 + 16, k % 3] = 230
+    is_test = np.zeros(len(Y), bool)
+    is_test[np.arange(len(Y)) % 6 == 5] = True
+    return X, Y.astype(np.int64), is_test
+
+
+@pytest.fixture
+def tiny() -> Dataset:
+    X, Y, t = make_arrays()
+    return from_arrays(X, Y, t, source="tiny")
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    X, Y, t = make_arrays()
+    p = tmp_path / "cifar4.npz"
+    np.savez(p, X=X, Y=Y, is_test=t)
+    return p
+
+
+@pytest.fixture(scope="session")
+def real_path() -> Path:
+    if not REAL.is_file():
+        pytest.skip(f"real dataset not found at {REAL}")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def real(real_path: Path) -> Dataset:
+    from cifar4.data import load
+    return load(real_path)

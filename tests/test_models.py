@@ -1,0 +1,52 @@
+"""The registry holds the session's architectures exactly, with Keras-style summaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar4 import models
+from cifar4.errors import ModelError
+
+SESSION_PARAMS = {"mlp-20": 61_544, "mlp-deep": 4_492_420, "cnn": 28_612}
+
+
+@pytest.mark.parametrize("name", sorted(SESSION_PARAMS))
+def test_parameter_counts_equal_the_sessions(name):
+    s = models.summary(models.build(name), name)
+    assert s.total == s.trainable == SESSION_PARAMS[name] and s.non_trainable == 0
+    assert f"Total params: {SESSION_PARAMS[name]:,}" in s.text()
+
+
+def test_cnn_summary_rows_read_like_keras():
+    rows = models.summary(models.build("cnn")).rows
+    assert rows[1] == ("conv2d (Conv2D)", "(None, 30, 30, 32)", 896)
+    assert rows[2] == ("max_pooling2d (MaxPooling2D)", "(None, 15, 15, 32)", 0)
+    assert rows[-1] == ("dense (Dense)", "(None, 4)", 9220)
+
+
+def test_mlp20_param_breakdown():
+    rows = models.summary(models.build("mlp-20")).rows
+    assert [r[2] for r in rows] == [0, 0, 3072 * 20 + 20, 21 * 4]
+
+
+def test_regularization_options_change_the_architecture():
+    s = models.summary(models.build("mlp-deep", dropout=[0.1, 0, 0, 0, 0], batchnorm=True))
+    kinds = [r[0].split(" ")[1] for r in s.rows]
+    assert kinds.count("(Dropout)") == 1 and kinds.count("(BatchNormalization)") == 5
+    assert s.non_trainable == 2 * (1024 + 768 + 512 + 256 + 128)  # moving mean and variance
+
+
+def test_forward_shapes():
+    for name in models.names():
+        out = models.build(name)(torch.zeros(2, 3, 32, 32))
+        assert out.shape == (2, 4)
+
+
+def test_unknown_model_and_option_are_errors():
+    with pytest.raises(ModelError, match="unknown; expected one of"):
+        models.build("resnet9000")
+    with pytest.raises(ModelError, match="no option hidden"):
+        models.build("cnn", hidden=[3])
+    with pytest.raises(ModelError, match="3 values for 5 hidden layers"):
+        models.build("mlp-deep", dropout=[0.1, 0.1, 0.1])

@@ -1,0 +1,59 @@
+"""Preprocessing and augmentation work on whole batches and do what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cifar4.transforms import Augment, Normalization, flip, one_hot, translate
+
+
+def test_scaling_is_the_sessions_divide_by_255():
+    x = torch.tensor([[[[164, 206, 84]]]], dtype=torch.uint8).expand(1, 32, 32, 3)
+    out = Normalization().apply(x)
+    assert out.shape == (1, 3, 32, 32)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([164, 206, 84]) / 255.0)
+    raw = Normalization(scale=1.0).apply(x)
+    assert raw[0, 0, 0, 0].item() == 164.0
+
+
+def test_standardization_uses_training_statistics():
+    X = np.random.default_rng(0).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
+    n = Normalization.from_config(True, True, X)
+    out = n.apply(torch.from_numpy(X))
+    assert torch.allclose(out.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(out.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-2)
+    assert Normalization.from_dict(n.to_dict()) == n
+
+
+def test_one_hot_is_to_categorical():
+    assert one_hot(np.array([0, 1, 1, 3, 2])).tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0],
+                                                         [0, 0, 0, 1], [0, 0, 1, 0]]
+
+
+def test_flip_mirrors_about_half_and_nothing_else():
+    x = torch.rand(400, 3, 8, 8)
+    out = flip(x, torch.Generator().manual_seed(0))
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(3)).flatten(1).all(1)
+    assert (same | mirrored).all() and 150 < mirrored.sum() < 250
+
+
+def test_translate_shifts_whole_images_within_the_pad():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    assert torch.equal(translate(x, 0), x)
+    out = translate(x, 2, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    # The centre of a shifted image is the original centre moved by at most 2 pixels.
+    centre = out[0, 0, 16, 16].item()
+    found = (x[0, 0, 14:19, 14:19] == centre).any()
+    assert found
+
+
+def test_augment_is_seeded_and_keeps_shape():
+    aug = Augment(flip=True, translate=2, rotation=15, shift=0.1)
+    x = torch.rand(16, 3, 32, 32)
+    a = aug(x, torch.Generator().manual_seed(3))
+    b = aug(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+    assert not Augment().active and aug.active

@@ -30,7 +30,7 @@ from torch import nn
 from . import io as cio
 from . import models
 from .callbacks import HISTORY_KEYS
-from .errors import CheckpointError, RunError
+from .errors import CheckpointError, ModelError, RunError
 from .transforms import Normalization
 
 MODEL_FORMAT = "cifar4-model"
@@ -164,6 +164,8 @@ def load_model(run: str | Path) -> LoadedModel:
         model = models.build(meta["model"], num_classes=int(meta["num_classes"]), **meta["options"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"'{meta_path}' is incomplete or malformed ({type(e).__name__}: {e})") from None
+    except ModelError as e:
+        raise CheckpointError(f"'{meta_path}' describes no buildable model ({e})") from None
     if len(classes) != int(meta["num_classes"]):
         raise CheckpointError(f"'{meta_path}': {len(classes)} class names for "
                               f"{meta['num_classes']} classes")

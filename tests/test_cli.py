@@ -1,0 +1,108 @@
+"""The command line: every command works from a fresh directory, and every bad input is one
+line on stderr with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar4.cli import main
+
+COMMANDS = [[], ["train"], ["evaluate"], ["predict"], ["runs"], ["models"], ["summary"],
+            ["experiments"], ["data"], ["data", "fetch"], ["data", "info"], ["data", "show"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "root")
+def test_help_reads_well(cmd, capsys):
+    assert main([*cmd, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "Usage: cifar4" in text and "Traceback" not in text
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_train_evaluate_predict_runs(tiny_npz, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["train", "--data", str(tiny_npz), "--epochs", "3", "--batch-size", "32",
+                              "--json", "-q"], capsys)
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["epochs"] == 3 and m["model"] == "cnn" and m["run_dir"].startswith("runs/cnn-")
+    run = m["run_dir"]
+    code, out, _ = run_cli(["evaluate", run, "--data", str(tiny_npz), "--json"], capsys)
+    assert code == 0 and json.loads(out)["test"]["accuracy"] == pytest.approx(m["test_accuracy"])
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
+    code, out, _ = run_cli(["predict", run, str(img), "--json"], capsys)
+    assert code == 0 and json.loads(out)[0]["label"] in ("bird", "cat", "frog", "horse")
+    code, out, _ = run_cli(["runs", "--json"], capsys)
+    assert json.loads(out)[0]["run"] == run
+    code, out, _ = run_cli(["train", "--data", str(tiny_npz), "--model", "mlp-20", "--epochs", "1",
+                            "--no-scale", "--name", "raw", "-q"], capsys)
+    assert code == 0 and "run directory: runs/raw-" in out
+
+
+def test_summary_models_experiments_data(tiny_npz, tmp_path, capsys):
+    code, out, _ = run_cli(["summary", "mlp-deep"], capsys)
+    assert code == 0 and "Total params: 4,492,420" in out
+    assert run_cli(["models"], capsys)[1].count("the session's") == 3
+    assert "cnn" in run_cli(["experiments"], capsys)[1]
+    code, out, _ = run_cli(["data", "info", "--data", str(tiny_npz), "--json"], capsys)
+    assert json.loads(out)["images"] == 240
+    code, out, _ = run_cli(["data", "show", "--data", str(tiny_npz), "--out", str(tmp_path / "s.png")], capsys)
+    assert code == 0 and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+BAD = {
+    "zero epochs": ["train", "--epochs", "0"],
+    "negative batch": ["train", "--batch-size", "-5"],
+    "not a number": ["train", "--epochs", "many"],
+    "unknown model": ["train", "--model", "vgg99"],
+    "unknown optimizer": ["train", "--optimizer", "lbfgs"],
+    "unknown split": ["train", "--split", "random"],
+    "unknown flag": ["train", "--epoch", "3"],
+    "preset and experiment": ["train", "--preset", "cnn", "--experiment", "cnn"],
+    "missing experiment file": ["train", "--experiment", "nope.toml"],
+    "resume with options": ["train", "--resume", "x", "--epochs", "3"],
+    "missing data": ["data", "info", "--data", "/nonexistent/file.npz"],
+    "missing run": ["evaluate", "/nonexistent/run"],
+    "predict missing run": ["predict", "/nonexistent/run", "a.png"],
+    "unknown summary model": ["summary", "resnet"],
+    "unknown command": ["fly"],
+    "unknown fetch source": ["data", "fetch", "--source", "ftp", "--out", "/tmp/x"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, capsys, tiny_npz, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR4_DATA", str(tiny_npz))
+    code, out, err = run_cli(BAD[case], capsys)
+    assert code == 2, (out, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
+
+
+def test_bad_data_file_through_cli(tmp_path, capsys):
+    p = tmp_path / "bad.npz"
+    np.savez(p, X=np.zeros((5, 32, 32), np.uint8), Y=np.zeros(5, np.int64))
+    code, _, err = run_cli(["train", "--data", str(p), "--epochs", "1"], capsys)
+    assert code == 2 and "expected (N, 32, 32, 3)" in err and str(p) in err
+
+
+def test_console_script_exit_code_and_debug(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cifar4", "data", "info", "--data", str(tmp_path / "x.npz")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "cifar4", "--debug", "data", "info", "--data",
+                        str(tmp_path / "x.npz")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" in r.stderr

@@ -50,3 +50,25 @@ def test_unknown_model_and_option_are_errors():
         models.build("cnn", hidden=[3])
     with pytest.raises(ModelError, match="3 values for 5 hidden layers"):
         models.build("mlp-deep", dropout=[0.1, 0.1, 0.1])
+
+
+def test_fast_net_whitening_decorrelates_patches():
+    torch.manual_seed(0)
+    base = torch.randn(64, 3, 32, 32)
+    x = base + 0.8 * base.roll(1, dims=3)  # correlated neighbours
+    m = models.build("fast")
+    m.init_from_data(x)
+    out = torch.nn.functional.conv2d(x, m.whiten.weight[:12])  # one sign of each eigenvector
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(flat.T)
+    assert torch.allclose(cov, torch.diag(torch.diagonal(cov)), atol=0.05)
+    assert not m.whiten.weight.requires_grad
+    assert all(not mod.weight.requires_grad for mod in m.modules()
+               if isinstance(mod, torch.nn.BatchNorm2d))
+
+
+def test_fast_net_widths_option():
+    small = models.build("fast", widths=[16, 32, 64])
+    assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    with pytest.raises(ModelError):
+        models.build("fast", widths=[16, 32])

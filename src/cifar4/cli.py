@@ -5,7 +5,9 @@ progress to stderr, and `--json` prints machine-readable results instead of tabl
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -74,7 +76,7 @@ def train(
     split: Optional[str] = typer.Option(None, "--split", help="session (default), stratified or official."),
     split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the split (default 42)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 autocast for conv nets on bf16-capable CPUs/GPUs), fp32 or bf16."),
     data: Optional[Path] = DataOpt,
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the experiment's)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
@@ -158,8 +160,8 @@ def _metrics_table(m: dict[str, Any]) -> None:
 @app.command()
 def evaluate(run: Path = typer.Argument(..., help="A run directory."),
              data: Optional[Path] = DataOpt,
-             tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Flip test-time augmentation "
-                                                "(default: as the run was trained)."),
+             tta: Optional[int] = typer.Option(None, "--tta", min=0, max=2, help="Test-time augmentation "
+                                               "level: 0 none, 1 flip, 2 flip + shifts (default: the run's)."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Evaluate a run's model on the train, validation and test parts of its split."""
     from .evaluate_run import evaluate_run
@@ -187,7 +189,8 @@ def evaluate(run: Path = typer.Argument(..., help="A run directory."),
 @app.command()
 def predict(run: Path = typer.Argument(..., help="A run directory."),
             images: list[Path] = typer.Argument(..., help="Image files (any size and format Pillow reads)."),
-            tta: bool = typer.Option(False, "--tta", help="Average with the mirrored image."),
+            tta: int = typer.Option(0, "--tta", min=0, max=2, help="Test-time augmentation level: "
+                                    "0 none, 1 flip, 2 flip + 1-pixel shifts."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Classify images with a trained run: class and probabilities."""
     from .predict import predict as do_predict
@@ -268,6 +271,52 @@ def list_experiments() -> None:
     out.print(t)
 
 
+# ---------------------------------------------------------------- lab / compare
+
+@app.command()
+def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiments to run (default: "
+                                                         "the whole session, see 'cifar4 experiments')."),
+        quick: bool = typer.Option(False, "--quick", help="Same set on a data subset with a sixth of "
+                                   "the epochs (minutes; its own folder)."),
+        lab_dir: Optional[Path] = typer.Option(None, "--lab-dir", help="Where the lab keeps its runs "
+                                               "(default: lab/, or lab-quick/ with --quick)."),
+        report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes "
+                                                  "(default: report/, or lab-quick/report/ with --quick)."),
+        data: Optional[Path] = DataOpt,
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress.")) -> None:
+    """Run the practical session's experiments (resumable) and write the report."""
+    from .lab import default_root, run_lab
+    from .report import write_report
+    ds = datamod.load(data)
+    root = lab_dir or default_root(quick)
+    entries = run_lab(experiments, ds, root, quick=quick, progress=not quiet, console=err)
+    target = report_dir or (root / "report" if quick else Path("report"))
+    page = write_report([(e.name, e.run_dir) for e in entries], ds, target)
+    out.print(f"report written: {page} (and {target / 'report.md'})")
+
+
+@app.command()
+def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
+            out_png: Optional[Path] = typer.Option(None, "--out", help="PNG of the overlaid validation curves."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Compare runs: a table of their numbers and overlaid validation curves."""
+    from .report import compare_runs
+    rows = compare_runs(list(run_dirs), out_png)
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table()
+    for c in ("run", "model", "params", "epochs", "train acc", "val acc", "test acc", "gap", "s/epoch"):
+        t.add_column(c, justify="left" if c in ("run", "model") else "right")
+    for r in rows:
+        t.add_row(r["run"], r["model"], f"{r['params']:,}", str(r["epochs"]), f"{r['train_accuracy']:.4f}",
+                  f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['gap'] * 100:.1f}",
+                  f"{r['seconds_per_epoch']:.2f}")
+    out.print(t)
+    if out_png:
+        out.print(f"curves written: {out_png}")
+
+
 # ---------------------------------------------------------------- data
 
 @data_app.command("fetch")
@@ -324,9 +373,15 @@ def data_show(data: Optional[Path] = DataOpt,
 
 # ---------------------------------------------------------------- entry point
 
+def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs are kept
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
     try:
         app(args=argv, prog_name="cifar4", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -55,6 +55,7 @@ class AugmentConfig(_Strict):
     translate: int = Field(default=0, ge=0, le=8)
     rotation: float = Field(default=0.0, ge=0, le=180)
     shift: float = Field(default=0.0, ge=0, lt=0.5)
+    cutout: int = Field(default=0, ge=0, le=32)
 
 
 class EarlyStoppingConfig(_Strict):
@@ -73,13 +74,15 @@ class TrainConfig(_Strict):
     nesterov: bool = False
     l2: float = Field(default=0.0, ge=0)                 # Keras kernel_regularizer l2, added to the loss
     weight_decay: float = Field(default=0.0, ge=0)       # decoupled, per step, times lr
+    bias_lr_scale: float = Field(default=1.0, gt=0)      # lr multiplier of biases and BN shifts
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     schedule: Literal["constant", "onecycle", "linear"] = "constant"
     warmup: float = Field(default=0.0, ge=0, lt=1)       # fraction of the steps spent warming up
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint_best: bool = False                        # ModelCheckpoint(save_best_only) on val_accuracy
-    tta: bool = False                                    # average with the mirrored image at evaluation
-    precision: Literal["fp32", "bf16"] = "fp32"
+    tta: int = Field(default=0, ge=0, le=2)              # test-time augmentation: 0 off, 1 (or true) flip,
+                                                         # 2 flip and 1-pixel shifts (6 views)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 for conv nets where fast
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

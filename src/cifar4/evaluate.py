@@ -15,11 +15,33 @@ from torch import nn
 from .transforms import Normalization
 
 
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """The image moved by (dy, dx) pixels, reflect-padded at the borders."""
+    p = max(abs(dy), abs(dx))
+    xp = F.pad(x, (p, p, p, p), mode="reflect")
+    h, w = x.shape[2:]
+    return xp[:, :, p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def tta_views(x: torch.Tensor, level: int) -> list[torch.Tensor]:
+    """Level 0: the image; 1: and its mirror; 2: both, also shifted by one pixel up-left and
+    down-right (airbench's TTA)."""
+    views = [x]
+    if level >= 1:
+        views.append(x.flip(3))
+    if level >= 2:
+        for d in (-1, 1):
+            s = _shift(x, d, d)
+            views += [s, s.flip(3)]
+    return views
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: Normalization,
                    batch_size: int = 1000, device: torch.device | str = "cpu",
-                   precision: str = "fp32", tta: bool = False) -> torch.Tensor:
-    """Logits (N, C) in float32 on the CPU, for uint8 NHWC images."""
+                   precision: str = "fp32", tta: int = 0) -> torch.Tensor:
+    """Logits (N, C) in float32 on the CPU, for uint8 NHWC images, averaged over the
+    test-time-augmentation views of `tta_views`."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -30,9 +52,8 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: Normalization,
         for i in range(0, len(x_uint8), batch_size):
             xb = norm.apply(x_uint8[i:i + batch_size].to(device))
             with cast:
-                logits = model(xb).float()
-                if tta:
-                    logits = 0.5 * (logits + model(xb.flip(3)).float())
+                views = tta_views(xb, int(tta))
+                logits = torch.stack([model(v).float() for v in views]).mean(0)
             out.append(logits.cpu())
     finally:
         model.train(was_training)
@@ -41,7 +62,7 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: Normalization,
 
 def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Normalization,
              batch_size: int = 1000, device: torch.device | str = "cpu", precision: str = "fp32",
-             tta: bool = False) -> dict[str, float]:
+             tta: int = 0) -> dict[str, float]:
     """{'loss', 'accuracy'}, like Keras' model.evaluate."""
     logits = predict_logits(model, x_uint8, norm, batch_size, device, precision, tta)
     y = torch.as_tensor(y).cpu()
@@ -51,7 +72,7 @@ def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Nor
 
 def report(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Normalization,
            classes: tuple[str, ...], device: torch.device | str = "cpu", precision: str = "fp32",
-           tta: bool = False) -> dict:
+           tta: int = 0) -> dict:
     """Loss, accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
     logits = predict_logits(model, x_uint8, norm, device=device, precision=precision, tta=tta)
     y_np = torch.as_tensor(y).cpu().numpy()

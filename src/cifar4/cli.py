@@ -382,8 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
+    interrupted = ("cifar4: interrupted; finished epochs are saved (continue with 'cifar4 train --resume RUN', "
+                   "or run 'cifar4 lab' again)")
     try:
-        app(args=argv, prog_name="cifar4", standalone_mode=False)
+        rv = app(args=argv, prog_name="cifar4", standalone_mode=False)
+        if rv == 130:  # typer turns KeyboardInterrupt into an exit code
+            err.print(interrupted, highlight=False)
+        return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.UsageError as e:
@@ -394,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"cifar4: error: {e.format_message()}", highlight=False)
         return 2
     except (click.exceptions.Abort, KeyboardInterrupt):
-        err.print("cifar4: interrupted; finished epochs are saved (continue with --resume RUN)", highlight=False)
+        err.print(interrupted, highlight=False)
         return 130
     except Cifar4Error as e:
         if debug:

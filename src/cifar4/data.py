@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,8 +139,8 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
             raise DataError(f"data file '{path}' holds an object/pickled array; cifar4 never "
                             f"unpickles data: save a plain uint8 array with np.save") from None
         raise DataError(f"data file '{path}' is truncated or corrupt ({e})") from None
-    except (EOFError, OSError) as e:
-        raise DataError(f"data file '{path}' is truncated or corrupt ({e})") from None
+    except Exception as e:  # a damaged header reaches numpy's parser: EOFError, TokenError, ...
+        raise DataError(f"data file '{path}' is truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -160,8 +159,8 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise DataError(f"data file '{path}' holds an object/pickled array; cifar4 never "
                             f"unpickles data: save plain arrays with np.savez") from None
         raise DataError(f"data file '{path}' is truncated or corrupt ({e})") from None
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
-        raise DataError(f"data file '{path}' is truncated or corrupt ({e})") from None
+    except Exception as e:  # BadZipFile, EOFError, zlib.error, a damaged member's header, ...
+        raise DataError(f"data file '{path}' is truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------- validation

@@ -41,12 +41,16 @@ class Normalization:
         return cls(scale=float(d["scale"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
     def apply(self, x_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 (N,32,32,3) -> float (N,3,32,32) channels_last, normalized."""
-        x = x_uint8.permute(0, 3, 1, 2).to(dtype)
-        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-        inv_std = 1 / torch.tensor(self.std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-        x = (x * self.scale - mean) * inv_std
-        return x.contiguous(memory_format=torch.channels_last)
+        """uint8 (N,32,32,3) -> float (N,3,32,32) in channels_last memory, normalized. The
+        result is a view of an NHWC tensor, so no copy changes the layout."""
+        x = x_uint8.to(dtype)
+        if self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0):
+            x = x * self.scale if self.scale != 1.0 else x
+        else:
+            mean = torch.tensor(self.mean, dtype=dtype, device=x.device)
+            inv_std = 1 / torch.tensor(self.std, dtype=dtype, device=x.device)
+            x = (x * self.scale - mean) * inv_std  # broadcasts over the trailing channel axis
+        return x.permute(0, 3, 1, 2)
 
 
 def one_hot(y: np.ndarray | torch.Tensor, num_classes: int = 4) -> torch.Tensor:

@@ -1,0 +1,159 @@
+"""Reliability: arbitrary bytes never crash the loaders with anything but a named error, a full
+disk leaves no torn file, and a training process killed with SIGKILL resumes to the same
+result as an uninterrupted run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cifar4 import data, io, runs
+from cifar4.errors import CheckpointError, DataError, ImageError, RunError
+from cifar4.predict import read_image
+from conftest import make_arrays
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(blob=st.binary(max_size=400))
+def test_any_bytes_as_a_data_file_is_a_data_error(tmp_path, blob):
+    for name in ("f.npz", "CIFAR4_X.npy"):
+        p = tmp_path / name
+        p.write_bytes(blob)
+        np.save(tmp_path / "CIFAR4_Y.npy", np.zeros(3, np.int64))
+        with pytest.raises(DataError):
+            data.load(p)
+
+
+@FUZZ
+@given(cut=st.integers(min_value=0, max_value=2000), flip=st.integers(min_value=0, max_value=2000))
+def test_damaged_npy_is_a_data_error(tmp_path, cut, flip):
+    X, Y, _ = make_arrays(8)
+    np.save(tmp_path / "CIFAR4_X.npy", X)
+    np.save(tmp_path / "CIFAR4_Y.npy", Y)
+    raw = bytearray((tmp_path / "CIFAR4_X.npy").read_bytes())
+    raw[flip % 128] ^= 0xFF  # damage the header
+    (tmp_path / "CIFAR4_X.npy").write_bytes(bytes(raw[: len(raw) - cut]))
+    try:
+        ds = data.load(tmp_path)
+        assert ds.X.shape[1:] == (32, 32, 3)  # a harmless flip may still load: then it is valid
+    except DataError:
+        pass
+
+
+@FUZZ
+@given(blob=st.binary(max_size=300))
+def test_any_bytes_as_an_image_is_an_image_error(tmp_path, blob):
+    p = tmp_path / "x.png"
+    p.write_bytes(blob)
+    try:
+        x = read_image(p)
+        assert x.shape == (32, 32, 3)
+    except ImageError:
+        pass
+
+
+@FUZZ
+@given(blob=st.binary(max_size=300))
+def test_any_bytes_as_weights_is_a_checkpoint_error(tmp_path, blob):
+    for name in ("w.safetensors", "w.pth"):
+        p = tmp_path / name
+        p.write_bytes(blob)
+        try:
+            runs.read_weights(p)
+        except CheckpointError:
+            pass
+
+
+def test_a_full_disk_leaves_the_old_file_intact_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    io.write_json(target, {"v": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(RunError, match="No space left"):
+        io.write_json(target, {"v": 2})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def _train_cmd(npz: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cifar4", "train", "--data", str(npz), "--model", "cnn", "--epochs", "6",
+            "--batch-size", "16", "--seed", "11", "--run-dir", str(run_dir), "-q", *extra]
+
+
+@pytest.fixture
+def bigger_npz(tmp_path) -> Path:
+    X, Y, t = make_arrays(1200, seed=3)
+    p = tmp_path / "d.npz"
+    np.savez(p, X=X, Y=Y, is_test=t)
+    return p
+
+
+def _files_complete(folder: Path) -> None:
+    """Every file in a run directory is either absent or whole: no temporaries, JSON parses."""
+    for p in folder.rglob("*"):
+        assert not p.name.endswith(".tmp"), p
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+    if (folder / "state" / "last.json").exists():
+        assert runs.load_state(folder) is not None
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(bigger_npz, tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(bigger_npz, full), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(bigger_npz, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        last = killed / "state" / "last.json"
+        if last.exists():
+            try:
+                if json.loads(last.read_text())["epoch"] >= 2:
+                    break
+            except (json.JSONDecodeError, OSError):  # only possible if writes were not atomic
+                raise
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "killed too late: the run had finished"
+    _files_complete(killed)
+    r = subprocess.run([sys.executable, "-m", "cifar4", "train", "--resume", str(killed), "--data",
+                        str(bigger_npz), "-q", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from_epoch"] >= 2
+    a = runs.read_history(full)
+    b = runs.read_history(killed)
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert (full / "model.safetensors").read_bytes() == (killed / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_with_a_resume_hint(bigger_npz, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(bigger_npz, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "state" / "last.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if (run / "metrics.json").exists():
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
+    _files_complete(run)

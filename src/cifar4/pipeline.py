@@ -8,6 +8,7 @@ import datetime as _dt
 import os
 import platform
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -78,14 +79,45 @@ def prepare_data(exp: Experiment, ds: Dataset) -> tuple[Split, dict[str, np.ndar
 
 class _SaveEachEpoch(Callback):
     """After every epoch: the history so far and the full training state, so that a killed run
-    loses at most the epoch in progress and `--resume` continues exactly."""
+    loses at most the epoch in progress and `--resume` continues exactly. The state (54 MB for
+    the deep MLP with Adam) is copied, then written and fsynced by a background thread while
+    the next epoch trains; the next save, and the end of training, wait for it."""
 
     def __init__(self, folder: Path, extra: dict[str, Any]):
         self.folder, self.extra = folder, extra
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _write(self, state: dict[str, Any], epoch: int) -> None:
+        try:
+            runs.save_state(self.folder, state, epoch, self.extra)
+        except BaseException as e:  # surfaced in the training thread by _wait
+            self._error = e
 
     def on_epoch_end(self, trainer, epoch, logs):
+        self._wait()
         runs.write_history(self.folder, trainer.history.rows)
-        runs.save_state(self.folder, trainer.state_dict(), epoch, self.extra)
+        state = runs.snapshot(trainer.state_dict())
+        self._thread = threading.Thread(target=self._write, args=(state, epoch), daemon=True)
+        self._thread.start()
+
+    def on_train_end(self, trainer):
+        self._wait()
+
+    def settle(self) -> None:
+        """Let a save in flight finish (training was interrupted): the last complete epoch
+        then stays on disk, whole."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def _callbacks(exp: Experiment, progress: bool, title: str) -> list[Callback]:
@@ -159,7 +191,13 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         steps = exp.train.epochs * -(-len(idx["train"]) // exp.train.batch_size)
         trainer.load_state_dict(state, int(meta["epoch"]), steps)
     t_fit = time.perf_counter()
-    history = trainer.fit(x["train"], y["train"], x["val"], y["val"])
+    try:
+        history = trainer.fit(x["train"], y["train"], x["val"], y["val"])
+    except BaseException:
+        for cb in cbs:
+            if isinstance(cb, _SaveEachEpoch):
+                cb.settle()
+        raise
     fit_seconds = time.perf_counter() - t_fit
     rows = history.rows
     train_seconds = sum(r["seconds"] for r in rows)

@@ -276,6 +276,17 @@ def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def snapshot(state: Any) -> Any:
+    """A copy of a nested state whose tensors no longer change as training goes on."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
 def save_state(folder: Path, state: dict[str, Any], epoch: int, extra: dict[str, Any]) -> None:
     """The last complete epoch: tensors as safetensors, the rest as JSON; the JSON is written
     last and names the tensor file, so a reader never pairs a new JSON with an old tensor file."""

@@ -157,3 +157,12 @@ def test_sigterm_stops_cleanly_with_a_resume_hint(bigger_npz, tmp_path):
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
     _files_complete(run)
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io.write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == io._MODE

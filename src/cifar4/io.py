@@ -15,6 +15,15 @@ from typing import IO, Any
 from .errors import RunError
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes files 0600
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
         fd = os.open(folder, os.O_RDONLY)
@@ -34,6 +43,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     except OSError as e:
         raise RunError(f"cannot write in '{path.parent}': {e.strerror or e}") from e
     try:
+        os.fchmod(fd, _MODE)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

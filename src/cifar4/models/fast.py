@@ -12,8 +12,11 @@ Recipe (the `fast*` experiments hold the training half):
   schedule, decoupled weight decay, flip + 2-pixel translate augmentation on whole batches,
   bf16 autocast on CPU and GPU, and flip test-time augmentation.
 
-The evidence for the presets (accuracy over seeds, time, machine) is in BENCHMARKS.md and in
-each experiment's description.
+Evidence (BENCHMARKS.md; session split, its 3,600-image test set; 2-core Xeon with AMX,
+torch 2.13 CPU, bf16; training seconds = fit wall time including validation):
+- `--preset fast` (4 epochs): 0.9081 +- 0.0023 test accuracy over 3 seeds in 77.7 s;
+  0.9142 +- 0.0059 on two other random splits.
+- `--preset fast-long` (28 epochs, + cutout): 0.9511 +- 0.0017 over 3 seeds in 443 s.
 """
 
 from __future__ import annotations

@@ -47,6 +47,24 @@ def _print_json(obj: Any) -> None:
 
 # ---------------------------------------------------------------- train
 
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as a TOML value (160, 0.5, true, [256, 128], "x"), and
+    as a plain string when it is not one (resnet50, ./weights.pth)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--option '{item}' is not KEY=VALUE; expected e.g. -o resolution=224")
+        try:
+            out[key] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value.strip()
+    return out
+
+
 @app.command()
 def train(
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
@@ -59,6 +77,12 @@ def train(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, sgd or rmsprop."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: Keras' default "
                                        "for the optimizer)."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
+                                               help="A model option (see 'cifar4 models'), e.g. "
+                                                    "-o resolution=224 -o backbone=resnet50; "
+                                                    "repeatable; values are read as TOML."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Transfer backbone weights: "
+                                          "'imagenet' (packaged), 'none', or a .pth state dict."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout rate after hidden layers."),
     batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm",
                                              help="Batch normalization after each hidden layer."),
@@ -92,7 +116,8 @@ def train(
 
     if resume is not None:
         given = [n for n, v in locals().items() if v is not None and n in (
-            "experiment", "preset", "model", "epochs", "batch_size", "optimizer", "lr", "dropout",
+            "experiment", "preset", "model", "option", "weights", "epochs", "batch_size",
+            "optimizer", "lr", "dropout",
             "batchnorm", "l2", "augment", "early_stopping", "scale", "standardize", "seed",
             "split", "split_seed", "device", "precision", "name", "run_dir")]
         if given:
@@ -111,7 +136,9 @@ def train(
         if model is not None and model != base.get("model", {}).get("name", model):
             base = {**base, "model": {"name": model}}  # another model: its options start fresh
         put("model", "name", model)
-        opts = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm)) if v is not None}
+        opts = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm), ("weights", weights))
+                if v is not None}
+        opts.update(_parse_options(option or []))
         if opts:
             o.setdefault("model", {})["options"] = opts
         for k, v in (("epochs", epochs), ("batch_size", batch_size), ("optimizer", optimizer),

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
@@ -75,6 +76,8 @@ class TrainConfig(_Strict):
     l2: float = Field(default=0.0, ge=0)                 # Keras kernel_regularizer l2, added to the loss
     weight_decay: float = Field(default=0.0, ge=0)       # decoupled, per step, times lr
     bias_lr_scale: float = Field(default=1.0, gt=0)      # lr multiplier of biases and BN shifts
+    backbone_lr_scale: float = Field(default=1.0, gt=0)  # lr multiplier of a pretrained backbone
+                                                         # being fine-tuned (transfer mode c)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     schedule: Literal["constant", "onecycle", "linear"] = "constant"
     warmup: float = Field(default=0.0, ge=0, lt=1)       # fraction of the steps spent warming up
@@ -133,10 +136,34 @@ def from_dict(d: dict[str, Any], where: str = "experiment") -> Experiment:
         raise ConfigError(_explain(e, where)) from None
     from . import models  # the model name and its options are checked against the registry
     try:
-        models.resolve_options(exp.model.name, exp.model.options)
+        opts = models.resolve_options(exp.model.name, exp.model.options)
+        with torch.device("meta"):  # option values checked by building, with no memory
+            models.build(exp.model.name, **opts)
     except Exception as e:
         raise ConfigError(f"{where}: {e}") from None
+    if exp.model.name == "transfer":
+        _check_transfer(exp, opts, where)
     return exp
+
+
+def _check_transfer(exp: Experiment, opts: dict[str, Any], where: str) -> None:
+    """A transfer model normalizes its own inputs; with a frozen backbone its features are
+    cached per view (the image and its mirror), so only flips can augment them."""
+    if not exp.data.scale or exp.data.standardize:
+        raise ConfigError(f"{where}: model 'transfer' applies its backbone's own input "
+                          f"normalization; expected data.scale = true and data.standardize = false")
+    if opts.get("finetune") != 0:
+        return
+    a = exp.augment
+    image_level = [k for k, v in (("translate", a.translate), ("rotation", a.rotation),
+                                  ("shift", a.shift), ("cutout", a.cutout)) if v]
+    if image_level:
+        raise ConfigError(f"{where}: augment.{image_level[0]} needs the images to go through the "
+                          f"backbone at every step, but a frozen backbone (finetune = 0) trains "
+                          f"on cached features; expected only augment.flip, or finetune > 0")
+    if exp.train.tta > 1:
+        raise ConfigError(f"{where}: train.tta = {exp.train.tta} with a frozen backbone; cached "
+                          f"features hold the image and its mirror, so expected tta 0 or 1")
 
 
 def builtin_names() -> list[str]:

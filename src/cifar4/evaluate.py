@@ -43,6 +43,7 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: Normalization,
     """Logits (N, C) in float32 on the CPU, for uint8 NHWC images, averaged over the
     test-time-augmentation views of `tta_views`."""
     device = torch.device(device)
+    batch_size = min(batch_size, getattr(model, "max_batch", batch_size))  # large-input models
     was_training = model.training
     model.eval()
     cast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
@@ -75,6 +76,11 @@ def report(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Norma
            tta: int = 0) -> dict:
     """Loss, accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
     logits = predict_logits(model, x_uint8, norm, device=device, precision=precision, tta=tta)
+    return summarize(logits, y, classes)
+
+
+def summarize(logits: torch.Tensor, y: torch.Tensor | np.ndarray, classes: tuple[str, ...]) -> dict:
+    """`report`'s numbers from logits already computed."""
     y_np = torch.as_tensor(y).cpu().numpy()
     pred = logits.argmax(1).numpy()
     cm = confusion_matrix(y_np, pred, labels=list(range(len(classes))))

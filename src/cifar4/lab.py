@@ -25,7 +25,7 @@ from .data import Dataset
 from .errors import ConfigError
 
 SESSION = ("mlp-raw", "mlp-20", "mlp-deep", "mlp-overfit", "mlp-regularized", "cnn", "cnn-overfit",
-           "cnn-augmented", "cnn-augmented-long", "fast")
+           "cnn-augmented", "cnn-augmented-long", "fast", "transfer-32", "transfer", "transfer-random")
 QUICK = {"train_subset": 2000, "eval_subset": 600, "epoch_divisor": 6}
 
 

@@ -21,15 +21,15 @@ import torch
 from . import config as cfgmod
 from . import data as datamod
 from . import io as cio
-from . import models, plots, runs
+from . import features, models, plots, runs
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .config import Experiment
 from .data import Dataset
-from .errors import RunError
-from .evaluate import report
+from .errors import ConfigError, RunError
+from .evaluate import predict_logits, report, summarize
 from .split import Split, make_split
-from .train import Trainer, pick_device, seed_everything
-from .transforms import Augment, Normalization
+from .train import Trainer, pick_device, resolve_precision, seed_everything
+from .transforms import Augment, FeatureInput, Normalization, ViewSample
 
 
 @dataclass
@@ -167,10 +167,15 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_start = time.perf_counter()
     sp, idx = prepare_data(exp, ds)
+    if exp.train.batch_size > len(idx["train"]):  # before any costly step
+        raise ConfigError(f"train.batch_size {exp.train.batch_size} is larger than the training set "
+                          f"({len(idx['train'])} images); expected at most {len(idx['train'])}")
     device = pick_device(exp.train.device)
     norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])
     generator = seed_everything(exp.train.seed)
     model = models.build(exp.model.name, num_classes=ds.num_classes, **exp.model.options)
+    if hasattr(model, "load_pretrained"):  # a transfer backbone's ImageNet weights
+        model.load_pretrained()
     if hasattr(model, "init_from_data"):  # e.g. the fast net's whitening layer
         model.init_from_data(norm.apply(torch.from_numpy(ds.X[idx["train"][:5000]])))
     options = models.resolve_options(exp.model.name, exp.model.options)
@@ -183,9 +188,15 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     if save_state:
         cbs.append(_SaveEachEpoch(folder, {"data_sha256": ds.checksum()}))
     cbs += list(extra or [])
-    trainer = Trainer(model, exp.train, norm, aug, device, cbs, generator)
-    x = {k: torch.from_numpy(ds.X[v]) for k, v in idx.items()}
     y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
+    cached = _CachedFeatures(exp, model, ds, idx, device, progress) if getattr(model, "frozen", False) \
+        else None
+    if cached is not None:  # a frozen backbone: only the head trains, on cached features
+        trainer = Trainer(model.head, exp.train, FeatureInput(), cached.augment, device, cbs, generator)
+        x = cached.train_inputs()
+    else:
+        trainer = Trainer(model, exp.train, norm, aug, device, cbs, generator)
+        x = {k: torch.from_numpy(ds.X[v]) for k, v in idx.items()}
     if resume_state is not None:
         state, meta = resume_state
         steps = exp.train.epochs * -(-len(idx["train"]) // exp.train.batch_size)
@@ -207,8 +218,13 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     # (model.json records it). The train split is measured without TTA: it only serves the
     # train-validation gap, and six views of 16,800 images would cost more than the training.
     prec, tta = trainer.precision, exp.train.tta
-    res = {k: report(model, x[k], y[k], norm, ds.classes, device, prec, 0 if k == "train" else tta)
-           for k in ("train", "val", "test")}
+    if cached is not None:
+        prec = cached.precision  # what evaluate and predict use to recompute the features
+        res = {k: summarize(cached.logits(model.head, k, 0 if k == "train" else tta, trainer.precision),
+                            y[k], ds.classes) for k in ("train", "val", "test")}
+    else:
+        res = {k: report(model, x[k], y[k], norm, ds.classes, device, prec, 0 if k == "train" else tta)
+               for k in ("train", "val", "test")}
     eval_seconds = time.perf_counter() - t_eval
     trainable, non_trainable = models.count_params(model)
     steps_per_epoch = -(-len(idx["train"]) // exp.train.batch_size)
@@ -247,6 +263,11 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         "machine": machine(device),
         "started_at": started,
     }
+    if hasattr(model, "backbone_digest"):
+        metrics["backbone_sha256"] = model.backbone_digest()
+    if cached is not None:
+        metrics["features"] = cached.info()
+        metrics["feature_seconds"] = cached.info()["seconds"]
     model.cpu()
     runs.save_model(folder, model, exp.model.name, options, ds.classes, norm, prec)
     runs.write_history(folder, rows)
@@ -260,6 +281,48 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
     shutil.rmtree(folder / "state", ignore_errors=True)
     return Result(folder, metrics, rows, model)
+
+
+class _CachedFeatures:
+    """Transfer mode (b): the frozen backbone's features of every split, from the feature
+    cache (computed there once), as inputs for training and evaluating the head alone. Views:
+    the image, plus its mirror when the experiment flips (training picks one view per row and
+    step) or asks for flip test-time augmentation (logits averaged over both)."""
+
+    def __init__(self, exp: Experiment, model: torch.nn.Module, ds: Dataset,
+                 idx: dict[str, np.ndarray], device: torch.device, progress: bool):
+        self.precision = resolve_precision(exp.train.precision, device, model)
+        self.flip_train = exp.augment.flip
+        views = ("plain", "flip") if exp.augment.flip or exp.train.tta >= 1 else ("plain",)
+        rows = np.concatenate([idx["train"], idx["val"], idx["test"]])
+        model.to(device).to(memory_format=torch.channels_last)
+        self.fs = features.features(model, ds, rows, views, device, self.precision, progress)
+        model.cpu()
+        self.device = device
+        self.split: dict[str, dict[str, torch.Tensor]] = {}
+        start = 0
+        for k in ("train", "val", "test"):
+            n = len(idx[k])
+            self.split[k] = {v: torch.from_numpy(a[start:start + n]) for v, a in self.fs.views.items()}
+            start += n
+        self.augment = ViewSample() if self.flip_train else Augment()
+
+    def train_inputs(self) -> dict[str, torch.Tensor]:
+        out = {k: self.split[k]["plain"] for k in ("train", "val", "test")}
+        if self.flip_train:
+            out["train"] = torch.stack([self.split["train"]["plain"], self.split["train"]["flip"]], 1)
+        return out
+
+    def logits(self, head: torch.nn.Module, split: str, tta: int, precision: str) -> torch.Tensor:
+        views = ["plain", "flip"] if tta >= 1 else ["plain"]
+        return torch.stack([predict_logits(head, self.split[split][v], FeatureInput(), device=self.device,
+                                           precision=precision) for v in views]).mean(0)
+
+    def info(self) -> dict[str, Any]:
+        fs = self.fs
+        return {"views": list(fs.views), "precision": self.precision, "cache": fs.status,
+                "extracted": fs.extracted, "cached": fs.cached, "seconds": round(fs.seconds, 3),
+                "files": fs.files}
 
 
 def results_text(m: dict[str, Any]) -> str:

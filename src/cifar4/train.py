@@ -71,11 +71,21 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     lr = cfg.lr or KERAS_LR[cfg.optimizer]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    params: list = trainable
-    if cfg.bias_lr_scale != 1.0:
-        params = [{"params": [p for p in trainable if p.ndim > 1]},
-                  {"params": [p for p in trainable if p.ndim <= 1], "lr": lr * cfg.bias_lr_scale}]
+    # Parameter groups by learning-rate multiplier: biases and BN shifts (bias_lr_scale), a
+    # pretrained backbone being fine-tuned (backbone_lr_scale), both, or neither.
+    groups: dict[float, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = cfg.bias_lr_scale if p.ndim <= 1 else 1.0
+        if name.startswith("backbone."):
+            scale *= cfg.backbone_lr_scale
+        groups.setdefault(scale, []).append(p)
+    # the base group first: the history logs its rate, and a saved state names groups by order
+    order = sorted(groups, key=lambda s: s != 1.0)
+    params: list = [{"params": groups[s], "lr": lr * s} for s in order]
+    if not params:
+        raise ConfigError("the model has no trainable parameters; expected at least its head")
     # Fused kernels update all parameters in one pass: measured 5x faster Adam steps on the
     # 4.5M-parameter MLP (17.7 -> 3.3 ms per step on 2 cores), the step's largest cost there.
     if cfg.optimizer == "adam":
@@ -143,9 +153,6 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _decay_params(self) -> list[torch.Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
-
     def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
             y_val: torch.Tensor) -> History:
         cfg = self.cfg
@@ -160,9 +167,13 @@ class Trainer:
                 self.optimizer, lr_factor(cfg.schedule, cfg.warmup, cfg.epochs * self.steps_per_epoch))
         # The whole training set is normalized once, kept as NHWC floats: a batch is then one
         # gather, and its NCHW view is already channels_last.
-        x_nhwc = self.norm.apply(x_train.to(self.device)).permute(0, 2, 3, 1)
+        x_store = self.norm.apply(x_train.to(self.device))
+        if x_store.ndim == 4:  # images: NHWC storage (features are stored as they come)
+            x_store = x_store.permute(0, 2, 3, 1)
         y_train = y_train.to(self.device)
-        decay = self._decay_params() if cfg.weight_decay else []
+        # decoupled weight decay: kernels only (not biases or BN), at their group's rate
+        decay = [(g, [p for p in g["params"] if p.ndim > 1]) for g in self.optimizer.param_groups] \
+            if cfg.weight_decay else []
         batch_logs = any(type(cb).on_batch_end is not Callback.on_batch_end for cb in self.callbacks)
         for cb in self.callbacks:
             cb.on_train_begin(self)
@@ -179,7 +190,9 @@ class Trainer:
             correct = torch.zeros((), device=self.device, dtype=torch.long)
             for step in range(self.steps_per_epoch):
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                xb = x_nhwc[idx].permute(0, 3, 1, 2)
+                xb = x_store[idx]
+                if xb.ndim == 4:
+                    xb = xb.permute(0, 3, 1, 2)
                 if self.augment.active:
                     xb = self.augment(xb, self.generator)
                 yb = y_train[idx]
@@ -191,9 +204,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if decay:
-                    step_lr = self.optimizer.param_groups[0]["lr"]
                     with torch.no_grad():
-                        torch._foreach_mul_(decay, 1 - step_lr * cfg.weight_decay)
+                        for g, ps in decay:
+                            if ps:
+                                torch._foreach_mul_(ps, 1 - g["lr"] * cfg.weight_decay)
                 self.optimizer.step()
                 self.scheduler.step()
                 with torch.no_grad():

@@ -53,6 +53,29 @@ class Normalization:
         return x.permute(0, 3, 1, 2)
 
 
+@dataclass(frozen=True)
+class FeatureInput:
+    """Stands in for Normalization when a model reads precomputed features (a transfer head
+    on cached backbone features): rows go in as they are."""
+
+    def apply(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return x.to(dtype)
+
+    def to_dict(self) -> dict:
+        return {"features": True}
+
+
+class ViewSample:
+    """Augmentation on cached features: each training row holds one feature vector per view
+    (the image, its mirror); every step picks one view per row at random."""
+
+    active = True
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        pick = torch.randint(x.shape[1], (x.shape[0],), generator=generator).to(x.device)
+        return x[torch.arange(x.shape[0], device=x.device), pick]
+
+
 def one_hot(y: np.ndarray | torch.Tensor, num_classes: int = 4) -> torch.Tensor:
     """The session's `to_categorical`."""
     return F.one_hot(torch.as_tensor(y, dtype=torch.int64), num_classes).float()

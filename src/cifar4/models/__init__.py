@@ -149,4 +149,4 @@ def summary(model: nn.Module, name: str = "model", input_shape: tuple[int, ...] 
     return Summary(name, rows, trainable + non_trainable, trainable, non_trainable)
 
 
-from . import fast, seed  # noqa: E402,F401  (registers the models)
+from . import fast, seed, transfer  # noqa: E402,F401  (registers the models)

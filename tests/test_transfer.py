@@ -1,0 +1,317 @@
+"""Transfer learning: the packaged EfficientNet-Lite0 weights load strictly and carry meaning,
+torchvision-format ResNet checkpoints load strictly, the feature cache is keyed and incremental,
+and the three modes train from experiment files and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifar4 import config, features, models, pipeline, runs
+from cifar4.cli import main
+from cifar4.errors import CheckpointError, ConfigError
+from cifar4.models.efficientnet import EfficientNetLite0, SameConv2d
+from cifar4.models.resnet import ResNet
+from cifar4.models.transfer import packaged_weights
+from cifar4.train import make_optimizer
+
+# torchvision's published parameter counts (torchvision.models documentation)
+TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0
+
+def test_packaged_lite0_weights_load_strictly():
+    path = packaged_weights("efficientnet-lite0")
+    state = runs.read_weights(path)  # weights_only=True
+    net = EfficientNetLite0()
+    runs.load_weights_into(net, state, str(path))  # strict keys and shapes
+    assert n_params(net) == 4_652_008  # the published 4.65 M
+    assert len(net._blocks) == 16 and "_blocks.15._project_conv.weight" in state
+    assert torch.equal(net._conv_stem.weight, state["_conv_stem.weight"])
+
+
+def test_lite0_refuses_weights_of_another_architecture(tmp_path):
+    p = tmp_path / "r18.pth"
+    torch.save(ResNet(18).state_dict(), p)
+    with pytest.raises(CheckpointError, match="do not fit the architecture"):
+        runs.load_weights_into(EfficientNetLite0(), runs.read_weights(p), str(p))
+    state = EfficientNetLite0().state_dict()
+    state["_blocks.3._depthwise_conv.weight"] = torch.zeros(144, 1, 3, 3)  # a 5x5 kernel there
+    with pytest.raises(CheckpointError, match=r"_blocks.3._depthwise_conv.weight has shape"):
+        runs.load_weights_into(EfficientNetLite0(), state, "x")
+
+
+def test_same_padding_is_tensorflows():
+    """Stride 2 on an even input: TF pads one more pixel at the bottom/right than the top/left."""
+    conv = SameConv2d(1, 1, 3, stride=2)
+    torch.nn.init.normal_(conv.weight)
+    x = torch.randn(1, 1, 8, 8)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, stride=2)
+    assert torch.allclose(conv(x), expected) and conv(x).shape[-1] == 4
+    conv5 = SameConv2d(1, 1, 5, stride=1)
+    assert conv5(x).shape == x.shape
+
+
+def test_pretrained_imagenet_classifier_recognises_cifar4_classes(real):
+    """The weights carry meaning: through its own ImageNet classifier (bird, cat, frog and horse
+    classes, no training at all) the network sorts CIFAR-4 images far above chance; the same
+    network with random weights does not."""
+    groups = {0: [*range(7, 25), *range(80, 101), *range(127, 147)], 1: [*range(281, 286)],
+              2: [30, 31, 32], 3: [339, 603]}
+    cols = [c for g in groups.values() for c in g]
+    owner = torch.tensor([k for k, g in groups.items() for _ in g])
+    idx = np.random.default_rng(0).choice(len(real), 200, replace=False)
+    x = torch.from_numpy(real.X[idx]).permute(0, 3, 1, 2).float()
+    x = F.interpolate((x - 127) / 128, size=96, mode="bilinear", align_corners=False)
+    accs = {}
+    for name in ("imagenet", "random"):
+        net = EfficientNetLite0().eval()
+        if name == "imagenet":
+            net.load_state_dict(runs.read_weights(packaged_weights("efficientnet-lite0")))
+        with torch.no_grad():
+            pred = owner[net(x)[:, cols].argmax(1)].numpy()
+        accs[name] = float((pred == real.Y[idx]).mean())
+    assert accs["imagenet"] >= 0.55 and accs["random"] <= 0.40, accs  # measured 0.665 on 400 images
+
+
+# ---------------------------------------------------------------- torchvision ResNets
+
+@pytest.mark.parametrize("depth", sorted(TORCHVISION_PARAMS))
+def test_resnet_matches_torchvision_shapes(depth):
+    net = ResNet(depth)
+    assert n_params(net) == TORCHVISION_PARAMS[depth]
+    sd = net.state_dict()
+    assert tuple(sd["conv1.weight"].shape) == (64, 3, 7, 7)
+    assert "layer2.0.downsample.0.weight" in sd and "layer2.0.downsample.1.running_var" in sd
+    if depth >= 50:  # v1.5: the stride is on the 3x3 conv of the bottleneck
+        assert tuple(sd["layer4.0.conv2.weight"].shape) == (512, 512, 3, 3)
+        assert net.layer4[0].conv2.stride == (2, 2) and net.layer4[0].conv1.stride == (1, 1)
+        assert tuple(sd["fc.weight"].shape) == (1000, 2048)
+
+
+def _torchvision_like_checkpoint(path: Path, depth: int = 18, classes: int = 1000, seed: int = 1) -> dict:
+    """A plain state dict in torchvision's format, as torch.save(model.state_dict()) writes it."""
+    torch.manual_seed(seed)
+    state = ResNet(depth, classes).state_dict()
+    for k, v in state.items():
+        if v.is_floating_point():
+            state[k] = torch.randn_like(v) * 0.05 + (1.0 if k.endswith(("running_var", "bn1.weight")) else 0.0)
+    state = {k: v.abs() if k.endswith("running_var") else v for k, v in state.items()}
+    torch.save(state, path)
+    return state
+
+
+def test_user_resnet_checkpoint_loads_into_the_transfer_model(tmp_path):
+    p = tmp_path / "resnet18-custom.pth"
+    state = _torchvision_like_checkpoint(p)
+    m = models.build("transfer", backbone="resnet18", weights=str(p), resolution=32)
+    m.load_pretrained()
+    for k, v in m.backbone.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert "fc.weight" not in m.backbone.state_dict()  # the ImageNet classifier is not kept
+    # a checkpoint fine-tuned for 10 classes loads too (its classifier is read, then dropped)
+    p10 = tmp_path / "resnet18-10.pth"
+    _torchvision_like_checkpoint(p10, classes=10)
+    models.build("transfer", backbone="resnet18", weights=str(p10), resolution=32).load_pretrained()
+
+
+def test_bad_backbone_checkpoints_are_one_line_errors(tmp_path):
+    p = tmp_path / "r.pth"
+    state = _torchvision_like_checkpoint(p, depth=18)
+    wrong = models.build("transfer", backbone="resnet34", weights=str(p), resolution=32)
+    with pytest.raises(CheckpointError, match="missing key"):
+        wrong.load_pretrained()
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    torch.save(state, p)
+    with pytest.raises(CheckpointError, match=r"layer1.0.conv1.weight has shape \(64, 64, 1, 1\)"):
+        models.build("transfer", backbone="resnet18", weights=str(p), resolution=32).load_pretrained()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"conv1.weight": Evil()}, p)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        models.build("transfer", backbone="resnet18", weights=str(p), resolution=32).load_pretrained()
+    with pytest.raises(CheckpointError, match="do not exist"):
+        models.build("transfer", backbone="resnet18", weights=str(tmp_path / "nope.pth")).load_pretrained()
+
+
+def test_resnet_without_packaged_weights_says_what_to_do():
+    from cifar4.errors import ModelError
+    with pytest.raises(ModelError, match="torchvision .pth"):
+        models.build("transfer", backbone="resnet50").load_pretrained()
+
+
+# ---------------------------------------------------------------- the model
+
+def test_folded_inference_backbone_matches_the_training_one():
+    m = models.build("transfer", resolution=64)
+    m.load_pretrained()
+    m.eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        fused = m.embed(x)
+    with torch.enable_grad():
+        plain = m.backbone.features(m.prepare(x))
+    assert torch.allclose(fused, plain.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_finetune_trains_only_the_top_blocks_at_a_lower_rate():
+    m = models.build("transfer", weights="none", resolution=32, finetune=2)
+    stages = m.backbone.stages()
+    assert all(not p.requires_grad for g in stages[:-2] for mod in g for p in mod.parameters())
+    assert all(p.requires_grad for g in stages[-2:] for mod in g for p in mod.parameters())
+    m.train()
+    assert not m.backbone._bn0.training and m.backbone._bn1.training  # frozen BN keeps its statistics
+    cfg = config.from_dict({"model": {"name": "transfer"}, "train": {"lr": 0.01, "backbone_lr_scale": 0.1}}).train
+    opt = make_optimizer(m, cfg)
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([0.001, 0.01])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # the base group first
+    frozen = models.build("transfer", weights="none")
+    assert frozen.frozen and models.count_params(frozen)[0] == 1280 * 4 + 4
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"augment": {"translate": 2}}, "augment.translate needs the images"),
+    ({"train": {"tta": 2}}, "tta 0 or 1"),
+    ({"data": {"standardize": True}}, "data.standardize = false"),
+    ({"model": {"name": "transfer", "options": {"finetune": -1}}}, "finetune"),
+    ({"model": {"name": "transfer", "options": {"backbone": "vgg16"}}}, "backbone must be one of"),
+    ({"model": {"name": "transfer", "options": {"resolution": 8}}}, "resolution"),
+])
+def test_transfer_config_errors(bad, match):
+    base = config.load_dict("transfer")[0]
+    with pytest.raises(ConfigError, match=match):
+        config.from_dict(config.merge(base, bad))
+
+
+# ---------------------------------------------------------------- the feature cache
+
+def test_feature_cache_is_keyed_incremental_and_exact(tiny):
+    m = models.build("transfer", weights="none", resolution=32)
+    dev = torch.device("cpu")
+    a = features.features(m, tiny, np.arange(40), ("plain",), dev, "fp32")
+    assert a.status == "miss" and a.extracted == 40 and len(a.files) == 1
+    b = features.features(m, tiny, np.arange(40), ("plain",), dev, "fp32")
+    assert b.status == "hit" and np.array_equal(a.views["plain"], b.views["plain"])
+    c = features.features(m, tiny, np.arange(20, 60), ("plain", "flip"), dev, "fp32")
+    assert c.extracted == 20 + 40 and c.cached == 20 and c.status == "partial"
+    fresh = features.extract(m, tiny.X[20:60], False, dev, "fp32").astype(np.float32)
+    assert np.array_equal(c.views["plain"], fresh)
+    flipped = features.extract(m, tiny.X[20:60, :, ::-1].copy(), False, dev, "fp32").astype(np.float32)
+    assert np.array_equal(c.views["flip"], flipped)
+    # another resolution or other data never reads these features
+    m64 = models.build("transfer", weights="none", resolution=64)
+    m64.load_state_dict(m.state_dict())
+    assert features.features(m64, tiny, np.arange(4), ("plain",), dev, "fp32").status == "miss"
+    other = type(tiny)(tiny.X[::-1].copy(), tiny.Y[::-1].copy(), source="reversed")
+    assert features.features(m, other, np.arange(4), ("plain",), dev, "fp32").status == "miss"
+    # other backbone weights: another key
+    torch.manual_seed(5)
+    m2 = models.build("transfer", weights="none", resolution=32)
+    assert features.features(m2, tiny, np.arange(4), ("plain",), dev, "fp32").status == "miss"
+
+
+def test_damaged_cache_file_is_recomputed(tiny):
+    m = models.build("transfer", weights="none", resolution=32)
+    dev = torch.device("cpu")
+    a = features.features(m, tiny, np.arange(10), ("plain",), dev, "fp32")
+    Path(a.files[0]).write_bytes(b"PK\x03\x04 not a zip")
+    b = features.features(m, tiny, np.arange(10), ("plain",), dev, "fp32")
+    assert b.status == "miss" and np.array_equal(a.views["plain"], b.views["plain"])
+
+
+# ---------------------------------------------------------------- training, end to end
+
+def _exp(**over) -> config.Experiment:
+    d = config.merge(config.load_dict("transfer")[0],
+                     {"model": {"options": {"weights": "none", "resolution": 32}},
+                      "train": {"epochs": 3, "batch_size": 32}})
+    return config.from_dict(config.merge(d, over))
+
+
+def test_head_training_on_cached_features_then_evaluate_agrees(tiny, tmp_path, capsys):
+    r = pipeline.train(_exp(), tiny, runs_root=tmp_path / "runs", progress=False)
+    m = r.metrics
+    assert m["features"]["cache"] == "miss" and m["features"]["views"] == ["plain", "flip"]
+    assert m["features"]["extracted"] == 2 * len(tiny)  # the images and their mirrors
+    assert m["trainable_params"] == 1280 * 512 + 512 + 512 * 4 + 4
+    assert m["epochs"] == 3 and "backbone_sha256" in m
+    # the saved run is a whole model (backbone + head) on images: evaluate recomputes features
+    assert main(["evaluate", str(r.run_dir), "--data", str(_save(tiny, tmp_path)), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["test"]["accuracy"] == pytest.approx(m["test_accuracy"], abs=0.03)
+    # a second run reads the cache and trains the same head
+    r2 = pipeline.train(_exp(), tiny, runs_root=tmp_path / "runs", progress=False)
+    assert r2.metrics["features"]["cache"] == "hit"
+    assert r2.history == [{**h, "seconds": r2.history[i]["seconds"]} for i, h in enumerate(r.history)]
+
+
+def _save(ds, tmp_path) -> Path:
+    p = tmp_path / "d.npz"
+    np.savez(p, X=ds.X, Y=ds.Y)
+    return p
+
+
+def test_finetune_mode_trains_the_backbone(tiny, tmp_path):
+    exp = _exp(name="ft", model={"options": {"finetune": 1}}, train={"epochs": 1, "backbone_lr_scale": 0.1},
+               augment={"translate": 2})
+    before = models.build("transfer", **exp.model.options)
+    r = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False)
+    assert "features" not in r.metrics
+    top = r.model.backbone.stages()[-1][0].weight
+    bottom = r.model.backbone.stages()[0][0].weight
+    torch.manual_seed(0)  # the pipeline seeds before building; rebuild the same initial model
+    init = models.build("transfer", **exp.model.options)
+    assert torch.equal(bottom, init.backbone.stages()[0][0].weight)
+    assert not torch.equal(top, init.backbone.stages()[-1][0].weight)
+    del before
+
+
+def test_cli_options_and_user_weights(tiny_npz, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "r18.pth"
+    _torchvision_like_checkpoint(p)
+    code = main(["train", "--preset", "transfer", "--data", str(tiny_npz), "-o", "backbone=resnet18",
+                 "--weights", str(p), "-o", "resolution=32", "-o", "head=[16]", "--epochs", "2", "--batch-size", "32",
+                 "--json", "-q"])
+    assert code == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["model_options"]["backbone"] == "resnet18" and m["model_options"]["head"] == [16]
+    assert m["trainable_params"] == 512 * 16 + 16 + 16 * 4 + 4
+    code = main(["train", "--preset", "transfer", "--data", str(tiny_npz), "-o", "resolution"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--option 'resolution' is not KEY=VALUE" in err and "Traceback" not in err
+    code = main(["train", "--preset", "transfer", "--data", str(tiny_npz), "--weights", "missing.pth",
+                 "--batch-size", "32", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.pth" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_pretrained_features_beat_random_ones_on_real_data(real, tmp_path):
+    """Mode (b) on a subset of the real data (2,000 training images, 96 px): ImageNet features
+    against the same network randomly initialised."""
+    acc = {}
+    for w in ("imagenet", "none"):
+        exp = config.from_dict(config.merge(config.load_dict("transfer")[0], {
+            "name": f"t-{w}", "model": {"options": {"weights": w, "resolution": 96}},
+            "data": {"train_subset": 2000, "eval_subset": 600}, "train": {"epochs": 20}}))
+        acc[w] = pipeline.train(exp, real, runs_root=tmp_path, progress=False).metrics["test_accuracy"]
+    assert acc["imagenet"] >= 0.80 and acc["imagenet"] - acc["none"] >= 0.25, acc

@@ -47,24 +47,6 @@ def _print_json(obj: Any) -> None:
 
 # ---------------------------------------------------------------- train
 
-def _parse_options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; VALUE is read as a TOML value (160, 0.5, true, [256, 128], "x"), and
-    as a plain string when it is not one (resnet50, ./weights.pth)."""
-    import tomllib
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"--option '{item}' is not KEY=VALUE; expected e.g. -o resolution=224")
-        try:
-            out[key] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value.strip()
-    return out
-
-
 @app.command()
 def train(
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
@@ -138,7 +120,7 @@ def train(
         put("model", "name", model)
         opts = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm), ("weights", weights))
                 if v is not None}
-        opts.update(_parse_options(option or []))
+        opts.update(cfgmod.parse_options(option or [], "--option"))
         if opts:
             o.setdefault("model", {})["options"] = opts
         for k, v in (("epochs", epochs), ("batch_size", batch_size), ("optimizer", optimizer),

@@ -204,6 +204,23 @@ def load(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> E
     return from_dict(merge(d, overrides or {}), where)
 
 
+def parse_options(items: list[str], flag: str = "--option") -> dict[str, Any]:
+    """KEY=VALUE pairs (model options from the command line); VALUE is read as a TOML value
+    (160, 0.5, true, [256, 128], "x"), and as a plain string when it is not one (resnet50,
+    ./weights.pth)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"{flag} '{item}' is not KEY=VALUE; expected e.g. {flag} resolution=224")
+        try:
+            out[key] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value.strip()
+    return out
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `overrides` into a copy of `base` (tables merge, values replace)."""
     out = copy.deepcopy(base)

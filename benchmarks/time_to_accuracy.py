@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import cifar4
+from common import by_experiment, mean_std
 from cifar4 import config
 from cifar4.callbacks import Callback
 from cifar4.evaluate import evaluate, predict_logits
@@ -62,6 +63,9 @@ def run_one(name: str, ds, seed: int, split_seed: int, epochs: int | None, root:
     if epochs:
         over["train"]["epochs"] = epochs
     exp = config.load(name, over)
+    if exp.model.name == "transfer" and exp.model.options.get("finetune", 0) == 0:
+        raise SystemExit(f"{name}: a frozen transfer backbone trains on cached features; "
+                         f"measure it with benchmarks/transfer.py")
     from cifar4.pipeline import prepare_data
     _, idx = prepare_data(exp, ds)
     cb = TestEachEpoch(torch.from_numpy(ds.X[idx["test"]]), torch.from_numpy(ds.Y[idx["test"]]), exp.train.tta)
@@ -148,12 +152,8 @@ def main() -> None:
     head = ["experiment", "runs", "epochs", "test acc", "train s", *[f"to {t:.2f}" for t in THRESHOLDS],
             "train img/s", "infer img/s"]
     print(" | ".join(head))
-    groups: dict[str, list[dict]] = {}
-    for r in results:
-        groups.setdefault(r["experiment"], []).append(r)
-    for name, rs in groups.items():
-        accs = [r["test_accuracy"] for r in rs]
-        acc = f"{statistics.mean(accs):.4f}" + (f" +- {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
+    for name, rs in by_experiment(results).items():
+        acc = mean_std([r["test_accuracy"] for r in rs])
         secs = statistics.mean(r["train_seconds"] for r in rs)
         tts = []
         for t in THRESHOLDS:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import cifar4
+from common import by_experiment, mean_std
 from cifar4 import config
 
 
@@ -30,6 +31,7 @@ def run_one(name: str, ds, seed: int, epochs: int | None, options: dict, root: P
     over: dict = {"train": {"seed": seed}}
     if subset:
         over["data"] = {"train_subset": subset, "eval_subset": max(1, subset // 3)}
+        over["train"]["batch_size"] = min(config.load(name).train.batch_size, subset)
     if epochs:
         over["train"]["epochs"] = epochs
     if options:
@@ -73,12 +75,8 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
     print("\nexperiment | runs | test acc | first run: features + fit s (cache) | later runs: fit s | device")
-    groups: dict[str, list[dict]] = {}
-    for r in results:
-        groups.setdefault(r["experiment"], []).append(r)
-    for name, rs in groups.items():
-        accs = [r["test_accuracy"] for r in rs]
-        acc = f"{statistics.mean(accs):.4f}" + (f" +- {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
+    for name, rs in by_experiment(results).items():
+        acc = mean_std([r["test_accuracy"] for r in rs])
         later = f"{statistics.mean(r['fit_seconds'] for r in rs[1:]):.1f}" if len(rs) > 1 else "-"
         print(f"{name} | {len(rs)} | {acc} | {rs[0]['features_plus_fit_seconds']:.1f} ({rs[0]['cache']}) | "
               f"{later} | {rs[0]['gpu'] or rs[0]['cpu']}")

@@ -257,6 +257,12 @@ def test_head_training_on_cached_features_then_evaluate_agrees(tiny, tmp_path, c
     assert main(["evaluate", str(r.run_dir), "--data", str(_save(tiny, tmp_path)), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["test"]["accuracy"] == pytest.approx(m["test_accuracy"], abs=0.03)
+    img = tmp_path / "horse.png"
+    from PIL import Image
+    Image.fromarray(tiny.X[3]).resize((64, 48)).save(img)
+    assert main(["predict", str(r.run_dir), str(img), "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred[0]["label"] in tiny.classes and abs(sum(pred[0]["probabilities"].values()) - 1) < 1e-4
     # a second run reads the cache and trains the same head
     r2 = pipeline.train(_exp(), tiny, runs_root=tmp_path / "runs", progress=False)
     assert r2.metrics["features"]["cache"] == "hit"
@@ -315,3 +321,27 @@ def test_pretrained_features_beat_random_ones_on_real_data(real, tmp_path):
             "data": {"train_subset": 2000, "eval_subset": 600}, "train": {"epochs": 20}}))
         acc[w] = pipeline.train(exp, real, runs_root=tmp_path, progress=False).metrics["test_accuracy"]
     assert acc["imagenet"] >= 0.80 and acc["imagenet"] - acc["none"] >= 0.25, acc
+
+
+def test_report_has_a_transfer_section(tiny, tmp_path):
+    from cifar4.report import write_report
+    entries = []
+    for name, weights in (("transfer-32", "imagenet"), ("transfer-random", "none")):
+        exp = _exp(name=name, model={"options": {"weights": weights}}, train={"epochs": 2})
+        entries.append((name, pipeline.train(exp, tiny, run_dir=tmp_path / name, progress=False).run_dir))
+    text = (write_report(entries, tiny, tmp_path / "report").parent / "report.md").read_text()
+    assert "## Transfer learning" in text and "0.7314" in text
+    assert "Do the ImageNet weights carry?" in text and "(a) frozen, native 32 px" in text
+
+
+def test_transfer_benchmark_script_runs(tiny_npz, tmp_path):
+    import subprocess
+    import sys
+    script = Path(__file__).parents[1] / "benchmarks" / "transfer.py"
+    out = subprocess.run([sys.executable, str(script), "transfer", "--data", str(tiny_npz), "--seeds", "0", "1",
+                          "--epochs", "1", "--subset", "96", "--set", "resolution=32",
+                          "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["cache"] for r in rows] == ["miss", "hit"] and rows[0]["options"]["resolution"] == 32
+    assert "transfer | 2 |" in out.stdout

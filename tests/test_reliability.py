@@ -26,13 +26,19 @@ from conftest import make_arrays
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def _each_as(tmp_path, blob, names):
+    """The bytes written under each name in turn (beside a valid label file)."""
+    np.save(tmp_path / "CIFAR4_Y.npy", np.zeros(3, np.int64))
+    for name in names:
+        p = tmp_path / name
+        p.write_bytes(blob)
+        yield p
+
+
 @FUZZ
 @given(blob=st.binary(max_size=400))
 def test_any_bytes_as_a_data_file_is_a_data_error(tmp_path, blob):
-    for name in ("f.npz", "CIFAR4_X.npy"):
-        p = tmp_path / name
-        p.write_bytes(blob)
-        np.save(tmp_path / "CIFAR4_Y.npy", np.zeros(3, np.int64))
+    for p in _each_as(tmp_path, blob, ("f.npz", "CIFAR4_X.npy")):
         with pytest.raises(DataError):
             data.load(p)
 
@@ -68,9 +74,7 @@ def test_any_bytes_as_an_image_is_an_image_error(tmp_path, blob):
 @FUZZ
 @given(blob=st.binary(max_size=300))
 def test_any_bytes_as_weights_is_a_checkpoint_error(tmp_path, blob):
-    for name in ("w.safetensors", "w.pth"):
-        p = tmp_path / name
-        p.write_bytes(blob)
+    for p in _each_as(tmp_path, blob, ("w.safetensors", "w.pth")):
         try:
             runs.read_weights(p)
         except CheckpointError:

@@ -11,6 +11,7 @@ from cifar4 import config, pipeline
 from cifar4.callbacks import EarlyStopping
 from cifar4.errors import ConfigError
 from cifar4.train import lr_factor
+from conftest import DieAt, Died
 
 
 def exp(**train):
@@ -92,22 +93,14 @@ def test_resume_continues_to_the_same_result(tiny, tmp_path):
     # The same run dies in epoch 2 (an exception, standing in for a kill), then resumes.
     e2 = exp(epochs=4, seed=3)
 
-    class Die(Exception):
-        pass
-    from cifar4.callbacks import Callback
-
-    class KillAt2(Callback):
-        def on_epoch_end(self, trainer, epoch, logs):
-            if epoch == 2:
-                raise Die
     orig = pipeline._callbacks
-    pipeline._callbacks = lambda *a, **k: orig(*a, **k) + [KillAt2()]
+    pipeline._callbacks = lambda *a, **k: orig(*a, **k) + [DieAt(2)]
     try:
-        with pytest.raises(Die):
+        with pytest.raises(Died):
             pipeline.train(e2, tiny, run_dir=tmp_path / "part", progress=False)
     finally:
         pipeline._callbacks = orig
-    # KillAt2 fires before the per-epoch saver, so epoch 1 is the last complete epoch.
+    # DieAt(2) fires before the per-epoch saver, so epoch 1 is the last complete epoch.
     resumed = pipeline.resume(tmp_path / "part", tiny, progress=False)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)

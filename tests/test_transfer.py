@@ -278,7 +278,6 @@ def _save(ds, tmp_path) -> Path:
 def test_finetune_mode_trains_the_backbone(tiny, tmp_path):
     exp = _exp(name="ft", model={"options": {"finetune": 1}}, train={"epochs": 1, "backbone_lr_scale": 0.1},
                augment={"translate": 2})
-    before = models.build("transfer", **exp.model.options)
     r = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False)
     assert "features" not in r.metrics
     top = r.model.backbone.stages()[-1][0].weight
@@ -287,7 +286,6 @@ def test_finetune_mode_trains_the_backbone(tiny, tmp_path):
     init = models.build("transfer", **exp.model.options)
     assert torch.equal(bottom, init.backbone.stages()[0][0].weight)
     assert not torch.equal(top, init.backbone.stages()[-1][0].weight)
-    del before
 
 
 def test_cli_options_and_user_weights(tiny_npz, tmp_path, capsys, monkeypatch):

@@ -33,8 +33,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from . import io as cio
 from .data import Dataset, cache_dir
 from .errors import DataError
+from .transforms import Normalization
 
-FORMAT = 1
+FORMAT = 2
+PIXELS = Normalization()  # [0, 1] pixels: what a transfer model takes (it normalizes itself)
 VIEWS = ("plain", "flip")
 
 
@@ -79,14 +81,15 @@ def cache_file(model, ds: Dataset, view: str, precision: str, digest: str) -> Ca
 @torch.no_grad()
 def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: str,
             progress=None, task=None) -> np.ndarray:
-    """Pooled backbone features (float16) of uint8 NHWC images, optionally mirrored."""
+    """Pooled backbone features (float16) of uint8 NHWC images, optionally mirrored, computed
+    from the same input as `cifar4 evaluate` and `predict` feed the saved model."""
     model.eval()
     cast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
             else contextlib.nullcontext())
     out = np.empty((len(X), model.num_features), np.float16)
     batch = model.max_batch
     for i in range(0, len(X), batch):
-        x = torch.from_numpy(X[i:i + batch]).to(device).permute(0, 3, 1, 2).float() / 255
+        x = PIXELS.apply(torch.from_numpy(X[i:i + batch]).to(device))
         if flip:
             x = x.flip(3)
         with cast:

@@ -19,7 +19,7 @@ from .data import CLASSES, Dataset, from_arrays
 from .data import info as dataset_info
 from .data import load as load_dataset
 from .errors import (CheckpointError, Cifar4Error, ConfigError, DataError, FetchError, ImageError,
-                     ModelError, RunError)
+                     LockedError, ModelError, RunError)
 from .evaluate_run import evaluate_run
 from .fetch import fetch as fetch_dataset
 from .models import build as build_model
@@ -40,5 +40,5 @@ __all__ = [
     "load_experiment", "load_model", "make_split", "predict", "read_image", "resume", "summary",
     "train",
     "Cifar4Error", "CheckpointError", "ConfigError", "DataError", "FetchError", "ImageError",
-    "ModelError", "RunError",
+    "LockedError", "ModelError", "RunError",
 ]

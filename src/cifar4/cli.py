@@ -292,15 +292,18 @@ def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiment
         report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes "
                                                   "(default: report/, or lab-quick/report/ with --quick)."),
         data: Optional[Path] = DataOpt,
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress.")) -> None:
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress."),
+        no_wait: bool = typer.Option(False, "--no-wait", help="If another cifar4 lab works in the "
+                                     "folder, stop with an error instead of waiting for it.")) -> None:
     """Run the practical session's experiments (resumable) and write the report."""
-    from .lab import default_root, run_lab
+    from .lab import default_root, lock, run_lab
     from .report import write_report
     ds = datamod.load(data)
     root = lab_dir or default_root(quick)
-    entries = run_lab(experiments, ds, root, quick=quick, progress=not quiet, console=err)
-    target = report_dir or (root / "report" if quick else Path("report"))
-    page = write_report([(e.name, e.run_dir) for e in entries], ds, target)
+    with lock(root, wait=not no_wait, console=err):  # the runs and their report: one lab at a time
+        entries = run_lab(experiments, ds, root, quick=quick, progress=not quiet, console=err)
+        target = report_dir or (root / "report" if quick else Path("report"))
+        page = write_report([(e.name, e.run_dir) for e in entries], ds, target)
     out.print(f"report written: {page} (and {target / 'report.md'})")
 
 

@@ -31,6 +31,10 @@ class RunError(Cifar4Error):
     """A run directory is missing, incomplete, or would be overwritten."""
 
 
+class LockedError(RunError):
+    """A lab folder, run folder or cache file is in use by another process."""
+
+
 class CheckpointError(Cifar4Error):
     """A weights file is corrupt, truncated or does not fit the architecture."""
 

@@ -10,8 +10,9 @@ where <cache> is $CIFAR4_CACHE or the user cache folder, and <key> hashes the ba
 weights, the resolution, the view, the precision and the dataset's sha256: another backbone,
 size or dataset never reads stale features. A cache file covers the whole dataset and records
 which rows are done, so a run on a subset computes only its rows and later runs fill the rest.
-Files are written atomically (one .npz, features and done-mask together), so a killed run or two
-runs at once never leave a torn or inconsistent cache.
+Files are written atomically (one .npz, features and done-mask together), so a reader never sees
+a torn or inconsistent file; rows are added under the file's lock (locks.py), so two processes
+filling one file keep each other's rows.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import io as cio
+from . import locks
 from .data import Dataset, cache_dir
 from .errors import DataError
 from .transforms import Normalization
@@ -69,6 +72,10 @@ class CacheFile:
 
     def write(self, feats: np.ndarray, done: np.ndarray) -> None:
         cio.write_with(self.path, lambda f: np.savez(f, features=feats, done=done))
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
 
 
 def cache_file(model, ds: Dataset, view: str, precision: str, digest: str) -> CacheFile:
@@ -118,38 +125,78 @@ class FeatureSet:
 def features(model, ds: Dataset, rows: np.ndarray, views: tuple[str, ...], device: torch.device,
              precision: str, show_progress: bool = False, use_cache: bool = True) -> FeatureSet:
     """Features of `ds.X[rows]` for each view, from the cache where present, computing (and
-    caching) the rest."""
+    caching) the rest.
+
+    Rows missing from a cache file are computed under that file's lock, after reading the file
+    again: what another process added meanwhile is kept and not recomputed, and the rows
+    computed here are merged in (saved every SAVE_EVERY seconds, so a killed extraction keeps
+    most of its work). A file already holding every row is read without waiting for anyone."""
     t0 = time.perf_counter()
     for v in views:
         if v not in VIEWS:
             raise DataError(f"feature view '{v}' is unknown; expected one of {', '.join(VIEWS)}")
     digest = model.backbone_digest()
     rows = np.asarray(rows)
-    out, files, extracted, cached = {}, [], 0, 0
-    plan = []
+    wanted = len(np.unique(rows))
+    out, files, extracted = {}, [], 0
+    console = Console(file=sys.stderr, soft_wrap=True)
     for v in views:
         cf = cache_file(model, ds, v, precision, digest)
-        feats, done = cf.read() if use_cache else (np.zeros((len(ds), model.num_features), np.float16),
-                                                   np.zeros(len(ds), bool))
-        todo = np.unique(rows[~done[rows]])
-        plan.append((v, cf, feats, done, todo))
-    total = sum(len(p[4]) for p in plan)
-    progress = None
-    if show_progress and total:
-        progress = Progress(TextColumn("features {task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
-                            transient=True, console=Console(file=sys.stderr))
-    with progress if progress is not None else contextlib.nullcontext():
-        for v, cf, feats, done, todo in plan:
-            if len(todo):
-                task = progress.add_task(f"{model.spec.name} {model.resolution}px {v}",
-                                         total=len(todo)) if progress is not None else None
-                feats[todo] = extract(model, ds.X[todo], v == "flip", device, precision, progress, task)
-                done[todo] = True
-                if use_cache:
-                    cf.write(feats, done)
+        if not use_cache:
+            feats = np.zeros((len(ds), model.num_features), np.float16)
+            todo = np.unique(rows)
+            feats[todo] = _extract_rows(model, ds, todo, v, device, precision, show_progress)
             extracted += len(todo)
-            cached += len(np.unique(rows)) - len(todo)
-            out[v] = feats[rows].astype(np.float32)
-            files.append(str(cf.path))
+        else:
+            feats, done = cf.read()
+            if not done[rows].all():
+                with locks.hold(cf.lock_path, f"feature cache file '{cf.path.name}'", wait=True,
+                                notify=lambda msg: console.print(msg, highlight=False)):
+                    feats, done = cf.read()  # with what other processes added meanwhile
+                    todo = np.unique(rows[~done[rows]])
+                    _extract_into(cf, feats, done, todo, model, ds, v, device, precision,
+                                  show_progress)
+                    extracted += len(todo)
+        out[v] = feats[rows].astype(np.float32)
+        files.append(str(cf.path))
+    cached = wanted * len(views) - extracted
     return FeatureSet(out, time.perf_counter() - t0, extracted, cached, files)
+
+
+SAVE_EVERY = 60.0  # seconds of extraction between two merged saves of a cache file
+CHUNK = 512        # images per extraction step between two looks at the clock
+
+
+def _progress(model, view: str, total: int, show: bool) -> tuple[Progress | None, Any]:
+    if not show or not total:
+        return None, None
+    bar = Progress(TextColumn("features {task.description}"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
+                   transient=True, console=Console(file=sys.stderr))
+    return bar, bar.add_task(f"{model.spec.name} {model.resolution}px {view}", total=total)
+
+
+def _extract_rows(model, ds: Dataset, todo: np.ndarray, view: str, device: torch.device,
+                  precision: str, show: bool) -> np.ndarray:
+    bar, task = _progress(model, view, len(todo), show)
+    with bar if bar is not None else contextlib.nullcontext():
+        return extract(model, ds.X[todo], view == "flip", device, precision, bar, task)
+
+
+def _extract_into(cf: CacheFile, feats: np.ndarray, done: np.ndarray, todo: np.ndarray, model,
+                  ds: Dataset, view: str, device: torch.device, precision: str, show: bool) -> None:
+    """Compute `todo` into feats/done, saving the file every SAVE_EVERY seconds and at the end
+    (the caller holds the file's lock)."""
+    if not len(todo):
+        return
+    bar, task = _progress(model, view, len(todo), show)
+    last_save = time.perf_counter()
+    with bar if bar is not None else contextlib.nullcontext():
+        for i in range(0, len(todo), CHUNK):
+            part = todo[i:i + CHUNK]
+            feats[part] = extract(model, ds.X[part], view == "flip", device, precision, bar, task)
+            done[part] = True
+            if time.perf_counter() - last_save > SAVE_EVERY and i + CHUNK < len(todo):
+                cf.write(feats, done)
+                last_save = time.perf_counter()
+    cf.write(feats, done)

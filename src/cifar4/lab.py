@@ -8,6 +8,7 @@ sixth of the epochs, in its own folder, for CI, the notebook and a first look.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -19,10 +20,10 @@ from rich.console import Console
 
 from . import config as cfgmod
 from . import data as datamod
-from . import pipeline, runs
+from . import locks, pipeline, runs
 from .config import Experiment
 from .data import Dataset
-from .errors import ConfigError
+from .errors import ConfigError, LockedError
 
 SESSION = ("mlp-raw", "mlp-20", "mlp-deep", "mlp-overfit", "mlp-regularized", "cnn", "cnn-overfit",
            "cnn-augmented", "cnn-augmented-long", "fast", "transfer-32", "transfer", "transfer-random")
@@ -52,10 +53,21 @@ def default_root(quick: bool) -> Path:
     return Path("lab-quick" if quick else "lab")
 
 
+def lock(root: str | Path, wait: bool = True,
+         console: Console | None = None) -> contextlib.AbstractContextManager[None]:
+    """The lab folder's lock: one `cifar4 lab` works in a folder at a time. Another one waits
+    (saying who holds it) or, without `wait`, stops with a LockedError."""
+    console = console or Console(file=sys.stderr, soft_wrap=True)
+    root = Path(root)
+    return locks.hold(root / locks.LOCK_NAME, f"lab folder '{root}'", wait,
+                      lambda msg: console.print(msg, highlight=False))
+
+
 def run_lab(names: list[str] | None = None, data: Dataset | str | Path | None = None,
             root: str | Path | None = None, quick: bool = False, progress: bool = True,
-            console: Console | None = None) -> list[LabEntry]:
-    """Run (or skip, or resume) each experiment; return what each ended with."""
+            console: Console | None = None, wait: bool = True) -> list[LabEntry]:
+    """Run (or skip, or resume) each experiment; return what each ended with. The lab folder is
+    locked meanwhile (`wait=False`: a LockedError if another process works in it)."""
     console = console or Console(file=sys.stderr, soft_wrap=True)
     names = list(names or SESSION)
     known = cfgmod.builtin_names()
@@ -68,33 +80,40 @@ def run_lab(names: list[str] | None = None, data: Dataset | str | Path | None = 
         exps = [quick_version(e) for e in exps]
     root = Path(root) if root else default_root(quick)
     ds = data if isinstance(data, Dataset) else datamod.load(data)
-    out: list[LabEntry] = []
-    for i, exp in enumerate(exps, start=1):
-        folder = root / "runs" / exp.name
-        head = f"[{i}/{len(exps)}] {exp.name}"
-        if (folder / "metrics.json").exists():
-            _check_same(folder, exp)
-            console.print(f"{head}: finished before, kept", highlight=False)
-            out.append(LabEntry(exp.name, folder, "done", runs.read_metrics(folder)))
-            continue
-        if (folder / "state" / "last.json").exists():
-            _check_same(folder, exp)
-            console.print(f"{head}: resuming after an interruption", highlight=False)
-            r = pipeline.resume(folder, ds, progress=progress)
-            status = "resumed"
-        else:
-            if folder.exists():  # died before its first epoch ended: nothing worth keeping
-                shutil.rmtree(folder)
-            console.print(f"{head}: {exp.description}", highlight=False)
-            r = pipeline.train(exp, ds, run_dir=folder, progress=progress)
-            status = "trained"
-        m = r.metrics
-        feats = m.get("features")
-        console.print(f"{head}: test accuracy {m['test_accuracy']:.4f}, train {m['train_accuracy']:.4f}, "
-                      f"{m['train_seconds']:.0f}s" + (f" (+ {feats['seconds']:.0f}s of features, cache "
-                                                     f"{feats['cache']})" if feats else ""), highlight=False)
-        out.append(LabEntry(exp.name, folder, status, m))
-    return out
+    with lock(root, wait, console):
+        return [_run_one(exp, f"[{i}/{len(exps)}] {exp.name}", ds, root, progress, console)
+                for i, exp in enumerate(exps, start=1)]
+
+
+def _run_one(exp: Experiment, head: str, ds: Dataset, root: Path, progress: bool,
+             console: Console) -> LabEntry:
+    """One experiment of the lab: kept if finished, resumed if interrupted, else trained."""
+    folder = root / "runs" / exp.name
+    if (folder / "metrics.json").exists():
+        _check_same(folder, exp)
+        console.print(f"{head}: finished before, kept", highlight=False)
+        return LabEntry(exp.name, folder, "done", runs.read_metrics(folder))
+    if locks.is_held(folder / locks.LOCK_NAME):  # e.g. `cifar4 train --resume` on it
+        raise LockedError(f"run '{folder}' is in use by "
+                          f"{locks.describe(locks.holder(folder / locks.LOCK_NAME))}; "
+                          f"run the lab again when it is done")
+    if (folder / "state" / "last.json").exists():
+        _check_same(folder, exp)
+        console.print(f"{head}: resuming after an interruption", highlight=False)
+        r = pipeline.resume(folder, ds, progress=progress)
+        status = "resumed"
+    else:
+        if folder.exists():  # died before its first epoch ended: nothing worth keeping
+            shutil.rmtree(folder)
+        console.print(f"{head}: {exp.description}", highlight=False)
+        r = pipeline.train(exp, ds, run_dir=folder, progress=progress)
+        status = "trained"
+    m = r.metrics
+    feats = m.get("features")
+    console.print(f"{head}: test accuracy {m['test_accuracy']:.4f}, train {m['train_accuracy']:.4f}, "
+                  f"{m['train_seconds']:.0f}s" + (f" (+ {feats['seconds']:.0f}s of features, cache "
+                                                 f"{feats['cache']})" if feats else ""), highlight=False)
+    return LabEntry(exp.name, folder, status, m)
 
 
 def _check_same(folder: Path, exp: Experiment) -> None:

@@ -4,6 +4,7 @@ interrupted run from its last complete epoch with the same result as an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -21,7 +22,7 @@ import torch
 from . import config as cfgmod
 from . import data as datamod
 from . import io as cio
-from . import features, models, plots, runs
+from . import features, locks, models, plots, runs
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .config import Experiment
 from .data import Dataset
@@ -141,25 +142,30 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
     if not isinstance(exp, Experiment):
         exp = cfgmod.load(exp)
     ds = data if isinstance(data, Dataset) else datamod.load(data)
-    folder = runs.create_run_dir(runs_root, exp.name, run_dir, overwrite)
-    cio.write_text(folder / "config.toml", exp.to_toml())
-    cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
-    return _run(exp, ds, folder, progress, save_state, resume_state=None, extra=callbacks)
+    with contextlib.ExitStack() as held:
+        if run_dir is not None and overwrite and Path(run_dir).is_dir():
+            held.enter_context(locks.run_lock(run_dir))  # never clear a run another process trains
+        folder = runs.create_run_dir(runs_root, exp.name, run_dir, overwrite)
+        held.enter_context(locks.run_lock(folder))
+        cio.write_text(folder / "config.toml", exp.to_toml())
+        cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
+        return _run(exp, ds, folder, progress, save_state, resume_state=None, extra=callbacks)
 
 
 def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
            progress: bool = True) -> Result:
     """Continue an interrupted run from its last complete epoch (same config, same data)."""
     folder = runs.resolve_run(run_dir)
-    if (folder / "metrics.json").exists():
-        raise RunError(f"run '{folder}' is already finished; nothing to resume")
-    exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
-    ds = data if isinstance(data, Dataset) else datamod.load(data)
-    st = runs.load_state(folder)
-    if st is not None and st[1].get("data_sha256") not in (None, ds.checksum()):
-        raise RunError(f"run '{folder}' was trained on other data (sha256 "
-                       f"{st[1]['data_sha256'][:12]}...); pass the same --data")
-    return _run(exp, ds, folder, progress, True, resume_state=st)
+    with locks.run_lock(folder):  # refused while another process trains this run
+        if (folder / "metrics.json").exists():
+            raise RunError(f"run '{folder}' is already finished; nothing to resume")
+        exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+        ds = data if isinstance(data, Dataset) else datamod.load(data)
+        st = runs.load_state(folder)
+        if st is not None and st[1].get("data_sha256") not in (None, ds.checksum()):
+            raise RunError(f"run '{folder}' was trained on other data (sha256 "
+                           f"{st[1]['data_sha256'][:12]}...); pass the same --data")
+        return _run(exp, ds, folder, progress, True, resume_state=st)
 
 
 def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state: bool,

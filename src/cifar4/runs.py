@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import io as cio
-from . import models
+from . import locks, models
 from .callbacks import HISTORY_KEYS
 from .errors import CheckpointError, ModelError, RunError
 from .transforms import Normalization
@@ -49,8 +49,8 @@ def create_run_dir(root: str | Path, name: str, run_dir: str | Path | None = Non
                                f"replace it or --resume to continue it")
             if not path.is_dir():
                 raise RunError(f"run directory '{path}' is a file; expected a folder")
-            for p in path.iterdir():
-                if p.is_file() and (p.name in RUN_FILES or p.name.startswith(".")):
+            for p in path.iterdir():  # its lock file stays: the caller holds it
+                if p.is_file() and p.name != ".lock" and (p.name in RUN_FILES or p.name.startswith(".")):
                     p.unlink()
             return path
         try:
@@ -239,7 +239,10 @@ def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
                                               "train_accuracy", "val_accuracy", "test_accuracy",
                                               "train_seconds")})
         except RunError:
-            row["status"] = "unfinished" if (d / "state" / "last.json").exists() else "incomplete"
+            if locks.is_held(d / locks.LOCK_NAME):
+                row["status"] = "training"
+            else:
+                row["status"] = "unfinished" if (d / "state" / "last.json").exists() else "incomplete"
         out.append(row)
     return out
 

@@ -28,8 +28,8 @@ import torch
 import cifar4
 from common import by_experiment, mean_std
 from cifar4 import config
-from cifar4.callbacks import Callback
-from cifar4.evaluate import evaluate, predict_logits
+from cifar4.training.callbacks import Callback
+from cifar4.training.evaluate import evaluate, predict_logits
 
 THRESHOLDS = (0.70, 0.78, 0.85, 0.90, 0.95)
 PEER_NAMES = {"cnn": "cnn", "cnn-augmented": "cnn_aug", "cnn-augmented-long": "cnn_aug",
@@ -66,8 +66,8 @@ def run_one(name: str, ds, seed: int, split_seed: int, epochs: int | None, root:
     if exp.model.name == "transfer" and exp.model.options.get("finetune", 0) == 0:
         raise SystemExit(f"{name}: a frozen transfer backbone trains on cached features; "
                          f"measure it with benchmarks/transfer.py")
-    from cifar4.pipeline import prepare_data
-    _, idx = prepare_data(exp, ds)
+    from cifar4.data.split import split_indices
+    _, idx = split_indices(exp.data, ds)
     cb = TestEachEpoch(torch.from_numpy(ds.X[idx["test"]]), torch.from_numpy(ds.Y[idx["test"]]), exp.train.tta)
     r = cifar4.train(exp, ds, runs_root=root, progress=False, save_state=True, callbacks=[cb])
     # Inference throughput as `cifar4 predict` runs it: the test split, batch 1000, the

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar4.callbacks import Callback
+from cifar4.training.callbacks import Callback
 from cifar4.data import Dataset, from_arrays
 
 REAL = Path(os.environ.get("CIFAR4_DATA", Path(__file__).parents[2] / "shared" / "data" / "cifar4.npz"))

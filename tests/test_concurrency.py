@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifar4 import features, locks, models, runs
+from cifar4 import locks, models, runs
+from cifar4.training import features
 from cifar4.data import load
 from cifar4.errors import LockedError, RunError
 from conftest import make_arrays
@@ -184,7 +185,8 @@ def test_resume_refuses_a_run_another_process_is_training(npz, tmp_path):
 EXTRACT = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
-    from cifar4 import features, models
+    from cifar4 import models
+    from cifar4.training import features
     from cifar4.data import load
     torch.manual_seed(0)
     m = models.build("transfer", weights="none", resolution=32)
@@ -237,7 +239,7 @@ def test_a_full_disk_during_extraction_keeps_the_cache_file_as_it_was(tiny, tmp_
 
 def test_a_full_disk_during_the_report_keeps_the_previous_report(tiny, tmp_path, monkeypatch):
     from cifar4 import lab
-    from cifar4.report import write_report
+    from cifar4.lab.report import write_report
     entries = lab.run_lab(["mlp-20"], tiny, tmp_path / "lab", quick=True, progress=False)
     out = tmp_path / "report"
     write_report([(e.name, e.run_dir) for e in entries], tiny, out)

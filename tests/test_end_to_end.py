@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from cifar4 import config, pipeline
+from cifar4 import config
+from cifar4.training import pipeline
 from cifar4.cli import main
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar4 import data, fetch
+from cifar4 import data
+from cifar4.data import fetch
 from cifar4.errors import FetchError
 
 PER_BATCH = 40  # images per fake batch: 10 of each of 4 CIFAR-10 labels we keep, others too

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar4 import config, pipeline
+from cifar4 import config
+from cifar4.training import pipeline
 from cifar4.errors import ImageError
-from cifar4.predict import predict, read_image
+from cifar4.serving.predict import predict, read_image
 
 
 def save(tmp_path, name, img, **kw):

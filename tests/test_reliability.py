@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from cifar4 import data, io, runs
 from cifar4.errors import CheckpointError, DataError, ImageError, RunError
-from cifar4.predict import read_image
+from cifar4.serving.predict import read_image
 from conftest import make_arrays
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from cifar4 import config, pipeline, runs
+from cifar4 import config, runs
+from cifar4.training import pipeline
 from cifar4.errors import CheckpointError, RunError
 
 EXP = {"name": "r", "model": {"name": "cnn"}, "train": {"epochs": 2, "batch_size": 32}}

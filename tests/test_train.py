@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from cifar4 import config, pipeline
-from cifar4.callbacks import EarlyStopping
+from cifar4 import config
+from cifar4.training import pipeline
+from cifar4.training.callbacks import EarlyStopping
 from cifar4.errors import ConfigError
-from cifar4.train import lr_factor
+from cifar4.training.train import lr_factor
 from conftest import DieAt, Died
 
 
@@ -52,22 +53,55 @@ def test_l2_and_augmentation_and_bf16_train(tiny, tmp_path):
     assert all(math.isfinite(h["loss"]) for h in r.history)
 
 
-def test_early_stopping_stops_and_restores_best():
+def _stop_epoch(losses, **kw):
+    """Feed val_loss values to EarlyStopping as a fit loop would; (last epoch trained, weight
+    left in the model: each epoch's weight is its epoch number)."""
     class T:  # the slice of a Trainer the callback touches
         stop_training = False
         restored_epoch = None
+        start_epoch = 0
         model = torch.nn.Linear(1, 1)
-
-        class history:
-            rows = [1, 2, 3, 4]
-    es = EarlyStopping("val_loss", patience=1)
-    t = T()
-    for epoch, loss in enumerate([1.0, 0.5, 0.7, 0.8], start=1):
+    es, t = EarlyStopping("val_loss", **kw), T()
+    es.on_train_begin(t)
+    last = 0
+    for epoch, loss in enumerate(losses, start=1):
+        if t.stop_training:
+            break
         t.model.weight.data.fill_(epoch)
         es.on_epoch_end(t, epoch, {"val_loss": loss})
-    assert t.stop_training and es.best_epoch == 2
+        last = epoch
     es.on_train_end(t)
-    assert t.model.weight.item() == 2 and t.restored_epoch == 2
+    return last, t.model.weight.item(), es
+
+
+@pytest.mark.parametrize("patience,stops_at", [(0, 3), (1, 3), (2, 4), (3, 5)])
+def test_early_stopping_stops_where_keras_does(patience, stops_at):
+    # Keras: `wait` counts epochs without improvement; training stops at the end of the first
+    # epoch where wait >= patience (never the first). Best val_loss at epoch 2.
+    last, _, es = _stop_epoch([1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99], patience=patience)
+    assert last == stops_at and es.stopped_epoch == stops_at and es.best_epoch == 2
+
+
+def test_early_stopping_restores_the_best_epoch_only_when_it_stops_training():
+    _, weight, es = _stop_epoch([1.0, 0.5, 0.7, 0.8], patience=1, restore_best_weights=True)
+    assert weight == 2 and es.stopped_epoch == 3
+    _, weight, _ = _stop_epoch([1.0, 0.5, 0.7, 0.8], patience=1)  # Keras' default: no restore
+    assert weight == 3
+    _, weight, es = _stop_epoch([1.0, 0.5, 0.7], patience=5, restore_best_weights=True)
+    assert weight == 3 and es.stopped_epoch is None  # ran out of epochs: last weights, as Keras
+
+
+def test_early_stopping_has_keras_defaults_and_min_delta():
+    es = EarlyStopping()
+    assert (es.monitor, es.patience, es.min_delta, es.restore_best_weights) == ("val_loss", 0, 0.0, False)
+    last, _, _ = _stop_epoch([1.0, 0.95, 0.9, 0.85], patience=1, min_delta=0.1)
+    assert last == 2  # improvements smaller than min_delta do not count
+
+
+def test_early_stopping_warns_when_the_monitored_key_is_missing():
+    es = EarlyStopping("val_auc")
+    with pytest.warns(UserWarning, match="val_auc"):
+        es.on_epoch_end(None, 1, {"val_loss": 1.0})
 
 
 def test_early_stopping_in_a_run(tiny, tmp_path):

@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar4 import config, features, models, pipeline, runs
+from cifar4 import config, models, runs
+from cifar4.training import features, pipeline
 from cifar4.cli import main
 from cifar4.errors import CheckpointError, ConfigError
 from cifar4.models.efficientnet import EfficientNetLite0, SameConv2d
 from cifar4.models.resnet import ResNet
 from cifar4.models.transfer import packaged_weights
-from cifar4.train import make_optimizer
+from cifar4.training.train import make_optimizer
 
 # torchvision's published parameter counts (torchvision.models documentation)
 TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
@@ -322,7 +323,7 @@ def test_pretrained_features_beat_random_ones_on_real_data(real, tmp_path):
 
 
 def test_report_has_a_transfer_section(tiny, tmp_path):
-    from cifar4.report import write_report
+    from cifar4.lab.report import write_report
     entries = []
     for name, weights in (("transfer-32", "imagenet"), ("transfer-random", "none")):
         exp = _exp(name=name, model={"options": {"weights": weights}}, train={"epochs": 2})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cifar4.transforms import Augment, Normalization, flip, one_hot, translate
+from cifar4.data.transforms import Augment, Normalization, flip, one_hot, translate
 
 
 def test_scaling_is_the_sessions_divide_by_255():

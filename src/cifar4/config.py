@@ -27,10 +27,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
+from . import models
+from .errors import ConfigError, ModelError
 
 
 class _Strict(BaseModel):
@@ -60,10 +62,12 @@ class AugmentConfig(_Strict):
 
 
 class EarlyStoppingConfig(_Strict):
+    """Keras' EarlyStopping arguments, with Keras' defaults."""
+
     monitor: Literal["val_loss", "val_accuracy", "loss", "accuracy"] = "val_loss"
-    patience: int = Field(default=5, ge=0)
-    min_delta: float = Field(default=0.0, ge=0)
-    restore_best_weights: bool = True
+    patience: int = Field(default=0, ge=0)       # epochs without improvement before stopping
+    min_delta: float = Field(default=0.0, ge=0)  # a smaller change is no improvement
+    restore_best_weights: bool = False           # on stopping, go back to the best epoch
 
 
 class TrainConfig(_Strict):
@@ -134,12 +138,11 @@ def from_dict(d: dict[str, Any], where: str = "experiment") -> Experiment:
         exp = Experiment.model_validate(d)
     except ValidationError as e:
         raise ConfigError(_explain(e, where)) from None
-    from . import models  # the model name and its options are checked against the registry
-    try:
+    try:  # the model name and its options are checked against the registry
         opts = models.resolve_options(exp.model.name, exp.model.options)
         with torch.device("meta"):  # option values checked by building, with no memory
             models.build(exp.model.name, **opts)
-    except Exception as e:
+    except (ModelError, RuntimeError, NotImplementedError) as e:  # NotImplemented: an op on meta
         raise ConfigError(f"{where}: {e}") from None
     if exp.model.name == "transfer":
         _check_transfer(exp, opts, where)
@@ -221,6 +224,96 @@ def parse_options(items: list[str], flag: str = "--option") -> dict[str, Any]:
     return out
 
 
+def parse_sets(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """SECTION.KEY=VALUE pairs -> nested overrides: `train.lr=0.01` -> {"train": {"lr": 0.01}}.
+    VALUE is read as TOML (as for --option); the schema then checks every key and value."""
+    out: dict[str, Any] = {}
+    for item in items:
+        path, sep, value = item.partition("=")
+        keys = [k.strip() for k in path.split(".")]
+        if not sep or len(keys) < 2 or not all(k.isidentifier() for k in keys):
+            raise ConfigError(f"{flag} '{item}' is not SECTION.KEY=VALUE; expected e.g. "
+                              f"{flag} train.lr=0.01 or {flag} model.options.dropout=0.3")
+        parsed = parse_options([f"v={value}"], flag)["v"]
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{flag} '{item}' sets a key inside '{k}', which another "
+                                  f"{flag} gives a value")
+        node[keys[-1]] = parsed
+    return out
+
+
+# The named flags of `cifar4 train`, each sugar for one experiment key (--set KEY=VALUE).
+FLAG_KEYS: dict[str, str] = {
+    "model": "model.name", "dropout": "model.options.dropout", "batchnorm": "model.options.batchnorm",
+    "weights": "model.options.weights", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "optimizer": "train.optimizer", "lr": "train.lr", "l2": "train.l2", "seed": "train.seed",
+    "device": "train.device", "precision": "train.precision", "split": "data.split",
+    "split_seed": "data.split_seed", "scale": "data.scale", "standardize": "data.standardize",
+}
+# Flags that build a table: --early-stopping PATIENCE, --augment/--no-augment.
+TABLE_FLAGS = ("early_stopping", "augment")
+AUGMENT_EXPERIMENT = "cnn-augmented"  # --augment: the session's augmentation, as that file holds it
+
+
+def flag_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """Nested overrides from named flags (None = not given)."""
+    out: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in FLAG_KEYS:
+            node = out
+            *parents, last = FLAG_KEYS[name].split(".")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[last] = value
+        elif name == "early_stopping":  # like Keras' EarlyStopping(patience, restore_best_weights=True)
+            out.setdefault("train", {})["early_stopping"] = {"patience": value, "restore_best_weights": True}
+        elif name == "augment":
+            out["augment"] = (load_dict(AUGMENT_EXPERIMENT)[0]["augment"] if value
+                              else AugmentConfig().model_dump())
+        else:
+            raise ConfigError(f"'{name}' is not an experiment flag; expected one of "
+                              f"{', '.join([*FLAG_KEYS, *TABLE_FLAGS])}")
+    return out
+
+
+def check_resume_flags(flags: dict[str, Any]) -> None:
+    """`--resume` continues a run with its own config: any experiment flag with it is an error."""
+    given = [n for n, v in flags.items() if v not in (None, [], ())]
+    if given:
+        raise ConfigError(f"--resume continues a run with its own config; it cannot be combined "
+                          f"with --{given[0].replace('_', '-')}")
+
+
+def from_flags(start: str | Path | None = None, flags: dict[str, Any] | None = None,
+               options: list[str] | None = None, sets: list[str] | None = None,
+               name: str | None = None) -> Experiment:
+    """The experiment `cifar4 train` runs: a starting experiment (built-in name or TOML file),
+    then the named flags, then `--option KEY=VALUE` model options, then `--set SECTION.KEY=VALUE`
+    overrides, all checked by the one schema. A notebook can call it the same way:
+
+        from_flags("cnn", {"epochs": 3}, sets=["train.lr=0.002"])
+    """
+    base, where = load_dict(start) if start else ({}, "options")
+    flags = dict(flags or {})
+    model = flags.get("model")
+    if model is not None and model != base.get("model", {}).get("name", model):
+        base = {**base, "model": {"name": model}}  # another model: its options start fresh
+    merged = merge(base, flag_overrides(flags))
+    opts = parse_options(options or [], "--option")
+    if opts:
+        merged = merge(merged, {"model": {"options": opts}})
+    merged = merge(merged, parse_sets(sets or []))
+    merged.setdefault("name", merged.get("model", {}).get("name", "cnn"))
+    if name:
+        merged["name"] = name
+    return from_dict(merged, where)
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `overrides` into a copy of `base` (tables merge, values replace)."""
     out = copy.deepcopy(base)
@@ -234,33 +327,11 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- writing TOML
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+def _without_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
-def dump_toml(d: dict[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for experiment dicts (None values are left out)."""
-    lines, tables = [], []
-    for k, v in d.items():
-        if v is None:
-            continue
-        if isinstance(v, dict) and any(isinstance(x, dict) for x in v.values()) or (
-                isinstance(v, dict) and not prefix):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {_toml_value(v)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for k, v in tables:
-        name = f"{prefix}{k}"
-        out += f"\n[{name}]\n" + dump_toml(v, prefix=f"{name}.")
-    return out
+def dump_toml(d: dict[str, Any]) -> str:
+    """TOML text of an experiment dict (tomli-w: any string, and keys such as "train.lr", read
+    back as written); None values, which TOML cannot hold, are left out."""
+    return tomli_w.dumps(_without_none(d))

@@ -29,11 +29,13 @@ from torch import nn
 
 from . import io as cio
 from . import locks, models
-from .callbacks import HISTORY_KEYS
+from .data.transforms import Normalization
+from .device import inference_precision, pick_device
 from .errors import CheckpointError, ModelError, RunError
-from .transforms import Normalization
+from .models.weights import load_weights_into, read_weights
 
 MODEL_FORMAT = "cifar4-model"
+HISTORY_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr")  # history.csv
 
 
 # ---------------------------------------------------------------- creating
@@ -50,7 +52,8 @@ def create_run_dir(root: str | Path, name: str, run_dir: str | Path | None = Non
             if not path.is_dir():
                 raise RunError(f"run directory '{path}' is a file; expected a folder")
             for p in path.iterdir():  # its lock file stays: the caller holds it
-                if p.is_file() and p.name != ".lock" and (p.name in RUN_FILES or p.name.startswith(".")):
+                if p.is_file() and p.name != ".lock" and (p.name in (*RUN_FILES, CHECKPOINT_FILE)
+                                                          or p.name.startswith(".")):
                     p.unlink()
             return path
         try:
@@ -78,8 +81,9 @@ def create_run_dir(root: str | Path, name: str, run_dir: str | Path | None = Non
     raise RunError(f"cannot find a free run directory name under '{root}'")
 
 
+CHECKPOINT_FILE = "best.safetensors"  # ModelCheckpoint: the best epoch's weights (checkpoint_best)
 RUN_FILES = ("config.toml", "history.csv", "metrics.json", "model.safetensors", "model.json",
-             "curves.png", "confusion.png", "summary.txt")
+             "curves.png", "confusion.png", "summary.txt")  # every finished run has these
 
 
 # ---------------------------------------------------------------- models
@@ -94,48 +98,6 @@ def save_model(folder: Path, model: nn.Module, name: str, options: dict, classes
     cio.write_json(folder / "model.json", meta)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file, or a third-party .pth read with weights_only=True (no pickled code)."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read weights '{path}': {e.strerror or e}") from None
-    if path.suffix in (".pth", ".pt"):
-        try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"weights '{path}' are not a plain state dict loadable with "
-                                  f"weights_only=True ({first[:200]})") from None
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(f"weights '{path}' hold a {type(obj).__name__}; expected a "
-                                  f"state dict of tensors")
-        return obj
-    try:
-        return st_load(data)
-    except (SafetensorError, Exception) as e:
-        raise CheckpointError(f"weights '{path}' are not a readable safetensors file "
-                              f"(corrupt or truncated: {str(e)[:160]})") from None
-
-
-def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Strict key and shape matching, with a one-line account of any mismatch."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    if missing or extra:
-        raise CheckpointError(f"weights '{where}' do not fit the architecture: "
-                              f"{len(missing)} missing key(s) (e.g. {missing[:2]}), "
-                              f"{len(extra)} unexpected (e.g. {extra[:2]})")
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"weights '{where}': {k} has shape {tuple(state[k].shape)}; "
-                                  f"the architecture expects {tuple(v.shape)}")
-    model.load_state_dict(state, strict=True)
-
-
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -145,9 +107,22 @@ class LoadedModel:
     norm: Normalization
     folder: Path
     precision: str = "fp32"  # what evaluation used at the end of training
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def inference_precision(self) -> str:
+        """The recorded precision where this device runs it natively, else fp32."""
+        return inference_precision(self.precision, self.device)
+
+    def to(self, device: str | torch.device) -> "LoadedModel":
+        """Move the model to a device ('auto': the GPU when there is one)."""
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.model.to(self.device)
+        return self
 
 
-def load_model(run: str | Path) -> LoadedModel:
+def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A finished run's model, in eval mode, on `device` ('auto': the GPU when there is one)."""
     folder = resolve_run(run)
     meta_path = folder / "model.json"
     try:
@@ -178,7 +153,7 @@ def load_model(run: str | Path) -> LoadedModel:
     precision = meta.get("precision", "fp32")
     if precision not in ("fp32", "bf16"):
         raise CheckpointError(f"'{meta_path}': precision '{precision}'; expected fp32 or bf16")
-    return LoadedModel(model, meta["model"], meta["options"], classes, norm, folder, precision)
+    return LoadedModel(model, meta["model"], meta["options"], classes, norm, folder, precision).to(device)
 
 
 # ---------------------------------------------------------------- history and metrics
@@ -313,7 +288,7 @@ def load_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         tensors = st_load((sdir / meta["tensors"]).read_bytes())
-    except (OSError, KeyError, json.JSONDecodeError, SafetensorError, Exception) as e:
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
         raise CheckpointError(f"training state in '{sdir}' is unreadable ({str(e)[:160]}); "
                               f"start the run again") from None
     return _unpack(meta.pop("state"), tensors), meta

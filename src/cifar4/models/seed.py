@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from . import register
+from ..errors import ModelError
+from .registry import register
 from .layers import (BatchNormalization1D, BatchNormalization2D, Conv2D, Dense, Dropout, Flatten,
                      MaxPooling2D, ReLU)
 
@@ -18,7 +19,6 @@ from .layers import (BatchNormalization1D, BatchNormalization2D, Conv2D, Dense, 
 def _per_layer(value: float | Sequence[float], n: int, name: str) -> list[float]:
     vals = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(vals) != n:
-        from ..errors import ModelError
         raise ModelError(f"option {name}: {len(vals)} values for {n} hidden layers")
     return vals
 

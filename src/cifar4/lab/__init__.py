@@ -18,12 +18,13 @@ from typing import Any
 
 from rich.console import Console
 
-from . import config as cfgmod
-from . import data as datamod
-from . import locks, pipeline, runs
-from .config import Experiment
-from .data import Dataset
-from .errors import ConfigError, LockedError
+from .. import config as cfgmod
+from .. import data as datamod
+from .. import locks, runs
+from ..config import Experiment
+from ..data import Dataset
+from ..errors import ConfigError, LockedError
+from ..training import pipeline
 
 SESSION = ("mlp-raw", "mlp-20", "mlp-deep", "mlp-overfit", "mlp-regularized", "cnn", "cnn-overfit",
            "cnn-augmented", "cnn-augmented-long", "fast", "transfer-32", "transfer", "transfer-random")

@@ -11,7 +11,7 @@ import platform
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,18 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import config as cfgmod
-from . import data as datamod
-from . import io as cio
-from . import features, locks, models, plots, runs
+from .. import config as cfgmod
+from .. import data as datamod
+from .. import io as cio
+from .. import locks, models, plots, runs
+from ..config import Experiment
+from ..data import Dataset
+from ..data.split import Split, split_indices
+from ..data.transforms import Augment, FeatureInput, Normalization
+from ..device import pick_device
+from ..errors import ConfigError, RunError
+from ..runs import CHECKPOINT_FILE
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
-from .config import Experiment
-from .data import Dataset
-from .errors import ConfigError, RunError
-from .evaluate import predict_logits, report, summarize
-from .split import Split, make_split
-from .train import Trainer, pick_device, resolve_precision, seed_everything
-from .transforms import Augment, FeatureInput, Normalization, ViewSample
+from .evaluate import report, summarize
+from .features import CachedFeatures
+from .train import Trainer, seed_everything
 
 
 @dataclass
@@ -65,17 +68,6 @@ def machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
-
-
-def prepare_data(exp: Experiment, ds: Dataset) -> tuple[Split, dict[str, np.ndarray]]:
-    sp = make_split(ds, exp.data.split, exp.data.split_seed)
-    idx = {"train": sp.train, "val": sp.val, "test": sp.test}
-    if exp.data.train_subset:
-        idx["train"] = idx["train"][:exp.data.train_subset]
-    if exp.data.eval_subset:
-        idx["val"] = idx["val"][:exp.data.eval_subset]
-        idx["test"] = idx["test"][:exp.data.eval_subset]
-    return sp, idx
 
 
 class _SaveEachEpoch(Callback):
@@ -121,18 +113,6 @@ class _SaveEachEpoch(Callback):
             self._thread = None
 
 
-def _callbacks(exp: Experiment, progress: bool, title: str) -> list[Callback]:
-    cbs: list[Callback] = [History()]
-    if progress:
-        cbs.append(ProgressBar(title=title))
-    es = exp.train.early_stopping
-    if es is not None:
-        cbs.append(EarlyStopping(es.monitor, es.patience, es.min_delta, es.restore_best_weights))
-    if exp.train.checkpoint_best:
-        cbs.append(ModelCheckpoint("val_accuracy"))
-    return cbs
-
-
 def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None,
           runs_root: str | Path = "runs", run_dir: str | Path | None = None,
           overwrite: bool = False, progress: bool = True, save_state: bool = True,
@@ -168,11 +148,56 @@ def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
         return _run(exp, ds, folder, progress, True, resume_state=st)
 
 
+@dataclass
+class _Fit:
+    """What the steps of one run hand each other."""
+
+    exp: Experiment
+    ds: Dataset
+    folder: Path
+    split: Split
+    idx: dict[str, np.ndarray]
+    device: torch.device
+    norm: Normalization
+    model: torch.nn.Module
+    y: dict[str, torch.Tensor]
+    generator: torch.Generator  # data order and augmentation
+    x: dict[str, torch.Tensor] = field(default_factory=dict)
+    cached: CachedFeatures | None = None
+    trainer: Trainer | None = None
+    saver: _SaveEachEpoch | None = None
+
+
 def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state: bool,
          resume_state: tuple[dict, dict] | None, extra: list[Callback] | None = None) -> Result:
+    """One run, step by step: data, model, trainer, fit, final evaluation, artifacts."""
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_start = time.perf_counter()
-    sp, idx = prepare_data(exp, ds)
+    run = _prepare(exp, ds, folder)
+    bar = ProgressBar(title=f"{exp.name} ") if progress else None
+    if bar is not None:
+        bar.console.print(f"{exp.name}: {exp.model.name} on {len(run.idx['train'])} images "
+                          f"({run.split.kind} split), {exp.train.epochs} epochs, {run.device.type}; "
+                          f"run directory {folder}", highlight=False, soft_wrap=True)
+    _build_trainer(run, bar, save_state, extra, progress)
+    if resume_state is not None:
+        _restore(run, resume_state)
+    rows, fit_seconds = _fit(run)
+    t_eval = time.perf_counter()
+    res, precision = _evaluate_splits(run)
+    eval_seconds = time.perf_counter() - t_eval
+    metrics = _metrics(run, rows, res, precision, fit_seconds, eval_seconds, resume_state, started)
+    _write_artifacts(run, rows, res, precision, metrics)
+    metrics["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
+    shutil.rmtree(folder / "state", ignore_errors=True)
+    return Result(folder, metrics, rows, run.model)
+
+
+def _prepare(exp: Experiment, ds: Dataset, folder: Path) -> _Fit:
+    """Split, normalization from the training rows, the model built and initialised."""
+    sp, idx = split_indices(exp.data, ds)
     if exp.train.batch_size > len(idx["train"]):  # before any costly step
         raise ConfigError(f"train.batch_size {exp.train.batch_size} is larger than the training set "
                           f"({len(idx['train'])} images); expected at most {len(idx['train'])}")
@@ -180,64 +205,91 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])
     generator = seed_everything(exp.train.seed)
     model = models.build(exp.model.name, num_classes=ds.num_classes, **exp.model.options)
-    if hasattr(model, "load_pretrained"):  # a transfer backbone's ImageNet weights
-        model.load_pretrained()
-    if hasattr(model, "init_from_data"):  # e.g. the fast net's whitening layer
-        model.init_from_data(norm.apply(torch.from_numpy(ds.X[idx["train"][:5000]])))
-    options = models.resolve_options(exp.model.name, exp.model.options)
-    aug = Augment(**exp.augment.model_dump())
-    cbs = _callbacks(exp, progress, title=f"{exp.name} ")
-    if progress:
-        cbs[1].console.print(f"{exp.name}: {exp.model.name} on {len(idx['train'])} images "
-                             f"({sp.kind} split), {exp.train.epochs} epochs, {device.type}; run "
-                             f"directory {folder}", highlight=False, soft_wrap=True)
-    if save_state:
-        cbs.append(_SaveEachEpoch(folder, {"data_sha256": ds.checksum()}))
-    cbs += list(extra or [])
+    models.load_pretrained(model)  # a transfer backbone's ImageNet weights
+    models.init_from_data(model, norm.apply(torch.from_numpy(ds.X[idx["train"][:5000]])))
     y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
-    cached = _CachedFeatures(exp, model, ds, idx, device, progress) if getattr(model, "frozen", False) \
-        else None
-    if cached is not None:  # a frozen backbone: only the head trains, on cached features
-        trainer = Trainer(model.head, exp.train, FeatureInput(), cached.augment, device, cbs, generator)
-        x = cached.train_inputs()
+    return _Fit(exp, ds, folder, sp, idx, device, norm, model, y, generator)
+
+
+def _callbacks(exp: Experiment, folder: Path, bar: ProgressBar | None) -> list[Callback]:
+    cbs: list[Callback] = [History()]
+    if bar is not None:
+        cbs.append(bar)
+    es = exp.train.early_stopping
+    if es is not None:
+        cbs.append(EarlyStopping(es.monitor, es.patience, es.min_delta, es.restore_best_weights))
+    if exp.train.checkpoint_best:
+        cbs.append(ModelCheckpoint(folder / CHECKPOINT_FILE, "val_accuracy"))
+    return cbs
+
+
+def _build_trainer(run: _Fit, bar: ProgressBar | None, save_state: bool,
+                   extra: list[Callback] | None, progress: bool) -> None:
+    """The trainer, on images or, for a frozen backbone, on its cached features."""
+    exp = run.exp
+    cbs = _callbacks(exp, run.folder, bar)
+    if save_state:
+        run.saver = _SaveEachEpoch(run.folder, {"data_sha256": run.ds.checksum()})
+        cbs.append(run.saver)
+    cbs += list(extra or [])
+    generator = run.generator
+    if models.cached_features_only(run.model):  # only the head trains, on features computed once
+        run.cached = CachedFeatures(exp, run.model, run.ds, run.idx, run.device, progress)
+        run.trainer = Trainer(run.model.head, exp.train, FeatureInput(), run.cached.augment, run.device,
+                              cbs, generator)
+        run.x = run.cached.train_inputs()
     else:
-        trainer = Trainer(model, exp.train, norm, aug, device, cbs, generator)
-        x = {k: torch.from_numpy(ds.X[v]) for k, v in idx.items()}
-    if resume_state is not None:
-        state, meta = resume_state
-        steps = exp.train.epochs * -(-len(idx["train"]) // exp.train.batch_size)
-        trainer.load_state_dict(state, int(meta["epoch"]), steps)
+        run.trainer = Trainer(run.model, exp.train, run.norm, Augment(**exp.augment.model_dump()),
+                              run.device, cbs, generator)
+        run.x = {k: torch.from_numpy(run.ds.X[v]) for k, v in run.idx.items()}
+
+
+def _restore(run: _Fit, resume_state: tuple[dict, dict]) -> None:
+    state, meta = resume_state
+    steps = run.exp.train.epochs * -(-len(run.idx["train"]) // run.exp.train.batch_size)
+    assert run.trainer is not None
+    run.trainer.load_state_dict(state, int(meta["epoch"]), steps)
+
+
+def _fit(run: _Fit) -> tuple[list[dict], float]:
+    assert run.trainer is not None
     t_fit = time.perf_counter()
     try:
-        history = trainer.fit(x["train"], y["train"], x["val"], y["val"])
+        history = run.trainer.fit(run.x["train"], run.y["train"], run.x["val"], run.y["val"])
     except BaseException:
-        for cb in cbs:
-            if isinstance(cb, _SaveEachEpoch):
-                cb.settle()
+        if run.saver is not None:
+            run.saver.settle()
         raise
-    fit_seconds = time.perf_counter() - t_fit
-    rows = history.rows
-    train_seconds = sum(r["seconds"] for r in rows)
+    return history.rows, time.perf_counter() - t_fit
 
-    t_eval = time.perf_counter()
-    # Final numbers in the training precision, as `cifar4 evaluate` and `predict` compute them
-    # (model.json records it). The train split is measured without TTA: it only serves the
-    # train-validation gap, and six views of 16,800 images would cost more than the training.
-    prec, tta = trainer.precision, exp.train.tta
-    if cached is not None:
-        prec = cached.precision  # what evaluate and predict use to recompute the features
-        res = {k: summarize(cached.logits(model.head, k, 0 if k == "train" else tta, trainer.precision),
-                            y[k], ds.classes) for k in ("train", "val", "test")}
-    else:
-        res = {k: report(model, x[k], y[k], norm, ds.classes, device, prec, 0 if k == "train" else tta)
-               for k in ("train", "val", "test")}
-    eval_seconds = time.perf_counter() - t_eval
-    trainable, non_trainable = models.count_params(model)
+
+def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str]:
+    """Final numbers in the training precision, as `cifar4 evaluate` and `predict` compute
+    them (model.json records it). The train split is measured without TTA: it only serves the
+    train-validation gap, and six views of 16,800 images would cost more than the training."""
+    assert run.trainer is not None
+    prec, tta, classes = run.trainer.precision, run.exp.train.tta, run.ds.classes
+    parts = ("train", "val", "test")
+    if run.cached is not None:
+        head = run.model.head
+        res = {k: summarize(run.cached.logits(head, k, 0 if k == "train" else tta, prec), run.y[k], classes)
+               for k in parts}
+        return res, run.cached.precision  # what evaluate and predict use to recompute the features
+    return {k: report(run.model, run.x[k], run.y[k], run.norm, classes, run.device, prec,
+                      0 if k == "train" else tta) for k in parts}, prec
+
+
+def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, fit_seconds: float,
+             eval_seconds: float, resume_state: tuple[dict, dict] | None, started: str) -> dict[str, Any]:
+    exp, idx, sp = run.exp, run.idx, run.split
+    assert run.trainer is not None
+    train_seconds = sum(r["seconds"] for r in rows)
+    trainable, non_trainable = models.count_params(run.model)
     steps_per_epoch = -(-len(idx["train"]) // exp.train.batch_size)
     metrics: dict[str, Any] = {
         "experiment": exp.name,
         "model": exp.model.name,
-        "model_options": options,
+        "model_options": models.resolve_options(exp.model.name, exp.model.options),
         "train_accuracy": res["train"]["accuracy"],
         "val_accuracy": res["val"]["accuracy"],
         "test_accuracy": res["test"]["accuracy"],
@@ -252,7 +304,7 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         "eval_seconds": round(eval_seconds, 3),
         "epochs": len(rows),
         "epochs_planned": exp.train.epochs,
-        "restored_epoch": trainer.restored_epoch,
+        "restored_epoch": run.trainer.restored_epoch,
         "iterations": len(rows) * steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
         "params": trainable + non_trainable,
@@ -260,75 +312,37 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         "seed": exp.train.seed,
         "split": {"kind": sp.kind, "seed": sp.seed, "train": len(idx["train"]),
                   "val": len(idx["val"]), "test": len(idx["test"])},
-        "data": {"source": ds.source, "sha256": ds.checksum(), "images": len(ds)},
-        "normalization": norm.to_dict(),
-        "precision": prec,
-        "tta": tta,
+        "data": {"source": run.ds.source, "sha256": run.ds.checksum(), "images": len(run.ds)},
+        "normalization": run.norm.to_dict(),
+        "precision": precision,
+        "tta": exp.train.tta,
         "resumed_from_epoch": int(resume_state[1]["epoch"]) if resume_state else None,
         "versions": versions(),
-        "machine": machine(device),
+        "machine": machine(run.device),
         "started_at": started,
     }
-    if hasattr(model, "backbone_digest"):
-        metrics["backbone_sha256"] = model.backbone_digest()
-    if cached is not None:
-        metrics["features"] = cached.info()
-        metrics["feature_seconds"] = cached.info()["seconds"]
+    digest = models.backbone_digest(run.model)
+    if digest is not None:
+        metrics["backbone_sha256"] = digest
+    if run.cached is not None:
+        metrics["features"] = run.cached.info()
+        metrics["feature_seconds"] = run.cached.info()["seconds"]
+    return metrics
+
+
+def _write_artifacts(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str,
+                     metrics: dict[str, Any]) -> None:
+    """Weights, history, figures and summary (metrics.json comes after, last)."""
+    exp, folder, model = run.exp, run.folder, run.model
     model.cpu()
-    runs.save_model(folder, model, exp.model.name, options, ds.classes, norm, prec)
+    runs.save_model(folder, model, exp.model.name, metrics["model_options"], run.ds.classes, run.norm,
+                    precision)
     runs.write_history(folder, rows)
     plots.curves(rows, folder / "curves.png", title=exp.name)
-    plots.confusion(res["test"]["confusion"], ds.classes, folder / "confusion.png",
+    plots.confusion(res["test"]["confusion"], run.ds.classes, folder / "confusion.png",
                     title=f"{exp.name}: test accuracy {res['test']['accuracy']:.4f}")
     summ = models.summary(model, exp.model.name).text()
     cio.write_text(folder / "summary.txt", summ + "\n\n" + results_text(metrics) + "\n")
-    metrics["total_seconds"] = round(time.perf_counter() - t_start, 3)
-    metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
-    shutil.rmtree(folder / "state", ignore_errors=True)
-    return Result(folder, metrics, rows, model)
-
-
-class _CachedFeatures:
-    """Transfer mode (b): the frozen backbone's features of every split, from the feature
-    cache (computed there once), as inputs for training and evaluating the head alone. Views:
-    the image, plus its mirror when the experiment flips (training picks one view per row and
-    step) or asks for flip test-time augmentation (logits averaged over both)."""
-
-    def __init__(self, exp: Experiment, model: torch.nn.Module, ds: Dataset,
-                 idx: dict[str, np.ndarray], device: torch.device, progress: bool):
-        self.precision = resolve_precision(exp.train.precision, device, model)
-        self.flip_train = exp.augment.flip
-        views = ("plain", "flip") if exp.augment.flip or exp.train.tta >= 1 else ("plain",)
-        rows = np.concatenate([idx["train"], idx["val"], idx["test"]])
-        model.to(device).to(memory_format=torch.channels_last)
-        self.fs = features.features(model, ds, rows, views, device, self.precision, progress)
-        model.cpu()
-        self.device = device
-        self.split: dict[str, dict[str, torch.Tensor]] = {}
-        start = 0
-        for k in ("train", "val", "test"):
-            n = len(idx[k])
-            self.split[k] = {v: torch.from_numpy(a[start:start + n]) for v, a in self.fs.views.items()}
-            start += n
-        self.augment = ViewSample() if self.flip_train else Augment()
-
-    def train_inputs(self) -> dict[str, torch.Tensor]:
-        out = {k: self.split[k]["plain"] for k in ("train", "val", "test")}
-        if self.flip_train:
-            out["train"] = torch.stack([self.split["train"]["plain"], self.split["train"]["flip"]], 1)
-        return out
-
-    def logits(self, head: torch.nn.Module, split: str, tta: int, precision: str) -> torch.Tensor:
-        views = ["plain", "flip"] if tta >= 1 else ["plain"]
-        return torch.stack([predict_logits(head, self.split[split][v], FeatureInput(), device=self.device,
-                                           precision=precision) for v in views]).mean(0)
-
-    def info(self) -> dict[str, Any]:
-        fs = self.fs
-        return {"views": list(fs.views), "precision": self.precision, "cache": fs.status,
-                "extracted": fs.extracted, "cached": fs.cached, "seconds": round(fs.seconds, 3),
-                "files": fs.files}
 
 
 def results_text(m: dict[str, Any]) -> str:

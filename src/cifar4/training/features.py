@@ -25,18 +25,23 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import io as cio
-from . import locks
-from .data import Dataset, cache_dir
-from .errors import DataError
-from .transforms import Normalization
+from .. import io as cio
+from .. import locks
+from ..data import Dataset, cache_dir
+from ..data.transforms import Augment, FeatureInput, Normalization, ViewSample
+from ..device import autocast, resolve_precision
+from ..errors import DataError
+from .evaluate import predict_logits
+
+if TYPE_CHECKING:
+    from ..config import Experiment
 
 FORMAT = 2
 PIXELS = Normalization()  # [0, 1] pixels: what a transfer model takes (it normalizes itself)
@@ -91,8 +96,7 @@ def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: s
     """Pooled backbone features (float16) of uint8 NHWC images, optionally mirrored, computed
     from the same input as `cifar4 evaluate` and `predict` feed the saved model."""
     model.eval()
-    cast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-            else contextlib.nullcontext())
+    cast = autocast(device, precision)
     out = np.empty((len(X), model.num_features), np.float16)
     batch = model.max_batch
     for i in range(0, len(X), batch):
@@ -200,3 +204,45 @@ def _extract_into(cf: CacheFile, feats: np.ndarray, done: np.ndarray, todo: np.n
                 cf.write(feats, done)
                 last_save = time.perf_counter()
     cf.write(feats, done)
+
+
+class CachedFeatures:
+    """Transfer mode (b): the frozen backbone's features of every split, from the feature
+    cache (computed there once), as inputs for training and evaluating the head alone. Views:
+    the image, plus its mirror when the experiment flips (training picks one view per row and
+    step) or asks for flip test-time augmentation (logits averaged over both)."""
+
+    def __init__(self, exp: Experiment, model: torch.nn.Module, ds: Dataset,
+                 idx: dict[str, np.ndarray], device: torch.device, progress: bool):
+        self.precision = resolve_precision(exp.train.precision, device, model)
+        self.flip_train = exp.augment.flip
+        views = ("plain", "flip") if exp.augment.flip or exp.train.tta >= 1 else ("plain",)
+        rows = np.concatenate([idx["train"], idx["val"], idx["test"]])
+        model.to(device).to(memory_format=torch.channels_last)
+        self.fs = features(model, ds, rows, views, device, self.precision, progress)
+        model.cpu()
+        self.device = device
+        self.split: dict[str, dict[str, torch.Tensor]] = {}
+        start = 0
+        for k in ("train", "val", "test"):
+            n = len(idx[k])
+            self.split[k] = {v: torch.from_numpy(a[start:start + n]) for v, a in self.fs.views.items()}
+            start += n
+        self.augment = ViewSample() if self.flip_train else Augment()
+
+    def train_inputs(self) -> dict[str, torch.Tensor]:
+        out = {k: self.split[k]["plain"] for k in ("train", "val", "test")}
+        if self.flip_train:
+            out["train"] = torch.stack([self.split["train"]["plain"], self.split["train"]["flip"]], 1)
+        return out
+
+    def logits(self, head: torch.nn.Module, split: str, tta: int, precision: str) -> torch.Tensor:
+        views = ["plain", "flip"] if tta >= 1 else ["plain"]
+        return torch.stack([predict_logits(head, self.split[split][v], FeatureInput(), device=self.device,
+                                           precision=precision) for v in views]).mean(0)
+
+    def info(self) -> dict[str, Any]:
+        fs = self.fs
+        return {"views": list(fs.views), "precision": self.precision, "cache": fs.status,
+                "extracted": fs.extracted, "cached": fs.cached, "seconds": round(fs.seconds, 3),
+                "files": fs.files}

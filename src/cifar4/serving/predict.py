@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
-from .evaluate import predict_logits, softmax
-from .runs import LoadedModel, load_model
-from .train import bf16_is_fast
+from ..errors import ImageError
+from ..runs import LoadedModel, load_model
+from ..training.evaluate import predict_logits, softmax
 
 MAX_PIXELS = 40_000_000  # about 6300 x 6300; larger files are refused before decoding
 
@@ -85,14 +84,13 @@ class Prediction:
 
 def predict_arrays(loaded: LoadedModel, X: np.ndarray, tta: int = 0) -> np.ndarray:
     """Probabilities (N, C) for uint8 images (N, 32, 32, 3)."""
-    prec = loaded.precision if bf16_is_fast(torch.device("cpu")) else "fp32"
     logits = predict_logits(loaded.model, torch.from_numpy(np.ascontiguousarray(X)), loaded.norm,
-                            precision=prec, tta=tta)
+                            device=loaded.device, precision=loaded.inference_precision, tta=tta)
     return softmax(logits)
 
 
 def predict(run: str | Path | LoadedModel, images: list[str | Path], tta: int = 0) -> list[Prediction]:
-    loaded = run if isinstance(run, LoadedModel) else load_model(run)
+    loaded = run if isinstance(run, LoadedModel) else load_model(run, device="auto")
     if not images:
         raise ImageError("no image given; expected one or more image files")
     X = np.stack([read_image(p) for p in images])

@@ -10,12 +10,16 @@ images as the test set and draws a stratified 15% validation set from the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .data import Dataset
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
+from . import Dataset
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 KINDS = ("session", "stratified", "official")
 
@@ -59,3 +63,16 @@ def make_split(ds: Dataset, kind: str = "session", seed: int = 42) -> Split:
     except ValueError as e:
         raise DataError(f"{ds.source}: cannot make a {kind} split ({e})") from None
     return Split(kind, seed, train, val, test)
+
+
+def split_indices(cfg: DataConfig, ds: Dataset) -> tuple[Split, dict[str, np.ndarray]]:
+    """The experiment's split and the rows each part uses (its `train_subset` and
+    `eval_subset` applied): what training, `cifar4 evaluate` and the report all read."""
+    sp = make_split(ds, cfg.split, cfg.split_seed)
+    idx = {"train": sp.train, "val": sp.val, "test": sp.test}
+    if cfg.train_subset:
+        idx["train"] = idx["train"][:cfg.train_subset]
+    if cfg.eval_subset:
+        idx["val"] = idx["val"][:cfg.eval_subset]
+        idx["test"] = idx["test"][:cfg.eval_subset]
+    return sp, idx

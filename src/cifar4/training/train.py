@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,44 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import TrainConfig
+from ..data.transforms import Augment, Normalization
+from ..device import autocast, resolve_precision
+from ..errors import ConfigError
 from .callbacks import Callback, History
-from .config import TrainConfig
-from .errors import ConfigError
 from .evaluate import evaluate
-from .transforms import Augment, Normalization
 
 KERAS_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else (os.cpu_count() or 1)))
-    return torch.device(name)
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 pays off where the hardware has it natively: AVX512-BF16/AMX CPUs, Ampere+ GPUs."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device, model: nn.Module) -> str:
-    """'auto' -> bf16 for models with convolutions on bf16-capable hardware (measured: the
-    session's CNN trains 1.6x faster per epoch with the same accuracy), else fp32 (the dense
-    MLPs measured slower in bf16 on the CPU)."""
-    if precision != "auto":
-        return precision
-    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return "bf16" if has_conv and bf16_is_fast(device) else "fp32"
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -148,10 +117,8 @@ class Trainer:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.precision = resolve_precision(self.cfg.precision, self.device, self.model)
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        return autocast(self.device, self.precision)
 
     def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
             y_val: torch.Tensor) -> History:

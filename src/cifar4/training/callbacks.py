@@ -6,7 +6,8 @@ meanings (`History`, `EarlyStopping(monitor, patience, restore_best_weights)`,
 from __future__ import annotations
 
 import copy
-import math
+import warnings
+from pathlib import Path
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -14,10 +15,15 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from safetensors.torch import save as st_save
+
+from .. import io as cio
+from ..models.weights import read_weights
+from ..runs import HISTORY_KEYS
+
 if TYPE_CHECKING:
     from .train import Trainer
 
-HISTORY_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr")
 
 
 class Callback:
@@ -54,68 +60,98 @@ class History(Callback):
 
 
 def _better(monitor: str, a: float, b: float, min_delta: float) -> bool:
+    """Keras' improvement test: accuracies must rise, losses fall, by more than min_delta."""
     return a > b + min_delta if "accuracy" in monitor else a < b - min_delta
 
 
 class EarlyStopping(Callback):
-    """Stop when `monitor` has not improved for `patience` epochs; optionally restore the best
-    weights seen (Keras semantics)."""
+    """Keras' `EarlyStopping`, rule for rule (keras/src/callbacks/early_stopping.py):
 
-    def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
-                 restore_best_weights: bool = True):
-        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+    - every epoch without improvement of `monitor` by more than `min_delta` adds one to
+      `wait`; an improvement sets it back to 0;
+    - training stops at the end of the first epoch where `wait >= patience` (never the first
+      epoch): with patience 2, the second epoch without improvement is the last one trained;
+    - `restore_best_weights`: when it stops training, the weights of the best epoch are put
+      back; a training that runs all its epochs keeps its last weights, as in Keras;
+    - a missing `monitor` key warns and does nothing.
+
+    Defaults are Keras': monitor "val_loss", min_delta 0, patience 0, restore_best_weights
+    False. (The `--early-stopping PATIENCE` flag asks for restore_best_weights=True.)"""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0,
+                 restore_best_weights: bool = False):
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
         self.restore_best_weights = restore_best_weights
+        self._reset()
+
+    def _reset(self) -> None:
         self.best: float | None = None
         self.best_epoch = 0
         self.wait = 0
         self.best_weights: dict | None = None
         self.stopped_epoch: int | None = None
 
+    def on_train_begin(self, trainer):
+        if trainer.start_epoch == 0:  # a resumed run keeps the state it saved
+            self._reset()
+
     def on_epoch_end(self, trainer, epoch, logs):
-        value = logs[self.monitor]
+        value = logs.get(self.monitor)
+        if value is None:
+            warnings.warn(f"EarlyStopping: monitor '{self.monitor}' is not in the logs "
+                          f"({', '.join(logs)}); early stopping does nothing", stacklevel=2)
+            return
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights = copy.deepcopy(trainer.model.state_dict())
+            self.best_epoch = epoch
+        self.wait += 1
         if self.best is None or _better(self.monitor, value, self.best, self.min_delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
                 self.best_weights = copy.deepcopy(trainer.model.state_dict())
-        else:
-            self.wait += 1
-            if self.wait > self.patience:
-                self.stopped_epoch = epoch
-                trainer.stop_training = True
-
-    def on_train_end(self, trainer):
-        if self.restore_best_weights and self.best_weights is not None and self.best_epoch != len(trainer.history.rows):
-            trainer.model.load_state_dict(self.best_weights)
-            trainer.restored_epoch = self.best_epoch
+            return
+        if self.wait >= self.patience and epoch > 1:
+            self.stopped_epoch = epoch
+            trainer.stop_training = True
+            if self.restore_best_weights and self.best_weights is not None:
+                trainer.model.load_state_dict(self.best_weights)
+                trainer.restored_epoch = self.best_epoch
 
     def state_dict(self):
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
-                "stopped_epoch": self.stopped_epoch}
+                "stopped_epoch": self.stopped_epoch, "best_weights": self.best_weights}
 
     def load_state_dict(self, state):
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.wait, self.stopped_epoch = state["wait"], state["stopped_epoch"]
+        self.best_weights = state.get("best_weights")
 
 
 class ModelCheckpoint(Callback):
-    """Keep the weights of the best epoch by `monitor` (save_best_only) and, at the end of
-    training, load them back so the run's model is the best one seen."""
+    """Keras' `ModelCheckpoint(filepath, monitor, save_best_only=True)`: whenever `monitor`
+    improves, the weights are written to `filepath` (safetensors, atomically), so the best
+    epoch survives on disk. Then, unlike Keras, the end of training loads that file back, so
+    the run's model is the best epoch's (`train.checkpoint_best`)."""
 
-    def __init__(self, monitor: str = "val_accuracy"):
-        self.monitor = monitor
+    def __init__(self, filepath: str | Path, monitor: str = "val_accuracy", restore_at_end: bool = True):
+        self.filepath, self.monitor, self.restore_at_end = Path(filepath), monitor, restore_at_end
         self.best: float | None = None
         self.best_epoch = 0
-        self.best_weights: dict | None = None
 
     def on_epoch_end(self, trainer, epoch, logs):
-        value = logs[self.monitor]
+        value = logs.get(self.monitor)
+        if value is None:
+            warnings.warn(f"ModelCheckpoint: monitor '{self.monitor}' is not in the logs; "
+                          f"nothing saved", stacklevel=2)
+            return
         if self.best is None or _better(self.monitor, value, self.best, 0.0):
             self.best, self.best_epoch = value, epoch
-            self.best_weights = copy.deepcopy(trainer.model.state_dict())
+            state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
+            cio.write_bytes(self.filepath, st_save(state))
 
     def on_train_end(self, trainer):
-        if self.best_weights is not None:
-            trainer.model.load_state_dict(self.best_weights)
+        if self.restore_at_end and self.best is not None:
+            trainer.model.load_state_dict(read_weights(self.filepath))
             trainer.restored_epoch = self.best_epoch
 
     def state_dict(self):
@@ -165,7 +201,3 @@ class ProgressBar(Callback):
     def on_train_end(self, trainer):
         if self.progress is not None:
             self.progress.stop()
-
-
-def is_finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

@@ -4,15 +4,15 @@ mirror)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
-from .transforms import Normalization
+from ..data.transforms import Normalization
+from ..device import autocast
+from ..models.base import inference_batch
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -43,11 +43,10 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: Normalization,
     """Logits (N, C) in float32 on the CPU, for uint8 NHWC images, averaged over the
     test-time-augmentation views of `tta_views`."""
     device = torch.device(device)
-    batch_size = min(batch_size, getattr(model, "max_batch", batch_size))  # large-input models
+    batch_size = inference_batch(model, batch_size)  # large-input models want small batches
     was_training = model.training
     model.eval()
-    cast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-            else contextlib.nullcontext())
+    cast = autocast(device, precision)
     out = []
     try:
         for i in range(0, len(x_uint8), batch_size):

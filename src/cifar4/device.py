@@ -1,0 +1,60 @@
+"""Where and in which precision the arithmetic runs: one place for picking the device, for
+deciding whether bf16 pays on it, and for the autocast context that training, evaluation,
+feature extraction and prediction all use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> the CUDA GPU when there is one, else the CPU (all its cores)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device '{name}' is unknown; expected auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else (os.cpu_count() or 1)))
+    return torch.device(name)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays off where the hardware has it natively: AVX512-BF16/AMX CPUs, Ampere+ GPUs."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, model: nn.Module) -> str:
+    """'auto' -> bf16 for models with convolutions on bf16-capable hardware (measured: the
+    session's CNN trains 1.6x faster per epoch with the same accuracy), else fp32 (the dense
+    MLPs measured slower in bf16 on the CPU)."""
+    if precision != "auto":
+        return precision
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return "bf16" if has_conv and bf16_is_fast(device) else "fp32"
+
+
+def inference_precision(recorded: str, device: torch.device) -> str:
+    """The precision a saved model was evaluated in at the end of training (model.json), where
+    this hardware runs it natively; fp32 elsewhere."""
+    return recorded if recorded == "fp32" or bf16_is_fast(device) else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    """The one autocast context: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,63 @@
+"""The model registry: a model is a registry name plus options. `build(name, **options)` makes
+it, and the same (name, options) pair stored in a run's model.json rebuilds it for evaluate,
+predict and export. Model files import `register` from here (not from the package that imports
+them), so the registry has no import circle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import ModelError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    builder: Callable[..., nn.Module]
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, description: str, builder: Callable[..., nn.Module], **defaults: Any) -> None:
+    _REGISTRY[name] = ModelSpec(name, description, builder, defaults)
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise ModelError(f"model '{name}' is unknown; expected one of {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def resolve_options(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full option set of a model: its defaults overridden by `options` (checked)."""
+    s = spec(name)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(s.defaults))
+    if unknown:
+        allowed = ", ".join(s.defaults) or "none"
+        raise ModelError(f"model '{name}' has no option {', '.join(unknown)}; its options: {allowed}")
+    out = {**s.defaults, **options}
+    for k, v in out.items():
+        if isinstance(v, tuple):
+            out[k] = list(v)
+    return out
+
+
+def build(name: str, num_classes: int = 4, **options: Any) -> nn.Module:
+    s = spec(name)
+    opts = resolve_options(name, options)
+    try:
+        return s.builder(num_classes=num_classes, **opts)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"model '{name}' cannot be built with options {opts}: {e}") from None

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 import cifar4
-from common import by_experiment, mean_std
 from cifar4 import config
 from cifar4.training.callbacks import Callback
 from cifar4.training.evaluate import evaluate, predict_logits
+from common import by_experiment, mean_std
 
 THRESHOLDS = (0.70, 0.78, 0.85, 0.90, 0.95)
 PEER_NAMES = {"cnn": "cnn", "cnn-augmented": "cnn_aug", "cnn-augmented-long": "cnn_aug",

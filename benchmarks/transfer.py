@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import cifar4
-from common import by_experiment, mean_std
 from cifar4 import config
+from common import by_experiment, mean_std
 
 
 def run_one(name: str, ds, seed: int, epochs: int | None, options: dict, root: Path,

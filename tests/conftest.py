@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar4.training.callbacks import Callback
 from cifar4.data import Dataset, from_arrays
+from cifar4.training.callbacks import Callback
 
 REAL = Path(os.environ.get("CIFAR4_DATA", Path(__file__).parents[2] / "shared" / "data" / "cifar4.npz"))
 
@@ -21,7 +21,7 @@ def make_arrays(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np
     X = rng.integers(0, 80, size=(len(Y), 32, 32, 3), dtype=np.uint8)
     for k in range(4):
         r, c = divmod(k, 2)
-        X[Y == k, r * 16:r * 16 + 16, c * 16:c * 16 + 16, k % 3] = 230
+        X[k == Y, r * 16:r * 16 + 16, c * 16:c * 16 + 16, k % 3] = 230
     is_test = np.zeros(len(Y), bool)
     is_test[np.arange(len(Y)) % 6 == 5] = True
     return X, Y.astype(np.int64), is_test

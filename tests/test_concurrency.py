@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from cifar4 import locks, models, runs
-from cifar4.training import features
 from cifar4.data import load
 from cifar4.errors import LockedError, RunError
+from cifar4.training import features
 from conftest import make_arrays
 
 PY = sys.executable
@@ -85,9 +85,9 @@ def test_a_held_lock_names_its_holder_and_frees_at_once_when_the_holder_is_kille
     try:
         assert proc.stdout.readline().strip() == "held"
         assert locks.is_held(lock)
-        with pytest.raises(LockedError, match=f"in use by pid {proc.pid} since"):
-            with locks.hold(lock, "the test's resource", wait=False):
-                pass
+        with pytest.raises(LockedError, match=f"in use by pid {proc.pid} since"), \
+                locks.hold(lock, "the test's resource", wait=False):
+            pass
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         t0 = time.monotonic()
@@ -258,7 +258,7 @@ def test_a_full_disk_during_the_report_keeps_the_previous_report(tiny, tmp_path,
 def _read_only(folder: Path, *cmd: str) -> subprocess.CompletedProcess:
     """Run `cmd` in a private mount namespace where `folder` is a read-only bind mount: root
     ignores permission bits, not a read-only mount."""
-    script = (f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"')
+    script = ('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"')
     return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
                            str(folder), *cmd], capture_output=True, text=True)
 

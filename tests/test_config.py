@@ -54,3 +54,49 @@ def test_bad_files(tmp_path):
     (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="not UTF-8"):
         config.load(tmp_path / "bin.toml")
+
+
+@pytest.mark.parametrize("text", ["line\rbreak", "tab\there", "bell\x07 and nul-free\x1f", 'quote " and \\ back',
+                                  "new\nline", "unicode é ✓"])
+def test_any_description_survives_a_toml_round_trip(text):
+    e = config.from_dict({"name": "x", "description": text})
+    back = config.from_dict(tomllib.loads(e.to_toml()))
+    assert back == e and back.description == text
+
+
+def test_a_key_with_a_dot_is_written_quoted():
+    text = config.dump_toml({"sweep": {"train.lr": {"log_uniform": [1e-4, 1e-2]}}})
+    assert tomllib.loads(text) == {"sweep": {"train.lr": {"log_uniform": [1e-4, 1e-2]}}}
+
+
+def test_set_overrides_any_key_and_flags_are_sugar_over_it():
+    a = config.from_flags("cnn", {"epochs": 3, "lr": 0.002, "dropout": 0.2})
+    b = config.from_flags("cnn", sets=["train.epochs=3", "train.lr=0.002", "model.options.dropout=0.2"])
+    assert a == b and a.train.epochs == 3 and a.model.options == {"dropout": 0.2}
+    c = config.from_flags("fast", sets=["augment.cutout=4", "data.split=stratified", "train.tta=1"],
+                          name="mine")
+    assert (c.augment.cutout, c.data.split, c.train.tta, c.name) == (4, "stratified", 1, "mine")
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+        config.from_flags("cnn", sets=["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match="not SECTION.KEY=VALUE"):
+        config.from_flags("cnn", sets=["epochs=3"])
+
+
+def test_augment_flag_reads_the_sessions_augmentation_from_its_experiment_file():
+    on = config.from_flags("cnn", {"augment": True})
+    assert on.augment == config.load("cnn-augmented").augment
+    off = config.from_flags("fast-long", {"augment": False})
+    assert off.augment == config.AugmentConfig()
+
+
+def test_early_stopping_flag_asks_keras_early_stopping_with_restore():
+    e = config.from_flags("cnn", {"early_stopping": 3})
+    assert e.train.early_stopping == config.EarlyStoppingConfig(patience=3, restore_best_weights=True)
+    assert config.EarlyStoppingConfig() == config.EarlyStoppingConfig(
+        monitor="val_loss", patience=0, min_delta=0.0, restore_best_weights=False)  # Keras' defaults
+
+
+def test_resume_refuses_other_flags():
+    config.check_resume_flags({"epochs": None, "option": []})
+    with pytest.raises(ConfigError, match="cannot be combined with --batch-size"):
+        config.check_resume_flags({"epochs": None, "batch_size": 32})

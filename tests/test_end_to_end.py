@@ -8,8 +8,8 @@ import json
 import pytest
 
 from cifar4 import config
-from cifar4.training import pipeline
 from cifar4.cli import main
+from cifar4.training import pipeline
 
 pytestmark = pytest.mark.slow
 

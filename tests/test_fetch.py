@@ -40,7 +40,7 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 def official_archive(path: Path, batches) -> Path:
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     with tarfile.open(path, "w:gz") as tar:
-        for name, (x, y) in zip(names, batches):
+        for name, (x, y) in zip(names, batches, strict=True):
             d = {b"data": x.transpose(0, 3, 1, 2).reshape(len(x), 3072), b"labels": [int(v) for v in y],
                  b"batch_label": name.encode()}
             _add(tar, f"cifar-10-batches-py/{name}", pickle.dumps(d, protocol=2))
@@ -50,7 +50,7 @@ def official_archive(path: Path, batches) -> Path:
 def npm_tarball(path: Path, batches) -> Path:
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     with tarfile.open(path, "w:gz") as tar:
-        for name, (x, _) in zip(names, batches):
+        for name, (x, _) in zip(names, batches, strict=True):
             buf = io.BytesIO()
             Image.fromarray(x.reshape(len(x), 1024, 3)).save(buf, format="PNG")
             _add(tar, f"package/{name}.png", buf.getvalue())

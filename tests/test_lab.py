@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from cifar4 import lab
-from cifar4.training import pipeline
 from cifar4.config import load
 from cifar4.errors import ConfigError
 from cifar4.lab.report import compare_runs, verdict, write_report
+from cifar4.training import pipeline
 from conftest import DieAt, Died
 
 

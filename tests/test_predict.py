@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from cifar4 import config
-from cifar4.training import pipeline
 from cifar4.errors import ImageError
 from cifar4.serving.predict import predict, read_image
+from cifar4.training import pipeline
 
 
 def save(tmp_path, name, img, **kw):

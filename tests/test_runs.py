@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cifar4 import config, runs
-from cifar4.training import pipeline
 from cifar4.errors import CheckpointError, RunError
+from cifar4.training import pipeline
 
 EXP = {"name": "r", "model": {"name": "cnn"}, "train": {"epochs": 2, "batch_size": 32}}
 

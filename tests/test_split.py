@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
-from cifar4.errors import ConfigError
 from cifar4.data.split import make_split
+from cifar4.errors import ConfigError
 
 
 def test_session_split_equals_the_notebook_calls(tiny):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cifar4 import config
+from cifar4.errors import ConfigError
 from cifar4.training import pipeline
 from cifar4.training.callbacks import EarlyStopping
-from cifar4.errors import ConfigError
 from cifar4.training.train import lr_factor
 from conftest import DieAt, Died
 
@@ -102,6 +102,17 @@ def test_early_stopping_warns_when_the_monitored_key_is_missing():
     es = EarlyStopping("val_auc")
     with pytest.warns(UserWarning, match="val_auc"):
         es.on_epoch_end(None, 1, {"val_loss": 1.0})
+
+
+def test_model_checkpoint_writes_the_best_epoch_and_the_run_keeps_it(tiny, tmp_path):
+    e = exp(epochs=4, checkpoint_best=True)
+    r = pipeline.train(e, tiny, runs_root=tmp_path, progress=False)
+    best = max(range(4), key=lambda i: (r.history[i]["val_accuracy"], -i))
+    assert (r.run_dir / "best.safetensors").is_file()
+    assert r.metrics["restored_epoch"] == best + 1
+    from cifar4.models.weights import read_weights
+    saved = read_weights(r.run_dir / "best.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in r.model.state_dict().items())
 
 
 def test_early_stopping_in_a_run(tiny, tmp_path):

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from cifar4 import config, models, runs
-from cifar4.training import features, pipeline
 from cifar4.cli import main
 from cifar4.errors import CheckpointError, ConfigError
 from cifar4.models.efficientnet import EfficientNetLite0, SameConv2d
 from cifar4.models.resnet import ResNet
 from cifar4.models.transfer import packaged_weights
+from cifar4.training import features, pipeline
 from cifar4.training.train import make_optimizer
 
 # torchvision's published parameter counts (torchvision.models documentation)

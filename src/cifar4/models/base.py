@@ -16,7 +16,7 @@ asks through the functions below, never by probing attributes itself.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ def init_from_data(model: nn.Module, x: torch.Tensor) -> None:
         model.init_from_data(x)
 
 
-def cached_features_only(model: nn.Module) -> bool:
+def cached_features_only(model: nn.Module) -> TypeGuard[FrozenBackbone]:
     """Whether only a head trains, on features computed once (a frozen backbone)."""
     return isinstance(model, FrozenBackbone) and bool(model.frozen)
 

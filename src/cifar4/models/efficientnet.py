@@ -88,7 +88,7 @@ class EfficientNetLite0(nn.Module):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2)
         self._bn0 = _bn(32)
-        blocks = []
+        blocks: list[MBConv] = []
         total = sum(s[0] for s in LITE0_STAGES)
         for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
             for r in range(repeats):
@@ -114,7 +114,7 @@ class EfficientNetLite0(nn.Module):
 
     def conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
         """(parent, conv, batch norm) triples, for folding the norms into the convolutions."""
-        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        pairs: list[tuple[nn.Module, str, str]] = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
         for b in self._blocks:
             if hasattr(b, "_expand_conv"):
                 pairs.append((b, "_expand_conv", "_bn0"))

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .registry import register
@@ -49,6 +48,7 @@ class Whiten(nn.Conv2d):
         w = (eigvecs.T / torch.sqrt(eigvals.clamp_min(0) + self.eps)[:, None]).float()
         w = w.flip(0).reshape(12, 3, 2, 2)                                # largest first
         self.weight.copy_(torch.cat([w, -w]))
+        assert self.bias is not None  # made with bias=True
         self.bias.zero_()
 
 

@@ -75,8 +75,12 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1: nn.Sequential
+        self.layer2: nn.Sequential
+        self.layer3: nn.Sequential
+        self.layer4: nn.Sequential
         c = 64
-        for i, (n, width) in enumerate(zip(counts, (64, 128, 256, 512))):
+        for i, (n, width) in enumerate(zip(counts, (64, 128, 256, 512), strict=True)):
             layers = []
             for j in range(n):
                 layers.append(block(c, width, 2 if (j == 0 and i > 0) else 1))

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import ModelError
+from .layers import BatchNormalization1D, BatchNormalization2D, Conv2D, Dense, Dropout, Flatten, MaxPooling2D, ReLU
 from .registry import register
-from .layers import (BatchNormalization1D, BatchNormalization2D, Conv2D, Dense, Dropout, Flatten,
-                     MaxPooling2D, ReLU)
 
 
 def _per_layer(value: float | Sequence[float], n: int, name: str) -> list[float]:
@@ -49,7 +48,7 @@ def mlp(num_classes: int = 4, hidden: Sequence[int] = (20,), dropout: float | Se
     drops = _per_layer(dropout, len(hidden), "dropout")
     layers: list[nn.Module] = [Flatten()]
     n_in = 32 * 32 * 3
-    for width, p in zip(hidden, drops):
+    for width, p in zip(hidden, drops, strict=True):
         if batchnorm:
             layers += [Dense(n_in, width, activation=None), BatchNormalization1D(width), ReLU()]
         else:

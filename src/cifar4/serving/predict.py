@@ -4,7 +4,9 @@ converted), bring it to RGB 32x32 uint8, and return the class and the probabilit
 
 from __future__ import annotations
 
-import warnings
+import csv
+import io
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .. import io as cio
 from ..errors import ImageError
 from ..runs import LoadedModel, load_model
 from ..training.evaluate import predict_logits, softmax
@@ -26,29 +29,30 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"image '{path}' does not exist")
     if path.is_dir():
         raise ImageError(f"image '{path}' is a folder; expected an image file")
-    old_limit = Image.MAX_IMAGE_PIXELS
+    return decode_image(path, str(path), max_pixels)
+
+
+def decode_image(source: Path | bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A file or the bytes of an upload -> (32, 32, 3) uint8 RGB. The size is checked from the
+    header before any pixel is decoded; no process-wide setting is touched (the server decodes
+    many uploads at once)."""
     try:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > max_pixels:
-                    raise ImageError(f"image '{path}' is {img.width}x{img.height} pixels; "
-                                     f"expected at most {max_pixels:,} (decompression-bomb guard)")
-                img.load()
-                return to_rgb32(img)
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if img.width * img.height > max_pixels:
+                raise ImageError(f"image '{name}' is {img.width}x{img.height} pixels; "
+                                 f"expected at most {max_pixels:,} (decompression-bomb guard)")
+            img.load()
+            return to_rgb32(img)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"image '{path}' exceeds the {max_pixels:,}-pixel limit "
+    except Image.DecompressionBombError:
+        raise ImageError(f"image '{name}' exceeds the {max_pixels:,}-pixel limit "
                          f"(decompression-bomb guard)") from None
     except UnidentifiedImageError:
-        raise ImageError(f"'{path}' is not an image Pillow can read; expected PNG, JPEG, BMP, "
+        raise ImageError(f"'{name}' is not an image Pillow can read; expected PNG, JPEG, BMP, "
                          f"GIF, WebP, TIFF, ...") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"image '{path}' is truncated or corrupt ({e})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old_limit
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"image '{name}' is truncated or corrupt ({e})") from None
 
 
 def to_rgb32(img: Image.Image) -> np.ndarray:
@@ -76,10 +80,13 @@ def to_rgb32(img: Image.Image) -> np.ndarray:
 
 @dataclass
 class Prediction:
+    """One image's result: its class and probabilities, or the error that stopped it."""
+
     path: str
     label: str
     index: int
     probabilities: dict[str, float]
+    error: str | None = None
 
 
 def predict_arrays(loaded: LoadedModel, X: np.ndarray, tta: int = 0) -> np.ndarray:
@@ -89,15 +96,73 @@ def predict_arrays(loaded: LoadedModel, X: np.ndarray, tta: int = 0) -> np.ndarr
     return softmax(logits)
 
 
+def _result(loaded: LoadedModel, name: str, probs: np.ndarray) -> Prediction:
+    k = int(probs.argmax())
+    return Prediction(name, loaded.classes[k], k,
+                      {c: round(float(v), 6) for c, v in zip(loaded.classes, probs, strict=True)})
+
+
 def predict(run: str | Path | LoadedModel, images: list[str | Path], tta: int = 0) -> list[Prediction]:
+    """Class and probabilities of each image file; the first unreadable file is an ImageError
+    (`predict_files` goes on past it instead)."""
     loaded = run if isinstance(run, LoadedModel) else load_model(run, device="auto")
     if not images:
         raise ImageError("no image given; expected one or more image files")
     X = np.stack([read_image(p) for p in images])
-    probs = predict_arrays(loaded, X, tta)
-    out = []
-    for p, pr in zip(images, probs):
-        k = int(pr.argmax())
-        out.append(Prediction(str(p), loaded.classes[k], k,
-                              {c: round(float(v), 6) for c, v in zip(loaded.classes, pr)}))
+    return [_result(loaded, str(p), pr) for p, pr in zip(images, predict_arrays(loaded, X, tta), strict=True)]
+
+
+# Every extension Pillow can open, as registered by its plugins (.png, .jpg, .jpeg, .webp, ...).
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and folders expanded recursively to the image files in them (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ImageError(f"folder '{p}' holds no image files; expected files such as .png, .jpg, "
+                                 f".jpeg, .bmp, .gif, .webp, .tif ({len(IMAGE_EXTENSIONS)} extensions)")
+            out += found
+        else:
+            out.append(p)
+    if not out:
+        raise ImageError("no image given; expected image files or folders")
     return out
+
+
+def predict_files(loaded: LoadedModel, paths: Sequence[str | Path], tta: int = 0, batch_size: int = 256,
+                  progress: Callable[[int], None] | None = None) -> list[Prediction]:
+    """Every image under `paths` (folders recursively), predicted in batches; a file that cannot
+    be read gets its own row with `error` set and the others go on. `progress(n)` is called as
+    images are done."""
+    files = image_files(paths)
+    out: list[Prediction] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        rows: list[Prediction | None] = []
+        images = []
+        for f in chunk:
+            try:
+                images.append(read_image(f))
+                rows.append(None)
+            except ImageError as e:
+                rows.append(Prediction(str(f), "", -1, {}, str(e)))
+        probs = iter(predict_arrays(loaded, np.stack(images), tta) if images else [])
+        out += [r if r is not None else _result(loaded, str(f), next(probs)) for f, r in zip(chunk, rows, strict=True)]
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+def write_csv(preds: list[Prediction], classes: tuple[str, ...], path: str | Path) -> None:
+    """file, class, one probability column per class, error (empty when none)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file", "class", *classes, "error"])
+    for p in preds:
+        w.writerow([p.path, p.label, *[f"{p.probabilities[c]:.6f}" if p.error is None else "" for c in classes],
+                    p.error or ""])
+    cio.write_text(Path(path), buf.getvalue())

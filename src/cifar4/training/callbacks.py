@@ -6,15 +6,14 @@ meanings (`History`, `EarlyStopping(monitor, patience, restore_best_weights)`,
 from __future__ import annotations
 
 import copy
-import warnings
-from pathlib import Path
 import sys
 import time
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from safetensors.torch import save as st_save
 
 from .. import io as cio
@@ -27,11 +26,11 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    def on_train_begin(self, trainer: "Trainer") -> None: ...
-    def on_epoch_begin(self, trainer: "Trainer", epoch: int) -> None: ...
-    def on_batch_end(self, trainer: "Trainer", step: int, logs: dict[str, float]) -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: dict[str, float]) -> None: ...
-    def on_train_end(self, trainer: "Trainer") -> None: ...
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_batch_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None: ...
+    def on_train_end(self, trainer: Trainer) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -169,7 +168,7 @@ class ProgressBar(Callback):
         self.console = console or Console(file=sys.stderr)
         self.title = title
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.t0 = 0.0
 
     def on_epoch_begin(self, trainer, epoch):
@@ -183,7 +182,7 @@ class ProgressBar(Callback):
             self.task = self.progress.add_task("train", total=trainer.steps_per_epoch, stats="")
 
     def on_batch_end(self, trainer, step, logs):
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None:
             self.progress.update(self.task, advance=1,
                                  stats=f"loss {logs['loss']:.4f} acc {logs['accuracy']:.4f}")
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
-from ..data.transforms import Normalization
+from ..data.transforms import InputTransform
 from ..device import autocast
 from ..models.base import inference_batch
 
@@ -37,7 +37,7 @@ def tta_views(x: torch.Tensor, level: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: Normalization,
+def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: InputTransform,
                    batch_size: int = 1000, device: torch.device | str = "cpu",
                    precision: str = "fp32", tta: int = 0) -> torch.Tensor:
     """Logits (N, C) in float32 on the CPU, for uint8 NHWC images, averaged over the
@@ -60,7 +60,7 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: Normalization,
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Normalization,
+def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: InputTransform,
              batch_size: int = 1000, device: torch.device | str = "cpu", precision: str = "fp32",
              tta: int = 0) -> dict[str, float]:
     """{'loss', 'accuracy'}, like Keras' model.evaluate."""
@@ -70,7 +70,7 @@ def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Nor
             "accuracy": float((logits.argmax(1) == y).float().mean())}
 
 
-def report(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Normalization,
+def report(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: InputTransform,
            classes: tuple[str, ...], device: torch.device | str = "cpu", precision: str = "fp32",
            tta: int = 0) -> dict:
     """Loss, accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""

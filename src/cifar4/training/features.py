@@ -35,8 +35,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from .. import io as cio
 from .. import locks
 from ..data import Dataset, cache_dir
-from ..data.transforms import Augment, FeatureInput, Normalization, ViewSample
-from ..device import autocast, resolve_precision
+from ..data.transforms import Augment, BatchAugment, FeatureInput, Normalization, ViewSample
+from ..device import autocast, resolve_precision, to_device
 from ..errors import DataError
 from .evaluate import predict_logits
 
@@ -218,7 +218,7 @@ class CachedFeatures:
         self.flip_train = exp.augment.flip
         views = ("plain", "flip") if exp.augment.flip or exp.train.tta >= 1 else ("plain",)
         rows = np.concatenate([idx["train"], idx["val"], idx["test"]])
-        model.to(device).to(memory_format=torch.channels_last)
+        to_device(model, device)
         self.fs = features(model, ds, rows, views, device, self.precision, progress)
         model.cpu()
         self.device = device
@@ -228,7 +228,7 @@ class CachedFeatures:
             n = len(idx[k])
             self.split[k] = {v: torch.from_numpy(a[start:start + n]) for v, a in self.fs.views.items()}
             start += n
-        self.augment = ViewSample() if self.flip_train else Augment()
+        self.augment: BatchAugment = ViewSample() if self.flip_train else Augment()
 
     def train_inputs(self) -> dict[str, torch.Tensor]:
         out = {k: self.split[k]["plain"] for k in ("train", "val", "test")}

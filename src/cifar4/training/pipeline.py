@@ -233,9 +233,10 @@ def _build_trainer(run: _Fit, bar: ProgressBar | None, save_state: bool,
         cbs.append(run.saver)
     cbs += list(extra or [])
     generator = run.generator
-    if models.cached_features_only(run.model):  # only the head trains, on features computed once
+    model = run.model
+    if models.cached_features_only(model):  # only the head trains, on features computed once
         run.cached = CachedFeatures(exp, run.model, run.ds, run.idx, run.device, progress)
-        run.trainer = Trainer(run.model.head, exp.train, FeatureInput(), run.cached.augment, run.device,
+        run.trainer = Trainer(model.head, exp.train, FeatureInput(), run.cached.augment, run.device,
                               cbs, generator)
         run.x = run.cached.train_inputs()
     else:
@@ -270,7 +271,7 @@ def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str]:
     assert run.trainer is not None
     prec, tta, classes = run.trainer.precision, run.exp.train.tta, run.ds.classes
     parts = ("train", "val", "test")
-    if run.cached is not None:
+    if run.cached is not None and models.cached_features_only(run.model):
         head = run.model.head
         res = {k: summarize(run.cached.logits(head, k, 0 if k == "train" else tta, prec), run.y[k], classes)
                for k in parts}

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
-from ..data.transforms import Augment, Normalization
-from ..device import autocast, resolve_precision
+from ..data.transforms import Augment, BatchAugment, InputTransform
+from ..device import autocast, resolve_precision, to_device
 from ..errors import ConfigError
 from .callbacks import Callback, History
 from .evaluate import evaluate
@@ -96,8 +96,8 @@ class Trainer:
 
     model: nn.Module
     cfg: TrainConfig
-    norm: Normalization
-    augment: Augment = field(default_factory=Augment)
+    norm: InputTransform
+    augment: BatchAugment = field(default_factory=Augment)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     callbacks: Sequence[Callback] = ()
     generator: torch.Generator = field(default_factory=torch.Generator)
@@ -108,7 +108,7 @@ class Trainer:
     start_epoch: int = 0
 
     def __post_init__(self) -> None:
-        self.model.to(self.device).to(memory_format=torch.channels_last)
+        to_device(self.model, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.history = next((c for c in self.callbacks if isinstance(c, History)), None)
         if self.history is None:
@@ -122,8 +122,35 @@ class Trainer:
 
     def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
             y_val: torch.Tensor) -> History:
-        cfg = self.cfg
-        n = len(x_train)
+        """Train for the configured epochs (from `start_epoch` when resumed), validating after
+        each; callbacks see every step, as in Keras' fit()."""
+        x_store, y_store = self._prepare(x_train, y_train)
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        for epoch in range(self.start_epoch + 1, self.cfg.epochs + 1):
+            if self.stop_training:
+                break
+            for cb in self.callbacks:
+                cb.on_epoch_begin(self, epoch)
+            t0 = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss, accuracy = self._train_epoch(x_store, y_store)
+            seconds = time.perf_counter() - t0
+            val = evaluate(self.model, x_val, y_val, self.norm, device=self.device,
+                           precision=self.precision, tta=0)
+            logs = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"], "seconds": round(seconds, 4), "lr": lr}
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, logs)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        assert self.history is not None
+        return self.history
+
+    def _prepare(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Schedule, and the training set on the device, normalized once and kept as NHWC
+        floats: a batch is then one gather, and its NCHW view is already channels_last."""
+        cfg, n = self.cfg, len(x_train)
         if cfg.batch_size > n:
             raise ConfigError(f"train.batch_size {cfg.batch_size} is larger than the training set "
                               f"({n} images); expected at most {n}")
@@ -132,70 +159,54 @@ class Trainer:
         if self.scheduler is None:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lr_factor(cfg.schedule, cfg.warmup, cfg.epochs * self.steps_per_epoch))
-        # The whole training set is normalized once, kept as NHWC floats: a batch is then one
-        # gather, and its NCHW view is already channels_last.
         x_store = self.norm.apply(x_train.to(self.device))
         if x_store.ndim == 4:  # images: NHWC storage (features are stored as they come)
             x_store = x_store.permute(0, 2, 3, 1)
-        y_train = y_train.to(self.device)
+        return x_store, y_train.to(self.device)
+
+    def _train_epoch(self, x_store: torch.Tensor, y_store: torch.Tensor) -> tuple[float, float]:
+        """One pass over the training set in a fresh random order: (mean loss, accuracy)."""
+        cfg, n = self.cfg, len(x_store)
+        assert self.scheduler is not None
         # decoupled weight decay: kernels only (not biases or BN), at their group's rate
         decay = [(g, [p for p in g["params"] if p.ndim > 1]) for g in self.optimizer.param_groups] \
             if cfg.weight_decay else []
         batch_logs = any(type(cb).on_batch_end is not Callback.on_batch_end for cb in self.callbacks)
-        for cb in self.callbacks:
-            cb.on_train_begin(self)
-        for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
-            if self.stop_training:
-                break
-            for cb in self.callbacks:
-                cb.on_epoch_begin(self, epoch)
-            self.model.train()
-            t0 = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]
-            order = torch.randperm(n, generator=self.generator).to(self.device)
-            loss_sum = torch.zeros((), device=self.device)
-            correct = torch.zeros((), device=self.device, dtype=torch.long)
-            for step in range(self.steps_per_epoch):
-                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                xb = x_store[idx]
-                if xb.ndim == 4:
-                    xb = xb.permute(0, 3, 1, 2)
-                if self.augment.active:
-                    xb = self.augment(xb, self.generator)
-                yb = y_train[idx]
-                with self._autocast():
-                    logits = self.model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-                if cfg.l2:
-                    loss = loss + cfg.l2 * l2_penalty(self.model)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if decay:
-                    with torch.no_grad():
-                        for g, ps in decay:
-                            if ps:
-                                torch._foreach_mul_(ps, 1 - g["lr"] * cfg.weight_decay)
-                self.optimizer.step()
-                self.scheduler.step()
+        self.model.train()
+        order = torch.randperm(n, generator=self.generator).to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for step in range(self.steps_per_epoch):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb = x_store[idx]
+            if xb.ndim == 4:
+                xb = xb.permute(0, 3, 1, 2)
+            if self.augment.active:
+                xb = self.augment(xb, self.generator)
+            yb = y_store[idx]
+            with self._autocast():
+                logits = self.model(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+            if cfg.l2:
+                loss = loss + cfg.l2 * l2_penalty(self.model)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if decay:
                 with torch.no_grad():
-                    loss_sum += loss.detach() * len(idx)
-                    correct += (logits.argmax(1) == yb).sum()
-                if batch_logs:
-                    seen = min((step + 1) * cfg.batch_size, n)
-                    logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
-                    for cb in self.callbacks:
-                        cb.on_batch_end(self, step + 1, logs)
-            seconds = time.perf_counter() - t0
-            val = evaluate(self.model, x_val, y_val, self.norm, device=self.device,
-                           precision=self.precision, tta=0)
-            logs = {"epoch": epoch, "loss": float(loss_sum) / n, "accuracy": float(correct) / n,
-                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                    "seconds": round(seconds, 4), "lr": lr}
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, epoch, logs)
-        for cb in self.callbacks:
-            cb.on_train_end(self)
-        return self.history
+                    for g, ps in decay:
+                        if ps:
+                            torch._foreach_mul_(ps, 1 - g["lr"] * cfg.weight_decay)
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.argmax(1) == yb).sum()
+            if batch_logs:
+                seen = min((step + 1) * cfg.batch_size, n)
+                logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
+                for cb in self.callbacks:
+                    cb.on_batch_end(self, step + 1, logs)
+        return float(loss_sum) / n, float(correct) / n
 
     # ------------------------------------------------------------ resuming
 
@@ -225,6 +236,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        for cb, s in zip(self.callbacks, state["callbacks"]):
+        # callbacks a caller added to the first run (after the built-in ones) need not come back
+        for cb, s in zip(self.callbacks, state["callbacks"], strict=False):
             cb.load_state_dict(s)
         self.start_epoch = epoch

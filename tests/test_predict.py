@@ -68,3 +68,36 @@ def test_predict_returns_class_and_probabilities(tiny, tmp_path):
     preds = predict(r.run_dir, paths)
     assert [p.label for p in preds] == ["bird", "cat", "frog", "horse"]
     assert all(abs(sum(p.probabilities.values()) - 1) < 1e-4 for p in preds)
+
+
+def test_predict_over_folders_keeps_going_past_bad_files(tiny, tmp_path, capsys):
+    import csv
+    import json
+
+    from cifar4.cli import main
+    r = pipeline.train(config.from_dict({"name": "p", "model": {"name": "cnn"},
+                                         "train": {"epochs": 1, "batch_size": 32}}), tiny,
+                       runs_root=tmp_path / "runs", progress=False)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(tiny.X[i]).save(tmp_path / "imgs" / ("sub" if i % 2 else ".") / f"{i}.png")
+    Image.fromarray(tiny.X[5]).save(tmp_path / "imgs" / "five.JPG")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image, not an image extension: skipped")
+    out_csv = tmp_path / "pred.csv"
+    code = main(["predict", str(r.run_dir), str(tmp_path / "imgs"), "--out", str(out_csv), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "1 of 7 images could not be read" in err and "Traceback" not in err
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 7 and list(rows[0]) == ["file", "class", *tiny.classes, "error"]
+    bad = [row for row in rows if row["error"]]
+    assert len(bad) == 1 and bad[0]["file"].endswith("broken.png") and "not an image" in bad[0]["error"]
+    good = [row for row in rows if not row["error"]]
+    assert all(abs(sum(float(row[c]) for c in tiny.classes) - 1) < 1e-4 for row in good)
+    direct = predict(r.run_dir, [row["file"] for row in good])  # batches of 2 give the same answers
+    assert [p.label for p in direct] == [row["class"] for row in good]
+    code = main(["predict", str(r.run_dir), str(tmp_path / "imgs" / "sub"), "--json"])
+    assert code == 0 and len(json.loads(capsys.readouterr().out)) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(r.run_dir), str(tmp_path / "empty")]) == 2
+    assert "holds no image files" in capsys.readouterr().err

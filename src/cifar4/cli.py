@@ -233,6 +233,41 @@ def _fail(message: str) -> int:
     return 2
 
 
+@app.command()
+def export(run: Path = typer.Argument(..., help="A run directory."),
+           out_path: Optional[Path] = typer.Option(None, "--out", help="The .onnx file to write "
+                                                   "(default: RUN/model.onnx)."),
+           tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Put the run's test-time views "
+                                              "inside the graph (default: as the run was evaluated)."),
+           data: Optional[Path] = DataOpt,
+           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Export a run to ONNX: uint8 images (N, 32, 32, 3) in, class probabilities out; checked
+    with onnxruntime on the run's test split before the file is kept."""
+    from .serving.export import export as do_export
+    rep = do_export(run, out_path, tta, data)
+    if as_json:
+        _print_json(rep.to_dict())
+        return
+    out.print(f"ONNX model written: {rep.path} ({rep.size_bytes / 1e6:.1f} MB, tta level {rep.tta})")
+    out.print(f"checked with onnxruntime on {rep.images:,} test images: top-1 agreement with PyTorch "
+              f"{rep.agreement:.4%}, largest probability difference {rep.max_prob_diff:.2e}; test accuracy "
+              f"{rep.onnx_accuracy:.4f} (the run's: {rep.run_test_accuracy:.4f})")
+
+
+@app.command()
+def serve(runs: Optional[list[Path]] = typer.Argument(None, help="Run directories to offer (default: every "
+                                                    "finished run under runs/ and lab/runs/)."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
+                                   "network; there is no authentication)."),
+          port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+          lab: Optional[Path] = typer.Option(None, "--lab", help="A lab folder (or its report folder): "
+                                             "serve its report at /report/ and offer its runs."),
+          data: Optional[Path] = DataOpt) -> None:
+    """A web page and a JSON API (/api/predict, /api/runs, /docs) over trained runs."""
+    from .serving.server import serve as do_serve
+    do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False))
+
+
 @app.command("runs")
 def list_runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are."),
               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:

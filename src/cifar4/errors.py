@@ -44,4 +44,8 @@ class ImageError(Cifar4Error):
 
 
 class ExportError(Cifar4Error):
-    """An exported model does not reproduce its run, or an optional extra is missing."""
+    """An exported model does not reproduce its run."""
+
+
+class MissingExtraError(Cifar4Error):
+    """A command needs an optional extra that is not installed (the message names it)."""

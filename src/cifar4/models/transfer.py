@@ -268,7 +268,9 @@ class TransferNet(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen and not torch.is_grad_enabled():  # inference: batch norms folded
+        # inference: batch norms folded (eager only; a traced export takes the plain backbone,
+        # the same function, and ONNX runtimes fold the norms themselves)
+        if self.frozen and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._inference_backbone().features(self.prepare(x))
         return self.backbone.features(self.prepare(x))
 

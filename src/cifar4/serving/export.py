@@ -15,6 +15,7 @@ the file is kept only if its top-1 agrees with PyTorch's (the same graph, fp32) 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -31,7 +32,7 @@ from .. import config as cfgmod
 from .. import data as datamod
 from ..data.split import split_indices
 from ..data.transforms import Normalization
-from ..errors import ExportError, RunError
+from ..errors import ExportError, MissingExtraError, RunError
 from ..runs import load_model, read_metrics, resolve_run
 from ..training.evaluate import tta_views
 
@@ -45,7 +46,7 @@ def _require_onnx() -> tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError:
-        raise ExportError("ONNX export needs the 'export' extra (onnx, onnxruntime, onnxscript); "
+        raise MissingExtraError("ONNX export needs the 'export' extra (onnx, onnxruntime, onnxscript); "
                           "run: pip install 'cifar4[export]'") from None
     return onnx, onnxruntime
 
@@ -98,7 +99,8 @@ def export(run: str | Path, out: str | Path | None = None, tta: bool | None = No
     loaded = load_model(folder)
     metrics = read_metrics(folder)
     exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
-    level = int(exp.train.tta) if tta is None or tta else 0
+    # default: the views the run was evaluated with; --tta: those, or at least the mirror; --no-tta: none
+    level = int(exp.train.tta) if tta is None else (max(int(exp.train.tta), 1) if tta else 0)
     target = Path(out) if out is not None else folder / "model.onnx"
     if target.is_dir():
         raise RunError(f"--out '{target}' is a folder; expected a .onnx file name")
@@ -137,11 +139,17 @@ def _export_to_temp(net: nn.Module, target: Path, onnx: Any) -> Path:
     tmp = Path(name)
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on torchvision ops and deprecations
-        program = torch.onnx.export(net, (example,), input_names=[INPUT], output_names=[OUTPUT],
-                                    dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True,
-                                    verbose=False, optimize=True)
+    quiet = logging.getLogger("torch.onnx")
+    old_level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the exporter's notes on torchvision ops it does not need
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # and on deprecations inside torch
+            program = torch.onnx.export(net, (example,), input_names=[INPUT], output_names=[OUTPUT],
+                                        dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True,
+                                        verbose=False, optimize=True)
+    finally:
+        quiet.setLevel(old_level)
     assert program is not None
     program.save(str(tmp))
     onnx.checker.check_model(str(tmp), full_check=True)

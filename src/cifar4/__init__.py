@@ -1,4 +1,4 @@
-"""cifar4: a deep-learning lab for CIFAR-4 (bird, cat, frog, horse).
+"""cifar4: a deep-learning lab for CIFAR-4 (bird, cat, frog, horse), and other small-image classes.
 
 The Python API mirrors the command line:
 
@@ -19,6 +19,7 @@ from .data import CLASSES, Dataset, from_arrays
 from .data import info as dataset_info
 from .data import load as load_dataset
 from .data.fetch import fetch as fetch_dataset
+from .data.images import read_image
 from .data.split import make_split
 from .errors import (
     CheckpointError,
@@ -34,7 +35,7 @@ from .errors import (
 from .models import build as build_model
 from .models import summary
 from .runs import list_runs, load_model
-from .serving.predict import predict, read_image
+from .serving.predict import predict
 from .training.evaluate_run import evaluate_run
 from .training.pipeline import Result, resume, train
 

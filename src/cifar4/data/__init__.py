@@ -1,9 +1,12 @@
 """The dataset: find it, load it without ever unpickling, check every array, describe it.
 
-CIFAR-4 is 24,000 RGB images, 32x32 uint8, of four CIFAR-10 classes. Two file layouts are
-read: the practical session's pair `CIFAR4_X.npy` (N,32,32,3) uint8 + `CIFAR4_Y.npy` (N,)
-integer labels, and one `.npz` with keys X, Y and optionally is_test (what `cifar4 data fetch`
-writes). Building the dataset from CIFAR-10 lives in `fetch.py`.
+The default is CIFAR-4: 24,000 RGB images, 32x32 uint8, of four CIFAR-10 classes (bird, cat,
+frog, horse). Any other set of classes works the same way: a dataset carries its class names.
+Two file layouts are read: the practical session's pair `CIFAR4_X.npy` (N,32,32,3) uint8 +
+`CIFAR4_Y.npy` (N,) integer labels (CIFAR-4's classes), and one `.npz` with keys X, Y and
+optionally is_test, classes (the names, in label order) and source (what `cifar4 data fetch`
+and `cifar4 data import` write; a file without `classes` holds CIFAR-4). Building datasets from
+CIFAR-10 lives in `fetch.py`, from a folder of images in `folder.py`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Images X (N,32,32,3) uint8 RGB, labels Y (N,) int64 in 0..3, optional is_test (N,) bool."""
+    """Images X (N,32,32,3) uint8 RGB, labels Y (N,) int64 in 0..len(classes)-1, optional
+    is_test (N,) bool, and the class names."""
 
     X: np.ndarray
     Y: np.ndarray
@@ -42,6 +46,7 @@ class Dataset:
     _sha: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
+        validate_classes(self.classes, self.source)
         validate_arrays(self.X, self.Y, self.is_test, name=self.source, classes=self.classes)
         object.__setattr__(self, "Y", as_labels(self.Y, len(self.classes), self.source))
 
@@ -51,6 +56,11 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def is_cifar4(self) -> bool:
+        """The session's dataset: its four classes in its order (results comparable with it)."""
+        return tuple(self.classes) == CLASSES
 
     def checksum(self) -> str:
         """sha256 of the pixels and labels: names this exact data in runs and caches."""
@@ -188,7 +198,15 @@ def validate_images(X: np.ndarray, name: str = "X") -> None:
         raise DataError(f"{name}: dtype {X.dtype}; expected uint8 pixels 0-255{hint}")
 
 
-def as_labels(Y: np.ndarray, num_classes: int, name: str = "Y") -> np.ndarray:
+def validate_classes(classes: tuple[str, ...], name: str = "dataset") -> None:
+    if len(classes) < 2:
+        raise DataError(f"{name}: {len(classes)} class name(s) {list(classes)}; expected at least 2 classes")
+    if len(set(classes)) != len(classes) or not all(isinstance(c, str) and c.strip() for c in classes):
+        raise DataError(f"{name}: class names {list(classes)}; expected distinct, non-empty names")
+
+
+def as_labels(Y: np.ndarray, num_classes: int, name: str = "Y",
+              classes: tuple[str, ...] | None = None) -> np.ndarray:
     """Check labels and return them as int64 (N,); one-hot (N, C) rows are accepted too."""
     if not isinstance(Y, np.ndarray):
         raise DataError(f"{name}: expected a numpy array of labels, got {type(Y).__name__}")
@@ -202,14 +220,15 @@ def as_labels(Y: np.ndarray, num_classes: int, name: str = "Y") -> np.ndarray:
         raise DataError(f"{name}: dtype {Y.dtype}; expected integer labels 0..{num_classes - 1}")
     if Y.size and (Y.min() < 0 or Y.max() >= num_classes):
         bad = Y[(Y < 0) | (num_classes <= Y)][0]
+        names = classes or CLASSES[:num_classes]
         raise DataError(f"{name}: label {bad} out of range; expected 0..{num_classes - 1} "
-                        f"({', '.join(f'{i}={c}' for i, c in enumerate(CLASSES[:num_classes]))})")
+                        f"({', '.join(f'{i}={c}' for i, c in enumerate(names))})")
     return Y.astype(np.int64, copy=False)
 
 
 def validate_arrays(X, Y, is_test=None, name: str = "dataset", classes=CLASSES) -> None:
     validate_images(X, f"{name}: X")
-    Y = as_labels(Y, len(classes), f"{name}: Y")
+    Y = as_labels(Y, len(classes), f"{name}: Y", classes)
     if len(Y) != len(X):
         raise DataError(f"{name}: X has {len(X)} images but Y has {len(Y)} labels; "
                         f"expected the same length")
@@ -223,10 +242,25 @@ def validate_arrays(X, Y, is_test=None, name: str = "dataset", classes=CLASSES) 
 # ---------------------------------------------------------------- load
 
 def from_arrays(X: np.ndarray, Y: np.ndarray, is_test: np.ndarray | None = None,
-                source: str = "<memory>") -> Dataset:
-    """A Dataset from arrays (validated; labels may be int or one-hot). Inputs are not modified."""
+                source: str = "<memory>", classes: tuple[str, ...] | list[str] | None = None) -> Dataset:
+    """A Dataset from arrays (validated; labels may be int or one-hot). Inputs are not modified.
+    `classes`: the names in label order (default: CIFAR-4's)."""
+    names = tuple(str(c) for c in classes) if classes is not None else CLASSES
+    validate_classes(names, source)
     validate_images(X, f"{source}: X")
-    return Dataset(X=X, Y=as_labels(Y, len(CLASSES), f"{source}: Y"), is_test=is_test, source=source)
+    return Dataset(X=X, Y=as_labels(Y, len(names), f"{source}: Y", names), is_test=is_test, source=source,
+                   classes=names)
+
+
+def _names(arrays: dict[str, np.ndarray], key: str, p: Path) -> list[str] | None:
+    """A string array of an .npz (class names, the source), or None when absent."""
+    if key not in arrays:
+        return None
+    a = arrays[key]
+    if a.dtype.kind not in "US" or a.ndim > 1:
+        raise DataError(f"data file '{p}': '{key}' is a {a.dtype} array of shape {_fmt_shape(a.shape)}; "
+                        f"expected strings")
+    return [str(v) for v in np.atleast_1d(a).astype(str)]
 
 
 def load(path: str | os.PathLike | None = None) -> Dataset:
@@ -238,7 +272,10 @@ def load(path: str | os.PathLike | None = None) -> Dataset:
         if missing:
             raise DataError(f"data file '{p}' lacks key(s) {', '.join(missing)}; expected keys "
                             f"X, Y (and optionally is_test), found {', '.join(arrays) or 'none'}")
-        return from_arrays(arrays["X"], arrays["Y"], arrays.get("is_test"), source=str(p))
+        classes = _names(arrays, "classes", p)
+        origin = _names(arrays, "source", p)
+        source = f"{p} ({origin[0]})" if origin else str(p)
+        return from_arrays(arrays["X"], arrays["Y"], arrays.get("is_test"), source=source, classes=classes)
     if p.name == NPY_NAMES[1] or p.name.endswith("_Y.npy"):
         x_path, y_path = p.with_name(p.name[:-5] + "X.npy"), p
     elif p.suffix == ".npy":
@@ -273,6 +310,7 @@ def info(ds: Dataset) -> dict:
     counts = np.bincount(ds.Y, minlength=ds.num_classes)
     out = {
         "source": ds.source,
+        "name": dataset_name(ds),
         "images": int(len(ds)),
         "X_shape": list(X.shape),
         "X_dtype": str(X.dtype),
@@ -289,3 +327,16 @@ def info(ds: Dataset) -> dict:
     if ds.is_test is not None:
         out["official_test_images"] = int(ds.is_test.sum())
     return out
+
+
+def dataset_name(ds: Dataset) -> str:
+    """CIFAR-4, CIFAR-10, or the classes it holds."""
+    if ds.is_cifar4:
+        return "CIFAR-4"
+    if tuple(ds.classes) == CIFAR10_CLASSES:
+        return "CIFAR-10"
+    return f"{len(ds.classes)} classes: " + ", ".join(ds.classes)
+
+
+CIFAR10_CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                    "horse", "ship", "truck")

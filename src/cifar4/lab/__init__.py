@@ -9,6 +9,7 @@ sixth of the epochs, in its own folder, for CI, the notebook and a first look.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import sys
@@ -145,7 +146,7 @@ def _run_one(exp: Experiment, head: str, ds: Dataset, root: Path, progress: bool
     """One experiment of the lab: kept if finished, resumed if interrupted, else trained."""
     folder = root / "runs" / exp.name
     if (folder / "metrics.json").exists():
-        _check_same(folder, exp)
+        _check_same(folder, exp, ds)
         console.print(f"{head}: finished before, kept", highlight=False)
         return LabEntry(exp.name, folder, "done", runs.read_metrics(folder))
     if locks.is_held(folder / locks.LOCK_NAME):  # e.g. `cifar4 train --resume` on it
@@ -153,7 +154,7 @@ def _run_one(exp: Experiment, head: str, ds: Dataset, root: Path, progress: bool
                           f"{locks.describe(locks.holder(folder / locks.LOCK_NAME))}; "
                           f"run the lab again when it is done")
     if (folder / "state" / "last.json").exists():
-        _check_same(folder, exp)
+        _check_same(folder, exp, ds)
         console.print(f"{head}: resuming after an interruption", highlight=False)
         r = pipeline.resume(folder, ds, progress=progress)
         status = "resumed"
@@ -171,10 +172,17 @@ def _run_one(exp: Experiment, head: str, ds: Dataset, root: Path, progress: bool
     return LabEntry(exp.name, folder, status, m)
 
 
-def _check_same(folder: Path, exp: Experiment) -> None:
-    """A lab folder holds one version of each experiment: refuse to mix quick and full runs
-    or an edited experiment with its old result."""
+def _check_same(folder: Path, exp: Experiment, ds: Dataset) -> None:
+    """A lab folder holds one version of each experiment on one dataset: refuse to mix quick
+    and full runs, an edited experiment with its old result, or runs on other data."""
     old = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
     if old != exp:
         raise ConfigError(f"'{folder}' holds a run of another version of experiment '{exp.name}'; "
                           f"use another --lab-dir or delete that run")
+    try:
+        trained_on = json.loads((folder / "run.json").read_text(encoding="utf-8")).get("data_sha256")
+    except (OSError, ValueError):
+        trained_on = None
+    if trained_on not in (None, ds.checksum()):
+        raise ConfigError(f"'{folder}' holds a run of '{exp.name}' on another dataset (sha256 {trained_on[:12]}..., "
+                          f"this one is {ds.checksum()[:12]}... {datamod.dataset_name(ds)}); use another --lab-dir")

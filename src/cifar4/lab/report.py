@@ -20,10 +20,10 @@ from .. import io as cio
 from .. import models, plots, runs
 from ..config import Experiment, read_toml
 from ..config import from_dict as exp_from_dict
-from ..data import Dataset, info
+from ..data import Dataset, dataset_name, info
 from ..data.split import make_split
 from ..errors import RunError
-from . import SESSION_PLAN
+from . import SESSION_PLAN, Reference
 
 GAP_LIMIT = SESSION_PLAN.gap_limit  # train - validation accuracy above this is called overfitting
 _TEMPLATES = Environment(loader=PackageLoader("cifar4.lab", "templates"), keep_trailing_newline=True,
@@ -127,17 +127,24 @@ def write_report(entries: list[tuple[str, Path]], ds: Dataset, out_dir: str | Pa
     except OSError as e:
         raise RunError(f"cannot write the report in '{out_dir}': {e.strerror or e}") from None
     metrics = {name: runs.read_metrics(d) for name, d in entries}
+    comparable = ds.is_cifar4 and len(ds) == 24000
     intro = Section("", "")
-    intro.p("Every number below was measured by cifar4 and read from the run directories; the "
-            "session's numbers are the notebook's own, quoted for comparison.")
+    intro.p(f"Dataset: {dataset_name(ds)}. Every number below was measured by cifar4 and read from the "
+            f"run directories; " + ("the session's numbers are the notebook's own, quoted for comparison."
+                                    if comparable else
+                                    "the session's numbers are left out: they were measured on CIFAR-4 "
+                                    "(bird, cat, frog, horse), so they are not comparable with these."))
+    reference = SESSION_PLAN.reference if comparable else {}
     sections = [_dataset_section(ds, metrics, figdir)]
-    sections += [_experiment_section(name, folder, metrics[name], figdir) for name, folder in entries]
-    sections.append(_comparison_section(entries, metrics))
+    sections += [_experiment_section(name, folder, metrics[name], figdir, reference)
+                 for name, folder in entries]
+    sections.append(_comparison_section(entries, metrics, reference))
     transfers = [(n, metrics[n]) for n, _ in entries if metrics[n]["model"] == "transfer"]
     if transfers:
-        sections.append(_transfer_section(transfers))
-    sections.append(_questions_section(metrics))
-    context = {"title": title or SESSION_PLAN.title, "intro": intro.blocks, "sections": sections}
+        sections.append(_transfer_section(transfers, reference))
+    sections.append(_questions_section(metrics, ds.num_classes))
+    default_title = SESSION_PLAN.title if ds.is_cifar4 else f"{SESSION_PLAN.title} on {dataset_name(ds)}"
+    context = {"title": title or default_title, "intro": intro.blocks, "sections": sections}
     md = _TEMPLATES.get_template("report.md.j2").render(context)
     page = _TEMPLATES.select_template(["report.html.j2"]).render(context)
     cio.write_text(out_dir / "report.md", md)
@@ -166,7 +173,8 @@ def _dataset_section(ds: Dataset, metrics: dict[str, dict[str, Any]], figdir: Pa
     return s
 
 
-def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path) -> Section:
+def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path,
+                        reference: dict[str, Reference]) -> Section:
     exp: Experiment = exp_from_dict(read_toml(folder / "config.toml"))
     hist = runs.read_history(folder)
     loaded = runs.load_model(folder)
@@ -190,7 +198,7 @@ def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path
         f"pixels {'scaled to [0,1]' if exp.data.scale else 'raw 0-255'}"
         + (", augmentation " + ", ".join(f"{k}={val}" for k, val in aug.items()) if aug else "") + ".")
     s.fig(folder / "curves.png", figdir, f"{name}-curves.png", f"{name} training curves")
-    ref = SESSION_PLAN.reference.get(name)
+    ref = reference.get(name)
     s.table(["", "train", "validation", "test"],
             [["accuracy", f"{m['train_accuracy']:.4f}", f"{m['val_accuracy']:.4f}", f"{m['test_accuracy']:.4f}"],
              ["loss", f"{m['train_loss']:.4f}", f"{m['val_loss']:.4f}", f"{m['test_loss']:.4f}"]]
@@ -211,11 +219,12 @@ def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path
     return s
 
 
-def _comparison_section(entries: list[tuple[str, Path]], metrics: dict[str, dict[str, Any]]) -> Section:
+def _comparison_section(entries: list[tuple[str, Path]], metrics: dict[str, dict[str, Any]],
+                        reference: dict[str, Reference]) -> Section:
     s = Section("MLP vs CNN", "comparison")
     rows = []
     for name, _ in entries:
-        m, ref = metrics[name], SESSION_PLAN.reference.get(name)
+        m, ref = metrics[name], reference.get(name)
         rows.append([name, m["model"], f"{m['params']:,}", str(m["epochs"]), f"{m['train_accuracy']:.4f}",
                      f"{m['val_accuracy']:.4f}", f"{m['test_accuracy']:.4f}",
                      f"{(m['train_accuracy'] - m['val_accuracy']) * 100:.1f}",
@@ -237,7 +246,7 @@ def _comparison_section(entries: list[tuple[str, Path]], metrics: dict[str, dict
     return s
 
 
-def _questions_section(metrics: dict[str, dict[str, Any]]) -> Section:
+def _questions_section(metrics: dict[str, dict[str, Any]], num_classes: int) -> Section:
     q = SESSION_PLAN.questions
     s = Section("The session's questions, answered from the runs", "questions")
     qa = []
@@ -249,11 +258,11 @@ def _questions_section(metrics: dict[str, dict[str, Any]]) -> Section:
                    f"training images = {m['iterations']:,}"])
         qa.append([f"What does {q.iterations} reach?", f"train {m['train_accuracy']:.4f}, test "
                    f"{m['test_accuracy']:.4f} (chance: {1 / len(m['per_class_accuracy']):.2f})"])
-    probe = models.build(q.parameters_model)
+    probe = models.build(q.parameters_model, num_classes=num_classes)
     qa.append([f"Trainable parameters of {q.parameters_model}?",
                " + ".join(line.split(": ", 1)[1] for line in param_lines(probe)) +
                f" = {models.count_params(probe)[0]:,}"])
-    rows = models.summary(models.build(q.shapes_model)).rows
+    rows = models.summary(models.build(q.shapes_model, num_classes=num_classes)).rows
     qa.append(["Output shape after Conv2D(32, 3) with default 'valid' padding?", f"{rows[1][1]}: "
                "32 - 3 + 1 = 30, no padding"])
     qa.append(["Output shape after MaxPooling2D() with defaults?", f"{rows[2][1]}: floor(30 / 2) = 15"])
@@ -279,13 +288,14 @@ def transfer_mode(o: dict[str, Any]) -> str:
     return "(a) frozen, native 32 px" if int(o["resolution"]) <= 32 else "(b) frozen, upsampled, cached features"
 
 
-def _transfer_section(transfers: list[tuple[str, dict[str, Any]]]) -> Section:
-    sess = SESSION_PLAN.reference[SESSION_PLAN.questions.transfer_reference]
+def _transfer_section(transfers: list[tuple[str, dict[str, Any]]], reference: dict[str, Reference]) -> Section:
+    sess = reference.get(SESSION_PLAN.questions.transfer_reference)
     doc = Section("Transfer learning", "transfer")
-    doc.p(f"The session froze an ImageNet ResNet50 at the native 32x32 under a 256-128 dense head and "
-          f"reached {sess.test:.4f} test accuracy ({sess.train:.4f} train), below its own small "
-          f"CNN. Here the backbone's weights come from an installed package (no download), its own "
-          f"input normalization is applied, and the modes are compared on the same split.")
+    if sess is not None:
+        doc.p(f"The session froze an ImageNet ResNet50 at the native 32x32 under a 256-128 dense head and "
+              f"reached {sess.test:.4f} test accuracy ({sess.train:.4f} train), below its own small "
+              f"CNN. Here the backbone's weights come from an installed package (no download), its own "
+              f"input normalization is applied, and the modes are compared on the same split.")
     rows = []
     for name, m in transfers:
         o = m["model_options"]
@@ -298,9 +308,9 @@ def _transfer_section(transfers: list[tuple[str, dict[str, Any]]]) -> Section:
     doc.table(["experiment", "mode", "backbone", "input", "trainable / total params", "train acc",
                "test acc", "feature extraction", "training"], rows)
     best = max(transfers, key=lambda t: t[1]["val_accuracy"])
-    doc.p(f"Best (by validation accuracy): {best[0]}, test accuracy {best[1]['test_accuracy']:.4f}, "
-          f"{(best[1]['test_accuracy'] - sess.test) * 100:+.1f} points against the session's "
-          f"{sess.test:.4f}.")
+    doc.p(f"Best (by validation accuracy): {best[0]}, test accuracy {best[1]['test_accuracy']:.4f}"
+          + (f", {(best[1]['test_accuracy'] - sess.test) * 100:+.1f} points against the session's "
+             f"{sess.test:.4f}." if sess is not None else "."))
     by = {n: m for n, m in transfers}
     pre = [m for m in by.values() if m["model_options"]["weights"] != "none"]
     rnd = [m for m in by.values() if m["model_options"]["weights"] == "none"]

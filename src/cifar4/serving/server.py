@@ -31,11 +31,12 @@ import torch
 
 from .. import config as cfgmod
 from .. import data as datamod
+from ..data.images import MAX_PIXELS, decode_image
 from ..data.split import split_indices
 from ..device import pick_device
 from ..errors import Cifar4Error, ImageError, MissingExtraError, RunError
 from ..runs import LoadedModel, load_model, read_metrics
-from .predict import MAX_PIXELS, decode_image, predict_arrays
+from .predict import predict_arrays
 
 MAX_BYTES = 10 * 1024 * 1024  # per uploaded file
 MAX_FILES = 32                # per request

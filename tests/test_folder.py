@@ -1,0 +1,103 @@
+"""A folder of your own images becomes a dataset; every command then works with its classes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar4 import config, lab
+from cifar4.cli import main
+from cifar4.data import dataset_name, load
+from cifar4.data.folder import import_folder
+from cifar4.errors import ConfigError, DataError
+from cifar4.lab.report import write_report
+from cifar4.serving.predict import predict
+from cifar4.training import pipeline
+from cifar4.training.evaluate_run import evaluate_run
+
+
+def _folder(root, per_class=12, classes=("apple", "pear", "plum")):
+    """Classes told apart by colour, at several sizes and formats, one image not square."""
+    colours = {"apple": (220, 30, 30), "pear": (40, 200, 40), "plum": (60, 40, 200)}
+    for k, c in enumerate(classes):
+        (root / c / "nested").mkdir(parents=True)
+        for i in range(per_class):
+            size = (48 + 8 * i, 40 + 4 * k)
+            img = Image.new("RGB", size, colours[c])
+            folder = root / c / ("nested" if i % 3 == 0 else ".")
+            img.save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+def test_import_reads_class_folders_and_lists_what_it_skips(tmp_path):
+    root = _folder(tmp_path / "photos")
+    (root / "apple" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "pear" / "notes.txt").write_text("hello")
+    rep = import_folder(root)
+    ds = rep.dataset
+    assert ds.classes == ("apple", "pear", "plum") and rep.counts == {"apple": 12, "pear": 12, "plum": 12}
+    assert ds.X.shape == (36, 32, 32, 3) and ds.X.dtype == np.uint8
+    assert sorted(f.rsplit("/", 1)[1] for f, _ in rep.skipped) == ["broken.jpg", "notes.txt"]
+    assert abs(int(ds.X[ds.Y == 0][..., 0].mean()) - 220) <= 2  # apples are red
+    assert dataset_name(ds) == "3 classes: apple, pear, plum"
+
+
+def test_import_crops_the_centre_square(tmp_path):
+    root = tmp_path / "p"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            img = Image.new("RGB", (90, 30), (0, 0, 255))
+            img.paste((255, 0, 0), (30, 0, 60, 30))  # a red centre square between blue sides
+            img.save(root / c / f"{i}.png")
+    x = import_folder(root).dataset.X[0]
+    assert (x[..., 0] > 200).all() and (x[..., 2] < 50).all()  # only the centre was kept
+
+
+def test_a_class_with_too_few_images_is_one_line(tmp_path, capsys):
+    root = _folder(tmp_path / "p", per_class=12)
+    for p in list((root / "plum").rglob("*.png"))[:4]:
+        p.unlink()
+    with pytest.raises(DataError, match="class 'plum'.*has 8 readable image.*at least 10"):
+        import_folder(root)
+    assert main(["data", "import", str(root), "--out", str(tmp_path / "x.npz")]) == 2
+    assert main(["data", "import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.npz")]) == 2
+    assert main(["data", "import", str(root), "--size", "64", "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("cifar4: error") == 3 and "Traceback" not in err
+
+
+def test_every_command_works_on_an_imported_folder(tmp_path, capsys):
+    root = _folder(tmp_path / "photos", per_class=20)
+    out = tmp_path / "fruit.npz"
+    assert main(["data", "import", str(root), "--out", str(out)]) == 0
+    assert "apple" in capsys.readouterr().out
+    ds = load(out)
+    assert ds.classes == ("apple", "pear", "plum") and "image folder" in ds.source
+    exp = config.from_dict({"name": "f", "model": {"name": "cnn"}, "train": {"epochs": 3, "batch_size": 8}})
+    r = pipeline.train(exp, ds, runs_root=tmp_path / "runs", progress=False)
+    assert len(r.metrics["per_class_accuracy"]) == 3 and len(r.metrics["confusion"]) == 3
+    assert evaluate_run(r.run_dir, ds)["test"]["images"] == r.metrics["split"]["test"]
+    Image.new("RGB", (50, 50), (220, 30, 30)).save(tmp_path / "red.png")
+    p = predict(r.run_dir, [tmp_path / "red.png"])[0]
+    assert set(p.probabilities) == {"apple", "pear", "plum"}
+    assert main(["evaluate", str(r.run_dir), "--data", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["per_class_accuracy"].keys() == {"apple", "pear", "plum"}
+
+
+def test_the_lab_on_three_classes_says_its_numbers_are_not_the_sessions(tmp_path):
+    root = _folder(tmp_path / "photos", per_class=60)  # 126 training images: the lab's batches fit
+    ds = import_folder(root).dataset
+    entries = lab.run_lab(["mlp-20", "cnn"], ds, tmp_path / "lab", quick=True, progress=False)
+    page = write_report([(e.name, e.run_dir) for e in entries], ds, tmp_path / "report").read_text()
+    assert "3 classes: apple, pear, plum" in page and "not comparable" in page
+    assert "session (accuracy)" not in page
+    with pytest.raises(ConfigError, match="another dataset"):
+        from cifar4.data import from_arrays
+        from conftest import make_arrays
+        X, Y, t = make_arrays()
+        lab.run_lab(["mlp-20"], from_arrays(X, Y, t, source="other"), tmp_path / "lab", quick=True,
+                    progress=False)

@@ -220,3 +220,22 @@ def test_the_page_in_a_real_browser(live_server, served, tmp_path):
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000  # kept in pytest's tmp folder
+
+
+def test_requests_waiting_together_go_through_the_model_as_one_batch(served):
+    from cifar4.runs import load_model
+    from cifar4.serving.server import Batcher
+    ds = served[2]
+    loaded = load_model(served[3][0].run_dir)
+    sizes: list[int] = []
+    loaded.model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    b = Batcher(loaded, 0, "t")
+    first = b.submit([(f"{i}.png", png(ds.X[i % 200])) for i in range(MAX_FILES)] * 4)  # 128 images
+    rest = [b.submit([("one.png", png(ds.X[i]))]) for i in range(10)]
+    bad = b.submit([("bad.png", b"nope")])
+    assert len(first.result(timeout=60)[1]) == 128
+    results = [f.result(timeout=60) for f in rest]
+    assert all(len(r[1]) == 1 for r in results)
+    with pytest.raises(Exception, match="not an image"):
+        bad.result(timeout=60)
+    assert sizes[0] == 128 and max(sizes[1:]) > 1  # the ten single images did not go one by one

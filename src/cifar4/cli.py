@@ -20,7 +20,7 @@ from rich.table import Table
 from . import config as cfgmod
 from . import data as datamod
 from . import models as modelsmod
-from .errors import Cifar4Error, ConfigError
+from .errors import Cifar4Error, ConfigError, DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -88,6 +88,9 @@ def train(
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="Per-channel standardization from the training split."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (init, data order, augmentation)."),
+    seeds: Optional[list[int]] = typer.Option(None, "--seeds", metavar="SEED...",
+                                              help="Train once per seed (--seeds 0 1 2) and summarize every "
+                                                   "accuracy as mean +- std (written next to the runs)."),
     split: Optional[str] = typer.Option(None, "--split", help="session (default), stratified or official."),
     split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the split (default 42)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
@@ -102,6 +105,9 @@ def train(
                                           help="Continue an interrupted run from its last complete epoch."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of tables."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", metavar="DIR",
+                                               help="Also write the curves and final metrics as TensorBoard "
+                                                    "event files under DIR/<run> (extra 'tensorboard')."),
 ) -> None:
     """Train a model and write a run directory (config, history, metrics, weights, figures)."""
     from .training import pipeline
@@ -110,22 +116,49 @@ def train(
              "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "l2": l2,
              "seed": seed, "device": device, "precision": precision, "split": split,
              "split_seed": split_seed, "scale": scale, "standardize": standardize,
-             "early_stopping": early_stopping, "augment": augment}
+             "early_stopping": early_stopping, "augment": augment, "seeds": seeds or None}
     if resume is not None:
         cfgmod.check_resume_flags({"experiment": experiment, "preset": preset, "option": option,
-                                   "set": set_, "name": name, "run_dir": run_dir, **flags})
+                                   "set": set_, "name": name, "run_dir": run_dir, "tensorboard": tensorboard,
+                                   **flags})
         result = pipeline.resume(resume, data, progress=not quiet)
     else:
         if experiment and preset:
             raise ConfigError("--experiment and --preset both name a starting experiment; give one")
+        if seed is not None and seeds:
+            raise ConfigError("--seed and --seeds both set the seed; give one")
         exp = cfgmod.from_flags(experiment or preset, flags, option, set_, name)
+        if exp.train.seeds and seed is None:
+            if run_dir is not None:
+                raise ConfigError("--run-dir names one run, but the experiment trains one run per seed; "
+                                  "expected --runs-dir")
+            _train_seeds(exp, datamod.load(data), runs_dir, quiet, as_json, tensorboard)
+            return
         result = pipeline.train(exp, datamod.load(data), runs_root=runs_dir, run_dir=run_dir,
-                                overwrite=overwrite, progress=not quiet)
+                                overwrite=overwrite, progress=not quiet, tensorboard=tensorboard)
     if as_json:
         _print_json({"run_dir": str(result.run_dir), **result.metrics})
         return
     _metrics_table(result.metrics)
     out.print(f"run directory: {result.run_dir}")
+
+
+def _train_seeds(exp: Any, ds: Any, runs_dir: Path, quiet: bool, as_json: bool, tensorboard: Path | None) -> None:
+    from .lab.seeds import train_seeds
+    res = train_seeds(exp, ds, list(exp.train.seeds), runs_dir, progress=not quiet, tensorboard=tensorboard)
+    if as_json:
+        _print_json({"summary_file": str(res.path), **res.summary})
+        return
+    sm = res.summary
+    t = Table(title=f"{exp.name}: {len(res.runs)} seeds ({', '.join(map(str, sm['seeds']))})")
+    for c in ("", "mean", "std", "per seed"):
+        t.add_column(c, justify="left" if c in ("", "per seed") else "right")
+    for k in ("train_accuracy", "val_accuracy", "test_accuracy", "fit_seconds"):
+        v = sm[k]
+        t.add_row(k, f"{v['mean']:.4f}", f"{v['std']:.4f}", " / ".join(f"{x:.4f}" for x in v["values"]))
+    out.print(t)
+    out.print(f"test accuracy {sm['test_accuracy']['mean']:.4f} +- {sm['test_accuracy']['std']:.4f} "
+              f"(mean +- sample std over {len(res.runs)} seeds); runs: {', '.join(sm['runs'])}; summary: {res.path}")
 
 
 def _metrics_table(m: dict[str, Any]) -> None:
@@ -229,7 +262,7 @@ def _predictions_table(preds: list[Any], classes: tuple[str, ...]) -> None:
 
 def _fail(message: str) -> int:
     """One error line on stderr; the exit code of bad input."""
-    err.print(f"cifar4: error: {message}", highlight=False)
+    err.print(f"cifar4: error: {message}", highlight=False, markup=False)
     return 2
 
 
@@ -265,7 +298,84 @@ def serve(runs: Optional[list[Path]] = typer.Argument(None, help="Run directorie
           data: Optional[Path] = DataOpt) -> None:
     """A web page and a JSON API (/api/predict, /api/runs, /docs) over trained runs."""
     from .serving.server import serve as do_serve
-    do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False))
+    do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False, markup=False))
+
+
+@app.command()
+def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STUDY",
+                                            help="An experiment with a [sweep] table (built-in name or TOML "
+                                                 "file); or 'show STUDY' to list a study's trials."),
+          trials: int = typer.Option(20, "--trials", min=1, help="Finish this many trials in the study "
+                                     "(all workers together; complete or pruned)."),
+          study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the experiment's)."),
+          storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: "
+                                                "sweeps/STUDY/study.db; PostgreSQL: postgresql+psycopg://...)."),
+          timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="Stop starting trials after "
+                                                  "this many seconds."),
+          pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none."),
+          sweeps_dir: Path = typer.Option(Path("sweeps"), "--sweeps-dir", help="Where sweep folders go."),
+          heartbeat: float = typer.Option(30.0, "--heartbeat", min=1, help="Seconds between a running trial's "
+                                          "heartbeats; a trial silent for twice that (its worker killed) is "
+                                          "marked failed by the next worker."),
+          tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write each trial's "
+                                                     "curves as TensorBoard event files under DIR."),
+          data: Optional[Path] = DataOpt,
+          as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+          quiet: bool = typer.Option(True, "--quiet/--progress", help="Per-epoch progress of each trial.")) -> None:
+    """Search hyperparameters with Optuna (objective: validation accuracy; the test split stays
+    held out until the best trial is chosen). More workers join by running the same command."""
+    from .lab import sweep as sw
+    if target[0] == "show":
+        if len(target) != 2:
+            raise ConfigError("expected 'cifar4 sweep show STUDY'")
+        try:  # the best trial's test accuracy needs the data; the table does not
+            ds: datamod.Dataset | None = datamod.load(data)
+        except DataError:
+            ds = None
+        shown = sw.show(target[1], storage, sweeps_dir, ds)
+        if as_json:
+            _print_json(shown)
+            return
+        _sweep_table(shown)
+        return
+    if len(target) != 1:
+        raise ConfigError(f"expected one experiment, got {len(target)} arguments: {' '.join(target)}")
+    exp = cfgmod.load(target[0])
+    ds = datamod.load(data)
+    res = sw.sweep(exp, ds, trials, study, storage, sweeps_dir, timeout, pruner, progress=not quiet,
+                   heartbeat=heartbeat, tensorboard=tensorboard)
+    summary = {"study": res.study, "storage": res.storage, "folder": str(res.folder), "finished": res.finished,
+               "best": res.best}
+    if as_json:
+        _print_json(summary)
+        return
+    out.print(f"study '{res.study}' ({res.storage}): {res.finished} trials finished; folder {res.folder}")
+    if res.best:
+        b = res.best
+        out.print(f"best trial {b['number']}: validation accuracy {b['val_accuracy']:.4f}, params {b['params']}; "
+                  f"its test accuracy (computed once, after the search): {b['test_accuracy']:.4f}")
+    out.print(f"see every trial: cifar4 sweep show {res.study}" + (f" --storage {storage}" if storage else ""))
+
+
+def _sweep_table(res: dict[str, Any]) -> None:
+    t = Table(title=f"study {res['study']} ({res['storage']})")
+    params = sorted({k for r in res["trials"] for k in r["params"]})
+    for c in ("trial", "state", *params, "val acc", "epochs", "seconds"):
+        t.add_column(c, justify="left" if c in ("state",) else "right")
+
+    def f(v: Any) -> str:
+        return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    for r in res["trials"]:
+        t.add_row(str(r["number"]), r["state"], *[f(r["params"].get(p)) for p in params],
+                  f(r["val_accuracy"]), str(r["epochs_reported"]), f(r["seconds"]))
+    out.print(t)
+    b = res["best"]
+    if b:
+        test = "not computed (no dataset)" if b["test_accuracy"] is None else f"{b['test_accuracy']:.4f}"
+        out.print(f"best trial {b['number']} by validation accuracy {b['val_accuracy']:.4f}: {b['params']}; "
+                  f"test accuracy of the best trial, computed once after the search: {test}")
+    for fig in res["figures"]:
+        out.print(f"figure written: {fig}")
 
 
 @app.command("runs")
@@ -344,14 +454,18 @@ def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiment
         data: Optional[Path] = DataOpt,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress."),
         no_wait: bool = typer.Option(False, "--no-wait", help="If another cifar4 lab works in the "
-                                     "folder, stop with an error instead of waiting for it.")) -> None:
+                                     "folder, stop with an error instead of waiting for it."),
+        tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", metavar="DIR",
+                                                   help="Also write each run's curves as TensorBoard event files.")
+        ) -> None:
     """Run the practical session's experiments (resumable) and write the report."""
     from .lab import default_root, lock, run_lab
     from .lab.report import write_report
     ds = datamod.load(data)
     root = lab_dir or default_root(quick)
     with lock(root, wait=not no_wait, console=err):  # the runs and their report: one lab at a time
-        entries = run_lab(experiments, ds, root, quick=quick, progress=not quiet, console=err)
+        entries = run_lab(experiments, ds, root, quick=quick, progress=not quiet, console=err,
+                          tensorboard=tensorboard)
         target = report_dir or (root / "report" if quick else Path("report"))
         page = write_report([(e.name, e.run_dir) for e in entries], ds, target)
     out.print(f"report written: {page} (and {target / 'report.md'})")
@@ -425,7 +539,7 @@ def data_import(folder: Path = typer.Argument(..., help="A folder with one subfo
         task = bar.add_task("import", total=None)
         rep = import_folder(folder, size, progress=lambda done, total: bar.update(task, completed=done, total=total))
     for f, why in rep.skipped:
-        err.print(f"skipped {f}: {why}", highlight=False)
+        err.print(f"skipped {f}: {why}", highlight=False, markup=False)
     write_npz(rep.dataset, out_path)
     t = Table(title=f"{out_path}: {len(rep.dataset):,} images, {len(rep.counts)} classes")
     t.add_column("class")
@@ -470,12 +584,33 @@ def data_show(data: Optional[Path] = DataOpt,
 
 # ---------------------------------------------------------------- entry point
 
+def _expand_seeds(argv: list[str]) -> list[str]:
+    """`--seeds 0 1 2` and `--seeds 0,1,2` -> `--seeds 0 --seeds 1 --seeds 2` (click options take
+    one value each)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--seeds":
+            i += 1
+            vals: list[str] = []
+            while i < len(argv) and all(p.lstrip("-").isdigit() for p in argv[i].split(",") if p) \
+                    and not argv[i].startswith("--"):
+                vals += [p for p in argv[i].split(",") if p]
+                i += 1
+            out += [x for v in vals for x in ("--seeds", v)] or ["--seeds"]
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs are kept
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _expand_seeds(list(sys.argv[1:] if argv is None else argv))
     _STATE["debug"] = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
@@ -490,10 +625,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.exceptions.UsageError as e:
         cmd = e.ctx.command_path if e.ctx else "cifar4"
-        err.print(f"{cmd}: error: {e.format_message()} (see '{cmd} --help')", highlight=False)
+        err.print(f"{cmd}: error: {e.format_message()} (see '{cmd} --help')", highlight=False, markup=False)
         return 2
     except click.exceptions.ClickException as e:
-        err.print(f"cifar4: error: {e.format_message()}", highlight=False)
+        err.print(f"cifar4: error: {e.format_message()}", highlight=False, markup=False)
         return 2
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print(interrupted, highlight=False)
@@ -501,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     except Cifar4Error as e:
         if _STATE["debug"]:
             traceback.print_exc()
-        err.print(f"cifar4: error: {e}", highlight=False)
+        err.print(f"cifar4: error: {e}", highlight=False, markup=False)
         return 2
     return 0
 

@@ -91,6 +91,7 @@ class TrainConfig(_Strict):
                                                          # 2 flip and 1-pixel shifts (6 views)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 for conv nets where fast
     seed: int = 0
+    seeds: list[int] | None = Field(default=None, min_length=1)  # one run per seed + a summary
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -104,6 +105,40 @@ class TrainConfig(_Strict):
         return self
 
 
+class SweepParam(_Strict):
+    """One searched key: exactly one distribution."""
+
+    log_uniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int_uniform: tuple[int, int] | None = Field(default=None, alias="int")
+    choice: list[Any] | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one(self) -> SweepParam:
+        given = [k for k in ("log_uniform", "uniform", "int_uniform", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of log_uniform, uniform, int, choice")
+        lo_hi = self.log_uniform or self.uniform or self.int_uniform
+        if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+            raise ValueError(f"range [{lo_hi[0]}, {lo_hi[1]}] is empty or reversed; expected [low, high] "
+                             f"with low < high")
+        if self.log_uniform is not None and self.log_uniform[0] <= 0:
+            raise ValueError("log_uniform needs a range above 0")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice is empty; expected at least one value")
+        return self
+
+    def values(self) -> list[Any]:
+        """Values the key can take that bound its range (to check the key path)."""
+        if self.choice is not None:
+            return list(self.choice)
+        lo_hi = self.log_uniform or self.uniform or self.int_uniform
+        assert lo_hi is not None
+        return list(lo_hi)
+
+
 class Experiment(_Strict):
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     description: str = ""
@@ -111,9 +146,14 @@ class Experiment(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    sweep: dict[str, SweepParam] = Field(default_factory=dict)  # key path -> distribution (cifar4 sweep)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        d["sweep"] = {k: {a: b for a, b in v.items() if b is not None} for k, v in d["sweep"].items()}
+        if not d["sweep"]:
+            del d["sweep"]
+        return d
 
     def to_toml(self) -> str:
         return dump_toml(self.to_dict())
@@ -147,7 +187,34 @@ def from_dict(d: dict[str, Any], where: str = "experiment") -> Experiment:
         raise ConfigError(f"{where}: {e}") from None
     if exp.model.name == "transfer":
         _check_transfer(exp, opts, where)
+    for path, param in exp.sweep.items():
+        _check_sweep_path(d, path, param, where)
     return exp
+
+
+def set_path(d: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of `d` with the dotted key path set: set_path(d, "train.lr", 0.01)."""
+    *parents, last = path.split(".")
+    out = copy.deepcopy(d)
+    node = out
+    for k in parents:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"key path '{path}': '{k}' is a value, not a table")
+    node[last] = value
+    return out
+
+
+def _check_sweep_path(d: dict[str, Any], path: str, param: SweepParam, where: str) -> None:
+    """Every searched key must exist and accept its range's bounds."""
+    if not path or not all(p.isidentifier() for p in path.split(".")):
+        raise ConfigError(f"{where}: sweep key '{path}' is not a key path; expected e.g. \"train.lr\"")
+    base = {k: v for k, v in d.items() if k != "sweep"}
+    for v in param.values():
+        try:
+            from_dict(set_path(base, path, v), f"{where}: sweep '{path}' = {v!r}")
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("unknown key", "no such key")) from None
 
 
 def _check_transfer(exp: Experiment, opts: dict[str, Any], where: str) -> None:
@@ -253,6 +320,7 @@ FLAG_KEYS: dict[str, str] = {
     "optimizer": "train.optimizer", "lr": "train.lr", "l2": "train.l2", "seed": "train.seed",
     "device": "train.device", "precision": "train.precision", "split": "data.split",
     "split_seed": "data.split_seed", "scale": "data.scale", "standardize": "data.standardize",
+    "seeds": "train.seeds",
 }
 # Flags that build a table: --early-stopping PATIENCE, --augment/--no-augment.
 TABLE_FLAGS = ("early_stopping", "augment")

@@ -116,12 +116,13 @@ def lock(root: str | Path, wait: bool = True,
     console = console or Console(file=sys.stderr, soft_wrap=True)
     root = Path(root)
     return locks.hold(root / locks.LOCK_NAME, f"lab folder '{root}'", wait,
-                      lambda msg: console.print(msg, highlight=False))
+                      lambda msg: console.print(msg, highlight=False, markup=False))
 
 
 def run_lab(names: list[str] | None = None, data: Dataset | str | Path | None = None,
             root: str | Path | None = None, quick: bool = False, progress: bool = True,
-            console: Console | None = None, wait: bool = True) -> list[LabEntry]:
+            console: Console | None = None, wait: bool = True,
+            tensorboard: str | Path | None = None) -> list[LabEntry]:
     """Run (or skip, or resume) each experiment; return what each ended with. The lab folder is
     locked meanwhile (`wait=False`: a LockedError if another process works in it)."""
     console = console or Console(file=sys.stderr, soft_wrap=True)
@@ -137,17 +138,17 @@ def run_lab(names: list[str] | None = None, data: Dataset | str | Path | None = 
     root = Path(root) if root else default_root(quick)
     ds = data if isinstance(data, Dataset) else datamod.load(data)
     with lock(root, wait, console):
-        return [_run_one(exp, f"[{i}/{len(exps)}] {exp.name}", ds, root, progress, console)
+        return [_run_one(exp, f"[{i}/{len(exps)}] {exp.name}", ds, root, progress, console, tensorboard)
                 for i, exp in enumerate(exps, start=1)]
 
 
 def _run_one(exp: Experiment, head: str, ds: Dataset, root: Path, progress: bool,
-             console: Console) -> LabEntry:
+             console: Console, tensorboard: str | Path | None = None) -> LabEntry:
     """One experiment of the lab: kept if finished, resumed if interrupted, else trained."""
     folder = root / "runs" / exp.name
     if (folder / "metrics.json").exists():
         _check_same(folder, exp, ds)
-        console.print(f"{head}: finished before, kept", highlight=False)
+        console.print(f"{head}: finished before, kept", highlight=False, markup=False)
         return LabEntry(exp.name, folder, "done", runs.read_metrics(folder))
     if locks.is_held(folder / locks.LOCK_NAME):  # e.g. `cifar4 train --resume` on it
         raise LockedError(f"run '{folder}' is in use by "
@@ -155,20 +156,20 @@ def _run_one(exp: Experiment, head: str, ds: Dataset, root: Path, progress: bool
                           f"run the lab again when it is done")
     if (folder / "state" / "last.json").exists():
         _check_same(folder, exp, ds)
-        console.print(f"{head}: resuming after an interruption", highlight=False)
+        console.print(f"{head}: resuming after an interruption", highlight=False, markup=False)
         r = pipeline.resume(folder, ds, progress=progress)
         status = "resumed"
     else:
         if folder.exists():  # died before its first epoch ended: nothing worth keeping
             shutil.rmtree(folder)
-        console.print(f"{head}: {exp.description}", highlight=False)
-        r = pipeline.train(exp, ds, run_dir=folder, progress=progress)
+        console.print(f"{head}: {exp.description}", highlight=False, markup=False)
+        r = pipeline.train(exp, ds, run_dir=folder, progress=progress, tensorboard=tensorboard)
         status = "trained"
     m = r.metrics
     feats = m.get("features")
     console.print(f"{head}: test accuracy {m['test_accuracy']:.4f}, train {m['train_accuracy']:.4f}, "
                   f"{m['train_seconds']:.0f}s" + (f" (+ {feats['seconds']:.0f}s of features, cache "
-                                                 f"{feats['cache']})" if feats else ""), highlight=False)
+                                                 f"{feats['cache']})" if feats else ""), highlight=False, markup=False)
     return LabEntry(exp.name, folder, status, m)
 
 

@@ -155,7 +155,7 @@ def features(model, ds: Dataset, rows: np.ndarray, views: tuple[str, ...], devic
             feats, done = cf.read()
             if not done[rows].all():
                 with locks.hold(cf.lock_path, f"feature cache file '{cf.path.name}'", wait=True,
-                                notify=lambda msg: console.print(msg, highlight=False)):
+                                notify=lambda msg: console.print(msg, highlight=False, markup=False)):
                     feats, done = cf.read()  # with what other processes added meanwhile
                     todo = np.unique(rows[~done[rows]])
                     _extract_into(cf, feats, done, todo, model, ds, v, device, precision,

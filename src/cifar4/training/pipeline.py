@@ -33,6 +33,7 @@ from ..runs import CHECKPOINT_FILE
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .evaluate import report, summarize
 from .features import CachedFeatures
+from .tensorboard import TensorBoard
 from .train import Trainer, seed_everything
 
 
@@ -116,20 +117,32 @@ class _SaveEachEpoch(Callback):
 def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None,
           runs_root: str | Path = "runs", run_dir: str | Path | None = None,
           overwrite: bool = False, progress: bool = True, save_state: bool = True,
-          callbacks: list[Callback] | None = None) -> Result:
-    """Train one experiment (an Experiment, a built-in name or a TOML path) and write its run.
-    `callbacks` are added after the built-in ones (history, progress, early stopping, ...)."""
+          callbacks: list[Callback] | None = None, run_name: str | None = None,
+          evaluate_test: bool = True, tensorboard: str | Path | None = None) -> Result:
+    """Train one experiment (an Experiment, a built-in name or a TOML path) and write its run
+    (`runs_root/<run_name or experiment>-<stamp>`, or exactly `run_dir`). `callbacks` are added
+    after the built-in ones (history, progress, early stopping, ...)."""
     if not isinstance(exp, Experiment):
         exp = cfgmod.load(exp)
     ds = data if isinstance(data, Dataset) else datamod.load(data)
     with contextlib.ExitStack() as held:
         if run_dir is not None and overwrite and Path(run_dir).is_dir():
             held.enter_context(locks.run_lock(run_dir))  # never clear a run another process trains
-        folder = runs.create_run_dir(runs_root, exp.name, run_dir, overwrite)
+        folder = runs.create_run_dir(runs_root, run_name or exp.name, run_dir, overwrite)
         held.enter_context(locks.run_lock(folder))
         cio.write_text(folder / "config.toml", exp.to_toml())
         cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
-        return _run(exp, ds, folder, progress, save_state, resume_state=None, extra=callbacks)
+        tb = TensorBoard(Path(tensorboard) / folder.name) if tensorboard is not None else None
+        try:
+            result = _run(exp, ds, folder, progress, save_state, resume_state=None,
+                          extra=[*(callbacks or []), *([tb] if tb else [])], evaluate_test=evaluate_test)
+        except BaseException:
+            if tb is not None:
+                tb.close()
+            raise
+        if tb is not None:
+            tb.finish(exp.to_dict(), result.metrics)
+        return result
 
 
 def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
@@ -166,14 +179,17 @@ class _Fit:
     cached: CachedFeatures | None = None
     trainer: Trainer | None = None
     saver: _SaveEachEpoch | None = None
+    test: bool = True  # False: the test split stays held out (sweep trials); per-class and confusion on val
 
 
 def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state: bool,
-         resume_state: tuple[dict, dict] | None, extra: list[Callback] | None = None) -> Result:
+         resume_state: tuple[dict, dict] | None, extra: list[Callback] | None = None,
+         evaluate_test: bool = True) -> Result:
     """One run, step by step: data, model, trainer, fit, final evaluation, artifacts."""
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_start = time.perf_counter()
     run = _prepare(exp, ds, folder)
+    run.test = evaluate_test
     bar = ProgressBar(title=f"{exp.name} ") if progress else None
     if bar is not None:
         bar.console.print(f"{exp.name}: {exp.model.name} on {len(run.idx['train'])} images "
@@ -270,7 +286,7 @@ def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str]:
     train-validation gap, and six views of 16,800 images would cost more than the training."""
     assert run.trainer is not None
     prec, tta, classes = run.trainer.precision, run.exp.train.tta, run.ds.classes
-    parts = ("train", "val", "test")
+    parts = ("train", "val", "test") if run.test else ("train", "val")
     if run.cached is not None and models.cached_features_only(run.model):
         head = run.model.head
         res = {k: summarize(run.cached.logits(head, k, 0 if k == "train" else tta, prec), run.y[k], classes)
@@ -287,18 +303,19 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
     train_seconds = sum(r["seconds"] for r in rows)
     trainable, non_trainable = models.count_params(run.model)
     steps_per_epoch = -(-len(idx["train"]) // exp.train.batch_size)
+    shown = res["test"] if run.test else res["val"]  # per-class and confusion: test, or val if held out
     metrics: dict[str, Any] = {
         "experiment": exp.name,
         "model": exp.model.name,
         "model_options": models.resolve_options(exp.model.name, exp.model.options),
         "train_accuracy": res["train"]["accuracy"],
         "val_accuracy": res["val"]["accuracy"],
-        "test_accuracy": res["test"]["accuracy"],
+        "test_accuracy": res["test"]["accuracy"] if run.test else None,
         "train_loss": res["train"]["loss"],
         "val_loss": res["val"]["loss"],
-        "test_loss": res["test"]["loss"],
-        "per_class_accuracy": res["test"]["per_class_accuracy"],
-        "confusion": res["test"]["confusion"],
+        "test_loss": res["test"]["loss"] if run.test else None,
+        "per_class_accuracy": shown["per_class_accuracy"],
+        "confusion": shown["confusion"],
         "train_seconds": round(train_seconds, 3),
         "seconds_per_epoch": round(train_seconds / max(len(rows), 1), 3),
         "fit_seconds": round(fit_seconds, 3),  # wall time of fit: steps, validation, callbacks
@@ -322,6 +339,8 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
         "machine": machine(run.device),
         "started_at": started,
     }
+    if not run.test:
+        metrics["held_out_test"] = True  # per_class_accuracy and confusion are on the validation split
     digest = models.backbone_digest(run.model)
     if digest is not None:
         metrics["backbone_sha256"] = digest
@@ -340,8 +359,9 @@ def _write_artifacts(run: _Fit, rows: list[dict], res: dict[str, dict], precisio
                     precision)
     runs.write_history(folder, rows)
     plots.curves(rows, folder / "curves.png", title=exp.name)
-    plots.confusion(res["test"]["confusion"], run.ds.classes, folder / "confusion.png",
-                    title=f"{exp.name}: test accuracy {res['test']['accuracy']:.4f}")
+    part = "test" if run.test else "val"
+    plots.confusion(res[part]["confusion"], run.ds.classes, folder / "confusion.png",
+                    title=f"{exp.name}: {part} accuracy {res[part]['accuracy']:.4f}")
     summ = models.summary(model, exp.model.name).text()
     cio.write_text(folder / "summary.txt", summ + "\n\n" + results_text(metrics) + "\n")
 
@@ -352,7 +372,8 @@ def results_text(m: dict[str, Any]) -> str:
     return "\n".join([
         f"Performance on the TRAIN set, ACCURACY= {m['train_accuracy']:.4f}  (loss {m['train_loss']:.4f})",
         f"Performance on the VAL set,   ACCURACY= {m['val_accuracy']:.4f}  (loss {m['val_loss']:.4f})",
-        f"Performance on the TEST set,  ACCURACY= {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f})",
+        (f"Performance on the TEST set,  ACCURACY= {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f})"
+         if m.get("test_accuracy") is not None else "TEST set held out (not evaluated)"),
         f"split {s['kind']} (seed {s['seed']}): {s['train']} train / {s['val']} val / {s['test']} test; "
         f"{m['epochs']} epochs, {m['iterations']} iterations, {m['train_seconds']:.1f}s training "
         f"({m['seconds_per_epoch']:.2f}s/epoch) on {m['machine']['device']}",

@@ -59,8 +59,9 @@ class TestEachEpoch(Callback):
 
 
 def run_one(name: str, ds, seed: int, split_seed: int, epochs: int | None, root: Path,
-            split: str | None = None) -> dict:
-    over: dict = {"train": {"seed": seed}, "data": {"split_seed": split_seed}}
+            split: str | None = None, sets: list[str] | None = None) -> dict:
+    over: dict = config.merge(config.parse_sets(sets or []),
+                              {"train": {"seed": seed}, "data": {"split_seed": split_seed}})
     if split:
         over["data"]["split"] = split
     if epochs:
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--split-seeds", type=int, nargs="+", default=[42])
     ap.add_argument("--epochs", type=int, default=None, help="override the experiments' epochs")
     ap.add_argument("--split", default=None, help="override the split (session, stratified, official)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override any experiment key, as cifar4 train --set")
     ap.add_argument("--data", default=None)
     ap.add_argument("--peer", default=None, help="path of keras_seed.py, to run the Keras peer too")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
@@ -146,7 +149,7 @@ def main() -> None:
                     results.append(p)
             for split_seed in a.split_seeds:
                 for seed in a.seeds:
-                    r = run_one(name, ds, seed, split_seed, a.epochs, Path(tmp), a.split)
+                    r = run_one(name, ds, seed, split_seed, a.epochs, Path(tmp), a.split, a.sets)
                     print(json.dumps({k: v for k, v in r.items() if k not in ("curve", "machine", "versions")}),
                           flush=True)
                     results.append(r)

@@ -109,8 +109,12 @@ def train(
                                                help="Also write the curves and final metrics as TensorBoard "
                                                     "event files under DIR/<run> (extra 'tensorboard')."),
 ) -> None:
-    """Train a model and write a run directory (config, history, metrics, weights, figures)."""
-    from .training import pipeline
+    """Train a model and write a run directory (config, history, metrics, weights, figures).
+    Under torchrun (`torchrun --nproc-per-node N -m cifar4 train ...`) it trains data-parallel."""
+    from .training import distributed, pipeline
+    w = distributed.setup()
+    if not w.main:  # the other ranks train their share quietly; rank 0 reports
+        quiet, as_json = True, False
 
     flags = {"model": model, "dropout": dropout, "batchnorm": batchnorm, "weights": weights,
              "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "l2": l2,
@@ -132,10 +136,12 @@ def train(
             if run_dir is not None:
                 raise ConfigError("--run-dir names one run, but the experiment trains one run per seed; "
                                   "expected --runs-dir")
-            _train_seeds(exp, datamod.load(data), runs_dir, quiet, as_json, tensorboard)
+            _train_seeds(exp, datamod.load(data), runs_dir, quiet, as_json or not w.main, tensorboard)
             return
         result = pipeline.train(exp, datamod.load(data), runs_root=runs_dir, run_dir=run_dir,
                                 overwrite=overwrite, progress=not quiet, tensorboard=tensorboard)
+    if not w.main:
+        return
     if as_json:
         _print_json({"run_dir": str(result.run_dir), **result.metrics})
         return
@@ -146,6 +152,8 @@ def train(
 def _train_seeds(exp: Any, ds: Any, runs_dir: Path, quiet: bool, as_json: bool, tensorboard: Path | None) -> None:
     from .lab.seeds import train_seeds
     res = train_seeds(exp, ds, list(exp.train.seeds), runs_dir, progress=not quiet, tensorboard=tensorboard)
+    if not res.summary:  # a torchrun rank other than 0
+        return
     if as_json:
         _print_json({"summary_file": str(res.path), **res.summary})
         return

@@ -12,17 +12,26 @@ from torch import nn
 
 from .errors import ConfigError
 
+_THREADS: list[int] = []  # a thread count fixed for this process (data-parallel ranks share the cores)
+
+
+def fix_threads(n: int) -> None:
+    """Use `n` CPU threads from now on, whatever pick_device would choose."""
+    _THREADS[:] = [max(1, n)]
+    torch.set_num_threads(_THREADS[0])
+
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> the CUDA GPU when there is one, else the CPU (all its cores)."""
-    if name not in ("auto", "cpu", "cuda"):
+    """'auto' -> the CUDA GPU when there is one, else the CPU (all its cores); 'cuda:N' a given GPU."""
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise ConfigError(f"device '{name}' is unknown; expected auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        torch.set_num_threads(_THREADS[0] if _THREADS else
+                              max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                   else (os.cpu_count() or 1)))
     return torch.device(name)
 

@@ -15,7 +15,7 @@ from .. import io as cio
 from ..config import Experiment
 from ..data import Dataset
 from ..errors import ConfigError
-from ..training import pipeline
+from ..training import distributed, pipeline
 
 SUMMARY_KEYS = ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss",
                 "fit_seconds", "total_seconds")
@@ -60,6 +60,8 @@ def train_seeds(exp: Experiment, ds: Dataset, seeds: list[int], runs_root: str |
         one = Experiment.model_validate(d)
         results.append(pipeline.train(one, ds, runs_root=runs_root, run_name=f"{exp.name}-seed{s}",
                                       progress=progress, tensorboard=tensorboard))
+    if not distributed.world().main:  # under torchrun: rank 0 summarizes and writes
+        return SeedsResult(results, {}, Path(runs_root))
     summary = summarize(exp.name, results)
     path = Path(runs_root) / f"{exp.name}-seeds-{time.strftime('%Y%m%d-%H%M%S')}.json"
     cio.write_json(path, summary)

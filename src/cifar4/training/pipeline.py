@@ -11,6 +11,7 @@ import platform
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -28,8 +29,9 @@ from ..data import Dataset
 from ..data.split import Split, split_indices
 from ..data.transforms import Augment, FeatureInput, Normalization
 from ..device import pick_device
-from ..errors import ConfigError, RunError
+from ..errors import Cifar4Error, ConfigError, RunError
 from ..runs import CHECKPOINT_FILE
+from . import distributed
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .evaluate import report, summarize
 from .features import CachedFeatures
@@ -125,14 +127,19 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
     if not isinstance(exp, Experiment):
         exp = cfgmod.load(exp)
     ds = data if isinstance(data, Dataset) else datamod.load(data)
+    exp_: Experiment = exp
+    main = distributed.world().main
     with contextlib.ExitStack() as held:
-        if run_dir is not None and overwrite and Path(run_dir).is_dir():
-            held.enter_context(locks.run_lock(run_dir))  # never clear a run another process trains
-        folder = runs.create_run_dir(runs_root, run_name or exp.name, run_dir, overwrite)
-        held.enter_context(locks.run_lock(folder))
-        cio.write_text(folder / "config.toml", exp.to_toml())
-        cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
-        tb = TensorBoard(Path(tensorboard) / folder.name) if tensorboard is not None else None
+        def make_folder() -> str:
+            if run_dir is not None and overwrite and Path(run_dir).is_dir():
+                held.enter_context(locks.run_lock(run_dir))  # never clear a run another process trains
+            folder = runs.create_run_dir(runs_root, run_name or exp_.name, run_dir, overwrite)
+            held.enter_context(locks.run_lock(folder))
+            cio.write_text(folder / "config.toml", exp_.to_toml())
+            cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
+            return str(folder)
+        folder = Path(_on_main(make_folder))  # under torchrun, rank 0 makes it and tells the others
+        tb = TensorBoard(Path(tensorboard) / folder.name) if tensorboard is not None and main else None
         try:
             result = _run(exp, ds, folder, progress, save_state, resume_state=None,
                           extra=[*(callbacks or []), *([tb] if tb else [])], evaluate_test=evaluate_test)
@@ -149,9 +156,13 @@ def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
            progress: bool = True) -> Result:
     """Continue an interrupted run from its last complete epoch (same config, same data)."""
     folder = runs.resolve_run(run_dir)
-    with locks.run_lock(folder):  # refused while another process trains this run
-        if (folder / "metrics.json").exists():
-            raise RunError(f"run '{folder}' is already finished; nothing to resume")
+    with contextlib.ExitStack() as held:
+        def check() -> str:
+            held.enter_context(locks.run_lock(folder))  # refused while another process trains this run
+            if (folder / "metrics.json").exists():
+                raise RunError(f"run '{folder}' is already finished; nothing to resume")
+            return str(folder)
+        _on_main(check)
         exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
         ds = data if isinstance(data, Dataset) else datamod.load(data)
         st = runs.load_state(folder)
@@ -159,6 +170,25 @@ def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
             raise RunError(f"run '{folder}' was trained on other data (sha256 "
                            f"{st[1]['data_sha256'][:12]}...); pass the same --data")
         return _run(exp, ds, folder, progress, True, resume_state=st)
+
+
+def _on_main(step: Callable[[], str]) -> str:
+    """Run `step` on rank 0 (the only one that touches the run folder) and hand its result, or
+    its error, to every rank; in one process, just run it."""
+    w = distributed.world()
+    if w.size == 1:
+        return step()
+    if w.main:
+        try:
+            msg = {"ok": step()}
+        except Cifar4Error as e:
+            distributed.broadcast({"error": str(e)})
+            raise
+        return str(distributed.broadcast(msg)["ok"])
+    got = distributed.broadcast(None)
+    if "error" in got:
+        raise RunError(f"rank 0: {got['error']}")
+    return str(got["ok"])
 
 
 @dataclass
@@ -190,6 +220,9 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     t_start = time.perf_counter()
     run = _prepare(exp, ds, folder)
     run.test = evaluate_test
+    main = distributed.world().main
+    if not main:  # another torchrun rank: it trains its share; rank 0 saves, evaluates and writes
+        progress, save_state, extra = False, False, []
     bar = ProgressBar(title=f"{exp.name} ") if progress else None
     if bar is not None:
         bar.console.print(f"{exp.name}: {exp.model.name} on {len(run.idx['train'])} images "
@@ -199,6 +232,8 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     if resume_state is not None:
         _restore(run, resume_state)
     rows, fit_seconds = _fit(run)
+    if not main:
+        return Result(folder, {}, rows, run.model)
     t_eval = time.perf_counter()
     res, precision = _evaluate_splits(run)
     eval_seconds = time.perf_counter() - t_eval
@@ -217,7 +252,7 @@ def _prepare(exp: Experiment, ds: Dataset, folder: Path) -> _Fit:
     if exp.train.batch_size > len(idx["train"]):  # before any costly step
         raise ConfigError(f"train.batch_size {exp.train.batch_size} is larger than the training set "
                           f"({len(idx['train'])} images); expected at most {len(idx['train'])}")
-    device = pick_device(exp.train.device)
+    device = pick_device(distributed.device_for(exp.train.device, distributed.world()))
     norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])
     generator = seed_everything(exp.train.seed)
     model = models.build(exp.model.name, num_classes=ds.num_classes, **exp.model.options)
@@ -234,7 +269,7 @@ def _callbacks(exp: Experiment, folder: Path, bar: ProgressBar | None) -> list[C
     es = exp.train.early_stopping
     if es is not None:
         cbs.append(EarlyStopping(es.monitor, es.patience, es.min_delta, es.restore_best_weights))
-    if exp.train.checkpoint_best:
+    if exp.train.checkpoint_best and distributed.world().main:
         cbs.append(ModelCheckpoint(folder / CHECKPOINT_FILE, "val_accuracy"))
     return cbs
 

@@ -24,6 +24,7 @@ from ..config import TrainConfig
 from ..data.transforms import Augment, BatchAugment, InputTransform
 from ..device import autocast, resolve_precision, to_device
 from ..errors import ConfigError
+from . import distributed
 from .callbacks import Callback, History
 from .evaluate import evaluate
 
@@ -109,6 +110,14 @@ class Trainer:
 
     def __post_init__(self) -> None:
         to_device(self.model, self.device)
+        self.world = distributed.world()
+        # Under torchrun the forward pass goes through DistributedDataParallel, which averages
+        # the gradients of the ranks' shares; the plain model stays the one saved and evaluated.
+        self.forward: nn.Module = self.model
+        if self.world.size > 1 and any(p.requires_grad for p in self.model.parameters()):
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.history = next((c for c in self.callbacks if isinstance(c, History)), None)
         if self.history is None:
@@ -184,8 +193,10 @@ class Trainer:
             if self.augment.active:
                 xb = self.augment(xb, self.generator)
             yb = y_store[idx]
+            if self.world.size > 1:  # this rank's share of the global batch
+                xb, yb = xb[self.world.rank::self.world.size], yb[self.world.rank::self.world.size]
             with self._autocast():
-                logits = self.model(xb)
+                logits = self.forward(xb)
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
             if cfg.l2:
                 loss = loss + cfg.l2 * l2_penalty(self.model)
@@ -199,13 +210,14 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             with torch.no_grad():
-                loss_sum += loss.detach() * len(idx)
+                loss_sum += loss.detach() * len(yb)
                 correct += (logits.argmax(1) == yb).sum()
             if batch_logs:
                 seen = min((step + 1) * cfg.batch_size, n)
                 logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
                 for cb in self.callbacks:
                     cb.on_batch_end(self, step + 1, logs)
+        distributed.all_sum(loss_sum, correct)  # every rank's share of the epoch
         return float(loss_sum) / n, float(correct) / n
 
     # ------------------------------------------------------------ resuming

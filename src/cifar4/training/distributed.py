@@ -1,0 +1,92 @@
+"""Data-parallel training with torch.distributed, started by torchrun:
+
+    torchrun --nproc-per-node 2 -m cifar4 train --preset fast
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 4 -m cifar4 train ...
+
+Each process takes its share of every global batch (rank r takes rows r, r + world, ...), so the
+batch size, the learning-rate schedule and the number of epochs mean what they mean in one
+process; DistributedDataParallel averages the gradients (gloo on the CPU, NCCL on CUDA). Data
+order and augmentation come from the same seeded generator on every rank, so the processes see
+exactly the batches one process would. Only rank 0 writes the run folder, the state and the
+metrics; every rank validates (the same numbers), so early stopping decides alike everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..device import fix_threads
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World(0, 1, 0, 1)
+
+
+def world() -> World:
+    """This process's place: from torchrun's environment once `setup` ran, else one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def setup() -> World:
+    """Join torchrun's process group when started by it (WORLD_SIZE > 1); a no-op otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return SINGLE
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=_dt.timedelta(minutes=30))
+    w = world()
+    if not torch.cuda.is_available():  # the machine's cores shared among its processes
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        fix_threads(cores // w.local_size)
+    return w
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value of `obj` on every rank."""
+    if world().size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(*values: torch.Tensor) -> list[torch.Tensor]:
+    """Element-wise sums over the ranks (in place; returned for convenience)."""
+    if world().size > 1:
+        for v in values:
+            dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return list(values)
+
+
+def device_for(name: str, w: World) -> str:
+    """Each rank its own GPU under torchrun."""
+    if w.size > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{w.local_rank}"
+    return name

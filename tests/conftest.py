@@ -41,6 +41,15 @@ def tiny_npz(tmp_path: Path) -> Path:
     return p
 
 
+@pytest.fixture
+def bigger_npz(tmp_path: Path) -> Path:
+    """1,200 learnable images in a file: enough for a few seconds of training in a subprocess."""
+    X, Y, t = make_arrays(1200, seed=3)
+    p = tmp_path / "d.npz"
+    np.savez(p, X=X, Y=Y, is_test=t)
+    return p
+
+
 @pytest.fixture(scope="session")
 def real_path() -> Path:
     if not REAL.is_file():

@@ -24,17 +24,13 @@ from cifar4 import locks, models, runs
 from cifar4.data import load
 from cifar4.errors import LockedError, RunError
 from cifar4.training import features
-from conftest import make_arrays
 
 PY = sys.executable
 
 
 @pytest.fixture
-def npz(tmp_path) -> Path:
-    X, Y, t = make_arrays(1200, seed=4)
-    p = tmp_path / "d.npz"
-    np.savez(p, X=X, Y=Y, is_test=t)
-    return p
+def npz(bigger_npz: Path) -> Path:
+    return bigger_npz
 
 
 def _wait_for(cond, timeout: float = 120.0, what: str = "condition") -> None:

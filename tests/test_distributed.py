@@ -13,20 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from conftest import make_arrays
 
 PY = sys.executable
 
 
 @pytest.fixture
-def npz(tmp_path) -> Path:
-    X, Y, t = make_arrays(1200, seed=3)
-    p = tmp_path / "d.npz"
-    np.savez(p, X=X, Y=Y, is_test=t)
-    return p
+def npz(bigger_npz: Path) -> Path:
+    return bigger_npz
 
 
 def _train(npz: Path, run_dir: Path, *extra: str, nproc: int = 1, epochs: int = 3) -> list[str]:

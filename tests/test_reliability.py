@@ -98,14 +98,6 @@ def _train_cmd(npz: Path, run_dir: Path, *extra: str) -> list[str]:
             "--batch-size", "16", "--seed", "11", "--run-dir", str(run_dir), "-q", *extra]
 
 
-@pytest.fixture
-def bigger_npz(tmp_path) -> Path:
-    X, Y, t = make_arrays(1200, seed=3)
-    p = tmp_path / "d.npz"
-    np.savez(p, X=X, Y=Y, is_test=t)
-    return p
-
-
 def _files_complete(folder: Path) -> None:
     """Every file in a run directory is either absent or whole: no temporaries, JSON parses."""
     for p in folder.rglob("*"):

@@ -58,6 +58,15 @@ class History(Callback):
         self.rows = [dict(r) for r in state["rows"]]
 
 
+def _monitored(who: str, monitor: str, logs: dict[str, float]) -> float | None:
+    """The monitored value, or None with Keras' warning when the logs lack it."""
+    value = logs.get(monitor)
+    if value is None:
+        warnings.warn(f"{who}: monitor '{monitor}' is not in the logs ({', '.join(logs)}); it does "
+                      f"nothing this epoch", stacklevel=3)
+    return value
+
+
 def _better(monitor: str, a: float, b: float, min_delta: float) -> bool:
     """Keras' improvement test: accuracies must rise, losses fall, by more than min_delta."""
     return a > b + min_delta if "accuracy" in monitor else a < b - min_delta
@@ -95,10 +104,8 @@ class EarlyStopping(Callback):
             self._reset()
 
     def on_epoch_end(self, trainer, epoch, logs):
-        value = logs.get(self.monitor)
+        value = _monitored("EarlyStopping", self.monitor, logs)
         if value is None:
-            warnings.warn(f"EarlyStopping: monitor '{self.monitor}' is not in the logs "
-                          f"({', '.join(logs)}); early stopping does nothing", stacklevel=2)
             return
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights = copy.deepcopy(trainer.model.state_dict())
@@ -138,10 +145,8 @@ class ModelCheckpoint(Callback):
         self.best_epoch = 0
 
     def on_epoch_end(self, trainer, epoch, logs):
-        value = logs.get(self.monitor)
+        value = _monitored("ModelCheckpoint", self.monitor, logs)
         if value is None:
-            warnings.warn(f"ModelCheckpoint: monitor '{self.monitor}' is not in the logs; "
-                          f"nothing saved", stacklevel=2)
             return
         if self.best is None or _better(self.monitor, value, self.best, 0.0):
             self.best, self.best_epoch = value, epoch

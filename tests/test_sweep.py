@@ -113,7 +113,8 @@ def test_sweep_errors_are_one_line(setup, capsys):
     from cifar4.cli import main
     assert main(["sweep", "cnn", "--trials", "2", "--data", str(npz), "--sweeps-dir", str(root)]) == 2
     assert main(["sweep", "show", "nothing", "--sweeps-dir", str(root)]) == 2
-    assert main(["sweep", str(exp), "--trials", "1", "--data", str(npz), "--storage", "nosuchdb://x"]) == 2
+    assert main(["sweep", str(exp), "--trials", "1", "--data", str(npz), "--storage", "nosuchdb://x",
+                 "--sweeps-dir", str(root)]) == 2
     err = capsys.readouterr().err
     assert "no [sweep] table" in err and "no sweep 'nothing'" in err and "cannot open it" in err
     assert err.count("cifar4: error") == 3 and "Traceback" not in err

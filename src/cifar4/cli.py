@@ -646,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         err.print(f"cifar4: error: {e}", highlight=False, markup=False)
         return 2
+    finally:
+        from .training.distributed import teardown
+        teardown()  # leave torchrun's process group, if this process joined one
     return 0
 
 

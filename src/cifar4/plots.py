@@ -35,6 +35,21 @@ def curves(rows: list[dict], path: Path, title: str = "") -> None:
     _save(fig, path)
 
 
+def member_curves(members: list[tuple[str, list[dict]]], path: Path, title: str = "") -> None:
+    """An ensemble's figure: each member's validation accuracy per epoch."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, rows in members:
+        if rows:
+            ax.plot([r["epoch"] for r in rows], [r["val_accuracy"] for r in rows], "o-", ms=3,
+                    label=f"{label} (val_accuracy)")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+
+
 def confusion(cm: list[list[int]], classes: tuple[str, ...] | list[str], path: Path, title: str = "") -> None:
     cm_a = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4.4, 3.8))

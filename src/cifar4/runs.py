@@ -7,6 +7,7 @@
       metrics.json    accuracies, losses, per-class accuracy, timings, versions, machine, seed
       model.safetensors + model.json   weights; architecture, classes, input normalization
       curves.png  confusion.png  summary.txt
+      predictions.npz the final evaluation's logits and dataset rows per split (ensembles read them)
       state/          last complete epoch (weights, optimizer, RNG), for --resume
 """
 
@@ -16,11 +17,15 @@ import csv
 import io
 import json
 import os
+import platform
 import time
+import zipfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -82,8 +87,45 @@ def create_run_dir(root: str | Path, name: str, run_dir: str | Path | None = Non
 
 
 CHECKPOINT_FILE = "best.safetensors"  # ModelCheckpoint: the best epoch's weights (checkpoint_best)
+PREDICTIONS_FILE = "predictions.npz"  # the final evaluation's logits per split, with their rows
 RUN_FILES = ("config.toml", "history.csv", "metrics.json", "model.safetensors", "model.json",
-             "curves.png", "confusion.png", "summary.txt")  # every finished run has these
+             "curves.png", "confusion.png", "summary.txt", PREDICTIONS_FILE)  # every finished run has these
+
+
+# ---------------------------------------------------------------- what a run records
+
+@dataclass
+class Result:
+    """What a finished training returns: where it lives and its numbers."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict]
+    model: torch.nn.Module
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("cifar4", "torch", "numpy", "scikit-learn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
 
 
 # ---------------------------------------------------------------- models
@@ -154,6 +196,34 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedMod
     if precision not in ("fp32", "bf16"):
         raise CheckpointError(f"'{meta_path}': precision '{precision}'; expected fp32 or bf16")
     return LoadedModel(model, meta["model"], meta["options"], classes, norm, folder, precision).to(device)
+
+
+# ---------------------------------------------------------------- predictions
+
+def write_predictions(folder: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """part -> (dataset rows, float32 logits) of the final evaluation."""
+    arrays: dict[str, Any] = {}
+    for k, (rows, logits) in parts.items():
+        arrays[f"{k}_rows"] = np.asarray(rows, np.int64)
+        arrays[f"{k}_logits"] = np.asarray(logits, np.float32)
+    cio.write_with(folder / PREDICTIONS_FILE, lambda f: np.savez(f, **arrays))
+
+
+def read_predictions(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """What write_predictions wrote; None for a run that has none (made before they existed)."""
+    path = Path(folder) / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            parts = {k[:-5] for k in z.files if k.endswith("_rows")}
+            out = {k: (z[f"{k}_rows"], z[f"{k}_logits"]) for k in parts}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise RunError(f"'{path}' is unreadable ({e}); expected the run's saved predictions") from None
+    for k, (rows, logits) in out.items():
+        if rows.ndim != 1 or logits.ndim != 2 or len(rows) != len(logits):
+            raise RunError(f"'{path}': {k} holds {len(rows)} rows for {len(logits)} logits")
+    return out
 
 
 # ---------------------------------------------------------------- history and metrics

@@ -184,3 +184,26 @@ class Augment:
         if self.cutout > 0:
             x = cutout(x, self.cutout, generator)
         return x
+
+
+# ---------------------------------------------------------------- test-time views
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """The image moved by (dy, dx) pixels, reflect-padded at the borders."""
+    p = max(abs(dy), abs(dx))
+    xp = F.pad(x, (p, p, p, p), mode="reflect")
+    h, w = x.shape[2:]
+    return xp[:, :, p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def tta_views(x: torch.Tensor, level: int) -> list[torch.Tensor]:
+    """Level 0: the image; 1: and its mirror; 2: both, also shifted by one pixel up-left and
+    down-right (airbench's TTA)."""
+    views = [x]
+    if level >= 1:
+        views.append(x.flip(3))
+    if level >= 2:
+        for d in (-1, 1):
+            s = _shift(x, d, d)
+            views += [s, s.flip(3)]
+    return views

@@ -7,13 +7,15 @@ run (models/base.py), the Keras-style summary, weight files, and the model famil
     weights.py       reading weight files (safetensors, .pth with weights_only) and strict loading
     layers.py seed.py   the session's MLPs and CNN, Keras-named layers with Glorot init
     fast.py          the airbench-style fast net
+    ensemble.py      trained models averaged into one (cifar4 ensemble)
     efficientnet.py resnet.py transfer.py   ImageNet backbones and the transfer model
 """
 
-from . import fast, seed, transfer  # noqa: F401  (each registers its models)
-from .base import backbone_digest, cached_features_only, init_from_data, load_pretrained
+from . import ensemble, fast, seed, transfer  # noqa: F401  (each registers its models)
+from .base import backbone_digest, cached_features_only, full_precision, init_from_data, load_pretrained
 from .registry import ModelSpec, build, names, register, resolve_options, spec
 from .summary import Summary, count_params, summary
 
 __all__ = ["ModelSpec", "Summary", "backbone_digest", "build", "cached_features_only", "count_params",
-           "init_from_data", "load_pretrained", "names", "register", "resolve_options", "spec", "summary"]
+           "full_precision", "init_from_data", "load_pretrained", "names", "register", "resolve_options", "spec",
+           "summary"]

@@ -11,6 +11,8 @@ asks through the functions below, never by probing attributes itself.
 - `FrozenBackbone`: a frozen pretrained backbone under a trainable head. Its features are the
   same at every epoch, so the run computes them once (training/features.py, cached on disk) and
   trains the head alone on them.
+- `MemberPrecision`: runs its parts in their own precisions (an ensemble); `full_precision`
+  turns that off for export.
 - `max_batch`: the largest inference batch worth using (large inputs want small batches).
 """
 
@@ -45,6 +47,20 @@ class FrozenBackbone(Protocol):
     def backbone_digest(self) -> str: ...
 
     def embed(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class MemberPrecision(Protocol):
+    """Runs parts of itself in their own precision (an ensemble's members)."""
+
+    member_precision: bool
+
+
+def full_precision(model: nn.Module) -> nn.Module:
+    """The model with every part in fp32 (what ONNX export traces and compares against)."""
+    if isinstance(model, MemberPrecision):
+        model.member_precision = False
+    return model
 
 
 def load_pretrained(model: nn.Module) -> None:

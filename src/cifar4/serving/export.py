@@ -30,11 +30,11 @@ from torch import nn
 
 from .. import config as cfgmod
 from .. import data as datamod
+from .. import models
 from ..data.split import split_indices
-from ..data.transforms import Normalization
+from ..data.transforms import Normalization, tta_views
 from ..errors import ExportError, MissingExtraError, RunError
 from ..runs import load_model, read_metrics, resolve_run
-from ..training.evaluate import tta_views
 
 MIN_AGREEMENT = 0.999
 INPUT, OUTPUT = "images", "probabilities"
@@ -107,7 +107,7 @@ def export(run: str | Path, out: str | Path | None = None, tta: bool | None = No
     ds = data if isinstance(data, datamod.Dataset) else datamod.load(data)
     _, idx = split_indices(exp.data, ds)
     X, Y = ds.X[idx["test"]], ds.Y[idx["test"]]
-    net = Deployable(loaded.model, loaded.norm, level).eval()
+    net = Deployable(models.full_precision(loaded.model), loaded.norm, level).eval()
     tmp = _export_to_temp(net, target, onnx)
     try:
         _add_metadata(tmp, onnx, loaded.classes, exp.name, metrics, level, folder)

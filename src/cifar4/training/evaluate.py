@@ -10,30 +10,11 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
-from ..data.transforms import InputTransform
+from ..data.transforms import InputTransform, tta_views
 from ..device import autocast
 from ..models.base import inference_batch
 
-
-def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """The image moved by (dy, dx) pixels, reflect-padded at the borders."""
-    p = max(abs(dy), abs(dx))
-    xp = F.pad(x, (p, p, p, p), mode="reflect")
-    h, w = x.shape[2:]
-    return xp[:, :, p - dy:p - dy + h, p - dx:p - dx + w]
-
-
-def tta_views(x: torch.Tensor, level: int) -> list[torch.Tensor]:
-    """Level 0: the image; 1: and its mirror; 2: both, also shifted by one pixel up-left and
-    down-right (airbench's TTA)."""
-    views = [x]
-    if level >= 1:
-        views.append(x.flip(3))
-    if level >= 2:
-        for d in (-1, 1):
-            s = _shift(x, d, d)
-            views += [s, s.flip(3)]
-    return views
+CPU_BATCH = 128  # measured on 2 cores (fast net, bf16): 0.30 ms/image at 128, 0.42 at 1000
 
 
 @torch.no_grad()
@@ -43,6 +24,8 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: InputTransform
     """Logits (N, C) in float32 on the CPU, for uint8 NHWC images, averaged over the
     test-time-augmentation views of `tta_views`."""
     device = torch.device(device)
+    if device.type == "cpu":  # small batches stay in the CPU's caches
+        batch_size = min(batch_size, CPU_BATCH)
     batch_size = inference_batch(model, batch_size)  # large-input models want small batches
     was_training = model.training
     model.eval()

@@ -36,7 +36,7 @@ from .. import io as cio
 from .. import locks
 from ..data import Dataset, cache_dir
 from ..data.transforms import Augment, BatchAugment, FeatureInput, Normalization, ViewSample
-from ..device import autocast, resolve_precision, to_device
+from ..device import autocast, bf16_is_fast, to_device
 from ..errors import DataError
 from .evaluate import predict_logits
 
@@ -206,6 +206,12 @@ def _extract_into(cf: CacheFile, feats: np.ndarray, done: np.ndarray, todo: np.n
     cf.write(feats, done)
 
 
+def feature_precision(asked: str, device: torch.device) -> str:
+    """Precision of feature extraction (inference through the backbone): bf16 where the
+    hardware runs it natively (measured on the Xeon: 3x the fp32 images/s), unless asked."""
+    return asked if asked != "auto" else ("bf16" if bf16_is_fast(device) else "fp32")
+
+
 class CachedFeatures:
     """Transfer mode (b): the frozen backbone's features of every split, from the feature
     cache (computed there once), as inputs for training and evaluating the head alone. Views:
@@ -213,8 +219,10 @@ class CachedFeatures:
     step) or asks for flip test-time augmentation (logits averaged over both)."""
 
     def __init__(self, exp: Experiment, model: torch.nn.Module, ds: Dataset,
-                 idx: dict[str, np.ndarray], device: torch.device, progress: bool):
-        self.precision = resolve_precision(exp.train.precision, device, model)
+                 idx: dict[str, np.ndarray], device: torch.device, progress: bool,
+                 precision: str | None = None):
+        # the backbone's precision: a saved run's recorded one, or the rule for extraction
+        self.precision = precision or feature_precision(exp.train.precision, device)
         self.flip_train = exp.augment.flip
         views = ("plain", "flip") if exp.augment.flip or exp.train.tta >= 1 else ("plain",)
         rows = np.concatenate([idx["train"], idx["val"], idx["test"]])
@@ -236,9 +244,13 @@ class CachedFeatures:
             out["train"] = torch.stack([self.split["train"]["plain"], self.split["train"]["flip"]], 1)
         return out
 
-    def logits(self, head: torch.nn.Module, split: str, tta: int, precision: str) -> torch.Tensor:
+    def logits(self, head: torch.nn.Module, split: str, tta: int, precision: str,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's logits for a split (or the given positions in it), averaged over the
+        mirror too when tta >= 1."""
         views = ["plain", "flip"] if tta >= 1 else ["plain"]
-        return torch.stack([predict_logits(head, self.split[split][v], FeatureInput(), device=self.device,
+        feats = {v: self.split[split][v] if rows is None else self.split[split][v][rows] for v in views}
+        return torch.stack([predict_logits(head, feats[v], FeatureInput(), device=self.device,
                                            precision=precision) for v in views]).mean(0)
 
     def info(self) -> dict[str, Any]:

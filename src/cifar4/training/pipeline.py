@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
-import platform
+import math
 import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,50 +25,17 @@ from .. import locks, models, plots, runs
 from ..config import Experiment
 from ..data import Dataset
 from ..data.split import Split, split_indices
-from ..data.transforms import Augment, FeatureInput, Normalization
+from ..data.transforms import Augment, FeatureInput, Normalization, tta_views
 from ..device import pick_device
 from ..errors import Cifar4Error, ConfigError, RunError
-from ..runs import CHECKPOINT_FILE
+from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import distributed
+from .budget import Budget
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
-from .evaluate import report, summarize
+from .evaluate import predict_logits, summarize
 from .features import CachedFeatures
 from .tensorboard import TensorBoard
 from .train import Trainer, seed_everything
-
-
-@dataclass
-class Result:
-    """What a finished training returns: where it lives and its numbers."""
-
-    run_dir: Path
-    metrics: dict[str, Any]
-    history: list[dict]
-    model: torch.nn.Module
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("cifar4", "torch", "numpy", "scikit-learn"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
 
 
 class _SaveEachEpoch(Callback):
@@ -120,13 +85,19 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
           runs_root: str | Path = "runs", run_dir: str | Path | None = None,
           overwrite: bool = False, progress: bool = True, save_state: bool = True,
           callbacks: list[Callback] | None = None, run_name: str | None = None,
-          evaluate_test: bool = True, tensorboard: str | Path | None = None) -> Result:
+          evaluate_test: bool = True, tensorboard: str | Path | None = None,
+          started: float | None = None) -> Result:
     """Train one experiment (an Experiment, a built-in name or a TOML path) and write its run
     (`runs_root/<run_name or experiment>-<stamp>`, or exactly `run_dir`). `callbacks` are added
-    after the built-in ones (history, progress, early stopping, ...)."""
+    after the built-in ones (history, progress, early stopping, ...). `started`: the
+    time.perf_counter() value the command started at (train.time_budget counts from it; by
+    default from this call)."""
+    started = time.perf_counter() if started is None else started
     if not isinstance(exp, Experiment):
         exp = cfgmod.load(exp)
     ds = data if isinstance(data, Dataset) else datamod.load(data)
+    if exp.ensemble is not None:
+        return _train_ensemble(exp, ds, runs_root, run_dir, overwrite, progress, run_name, evaluate_test)
     exp_: Experiment = exp
     main = distributed.world().main
     with contextlib.ExitStack() as held:
@@ -142,7 +113,8 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
         tb = TensorBoard(Path(tensorboard) / folder.name) if tensorboard is not None and main else None
         try:
             result = _run(exp, ds, folder, progress, save_state, resume_state=None,
-                          extra=[*(callbacks or []), *([tb] if tb else [])], evaluate_test=evaluate_test)
+                          extra=[*(callbacks or []), *([tb] if tb else [])], evaluate_test=evaluate_test,
+                          started=started)
         except BaseException:
             if tb is not None:
                 tb.close()
@@ -152,10 +124,76 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
         return result
 
 
+def member_experiment(exp: Experiment, member: str) -> Experiment:
+    """An ensemble member's experiment with the ensemble's split, seed, device and precision."""
+    assert exp.ensemble is not None
+    d = cfgmod.load(member).to_dict()
+    d["data"] = {**d["data"], **{k: getattr(exp.data, k) for k in cfgmod.ENSEMBLE_DATA_KEYS}}
+    shared = {k: getattr(exp.train, k) for k in cfgmod.ENSEMBLE_TRAIN_KEYS if k != "seeds"}
+    if exp.train.precision == "auto":  # the member's own choice stands unless the ensemble overrides it
+        shared.pop("precision")
+    d["train"] = {**d["train"], **shared}
+    if exp.ensemble.epochs_scale != 1.0:
+        d["train"]["epochs"] = max(1, math.ceil(d["train"]["epochs"] * exp.ensemble.epochs_scale))
+        if exp.data.train_subset:
+            d["train"]["batch_size"] = min(d["train"]["batch_size"], exp.data.train_subset)
+    return cfgmod.from_dict(cfgmod._without_none(d), f"ensemble member '{member}'")
+
+
+ENSEMBLE_FILE = "experiment.toml"  # an ensemble run's experiment, written before its members train
+
+
+def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir: str | Path | None,
+                    overwrite: bool, progress: bool, run_name: str | None, evaluate_test: bool,
+                    continuing: bool = False) -> Result:
+    """Each member trained into <run>/members/<n>-<name>, then combined into the run itself.
+    `continuing` (resume, the lab after an interruption): finished members are kept and an
+    interrupted one resumes from its last complete epoch."""
+    from .ensemble import make_ensemble  # ensemble.py reads finished runs; it does not train
+    if not evaluate_test:
+        raise ConfigError(f"experiment '{exp.name}' is an ensemble; it cannot hold the test split out")
+    if distributed.world().size > 1:
+        raise ConfigError(f"experiment '{exp.name}' is an ensemble; train its members under torchrun instead")
+    assert exp.ensemble is not None
+    t0 = time.perf_counter()
+    members = [member_experiment(exp, m) for m in exp.ensemble.members]  # all checked before any training
+    with contextlib.ExitStack() as held:
+        if continuing:
+            assert run_dir is not None
+            folder = Path(run_dir)
+        else:
+            if run_dir is not None and overwrite and Path(run_dir).is_dir():
+                held.enter_context(locks.run_lock(run_dir))
+                shutil.rmtree(Path(run_dir) / "members", ignore_errors=True)
+            folder = runs.create_run_dir(runs_root, run_name or exp.name, run_dir, overwrite)
+        held.enter_context(locks.run_lock(folder))
+        cio.write_text(folder / ENSEMBLE_FILE, exp.to_toml())  # config.toml comes with the result
+        done = []
+        for i, m in enumerate(members, 1):
+            sub = folder / "members" / f"{i}-{m.name}"
+            if continuing and (sub / "metrics.json").exists():
+                done.append(sub)
+            elif continuing and (sub / "state" / "last.json").exists():
+                done.append(resume(sub, ds, progress).run_dir)
+            else:
+                done.append(train(m, ds, run_dir=sub, overwrite=True, progress=progress).run_dir)
+        return make_ensemble(done, out=folder, weights=exp.ensemble.weights, data=ds, name=exp.name,
+                             overwrite=True, device=exp.train.device, experiment=exp, started=t0)
+
+
 def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
            progress: bool = True) -> Result:
-    """Continue an interrupted run from its last complete epoch (same config, same data)."""
+    """Continue an interrupted run from its last complete epoch (same config, same data); an
+    interrupted ensemble keeps its finished members and continues the others."""
     folder = runs.resolve_run(run_dir)
+    if (folder / ENSEMBLE_FILE).exists() and not (folder / "metrics.json").exists():
+        exp = cfgmod.from_dict(cfgmod.read_toml(folder / ENSEMBLE_FILE), f"'{folder}/{ENSEMBLE_FILE}'")
+        ds = data if isinstance(data, Dataset) else datamod.load(data)
+        return _train_ensemble(exp, ds, folder.parent, folder, False, progress, None, True, continuing=True)
+    return _resume_one(folder, data, progress)
+
+
+def _resume_one(folder: Path, data: Dataset | str | Path | None, progress: bool) -> Result:
     with contextlib.ExitStack() as held:
         def check() -> str:
             held.enter_context(locks.run_lock(folder))  # refused while another process trains this run
@@ -214,10 +252,10 @@ class _Fit:
 
 def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state: bool,
          resume_state: tuple[dict, dict] | None, extra: list[Callback] | None = None,
-         evaluate_test: bool = True) -> Result:
+         evaluate_test: bool = True, started: float | None = None) -> Result:
     """One run, step by step: data, model, trainer, fit, final evaluation, artifacts."""
-    started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    t_start = time.perf_counter()
+    started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    t_start = time.perf_counter() if started is None else started
     run = _prepare(exp, ds, folder)
     run.test = evaluate_test
     main = distributed.world().main
@@ -229,16 +267,30 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
                           f"({run.split.kind} split), {exp.train.epochs} epochs, {run.device.type}; "
                           f"run directory {folder}", highlight=False, soft_wrap=True)
     _build_trainer(run, bar, save_state, extra, progress)
+    assert run.trainer is not None
+    if bar is not None:
+        run.trainer.log = lambda msg: bar.console.print(msg, highlight=False, soft_wrap=True)
     if resume_state is not None:
         _restore(run, resume_state)
+    elif exp.train.time_budget is not None:  # a resumed run keeps the steps planned at its start
+        views = len(tta_views(torch.zeros(1, 3, 4, 4), exp.train.tta))
+        parts = ("val", "test") if run.test else ("val",)
+        eval_images = len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
+        run.trainer.budget = Budget.starting(exp.train.time_budget, t_start, eval_images)
+        spent = time.perf_counter() - t_start
+        if spent >= exp.train.time_budget:
+            raise ConfigError(f"time budget {exp.train.time_budget:g} s is spent before training starts "
+                              f"({spent:.1f} s to start, load the data and build the model); expected more "
+                              f"than {spent:.0f} s")
     rows, fit_seconds = _fit(run)
     if not main:
         return Result(folder, {}, rows, run.model)
     t_eval = time.perf_counter()
-    res, precision = _evaluate_splits(run)
+    res, precision, preds = _evaluate_splits(run)
     eval_seconds = time.perf_counter() - t_eval
-    metrics = _metrics(run, rows, res, precision, fit_seconds, eval_seconds, resume_state, started)
+    metrics = _metrics(run, rows, res, precision, fit_seconds, eval_seconds, resume_state, started_at)
     _write_artifacts(run, rows, res, precision, metrics)
+    runs.write_predictions(folder, preds)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 3)
     metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
@@ -315,20 +367,42 @@ def _fit(run: _Fit) -> tuple[list[dict], float]:
     return history.rows, time.perf_counter() - t_fit
 
 
-def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str]:
+TRAIN_EVAL_ROWS = 5000  # the train split's final numbers come from its first rows (a random subset)
+
+
+def _eval_rows(run: _Fit, part: str) -> np.ndarray:
+    """Positions within the split that the final evaluation measures: all of val and test; the
+    train split's first TRAIN_EVAL_ROWS (its order is random). The train numbers only serve
+    the train-validation gap, and every train image would cost a third of `fast`'s training."""
+    n = len(run.idx[part])
+    return np.arange(min(n, TRAIN_EVAL_ROWS) if part == "train" else n)
+
+
+def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Final numbers in the training precision, as `cifar4 evaluate` and `predict` compute
-    them (model.json records it). The train split is measured without TTA: it only serves the
-    train-validation gap, and six views of 16,800 images would cost more than the training."""
+    them (model.json records it), and the logits behind them (predictions.npz). The train
+    split is measured without TTA on a fixed subset (`_eval_rows`)."""
     assert run.trainer is not None
     prec, tta, classes = run.trainer.precision, run.exp.train.tta, run.ds.classes
     parts = ("train", "val", "test") if run.test else ("train", "val")
+    logits: dict[str, torch.Tensor] = {}
     if run.cached is not None and models.cached_features_only(run.model):
         head = run.model.head
-        res = {k: summarize(run.cached.logits(head, k, 0 if k == "train" else tta, prec), run.y[k], classes)
-               for k in parts}
-        return res, run.cached.precision  # what evaluate and predict use to recompute the features
-    return {k: report(run.model, run.x[k], run.y[k], run.norm, classes, run.device, prec,
-                      0 if k == "train" else tta) for k in parts}, prec
+        for k in parts:
+            logits[k] = run.cached.logits(head, k, 0 if k == "train" else tta, prec,
+                                          torch.from_numpy(_eval_rows(run, k)))
+        prec = run.cached.precision  # what evaluate and predict use to recompute the features
+    else:
+        for k in parts:
+            logits[k] = predict_logits(run.model, run.x[k][torch.from_numpy(_eval_rows(run, k))], run.norm,
+                                       device=run.device,
+                                       precision=prec, tta=0 if k == "train" else tta)
+    res, preds = {}, {}
+    for k in parts:
+        rows = _eval_rows(run, k)
+        res[k] = {**summarize(logits[k], run.y[k][torch.from_numpy(rows)], classes), "images": len(rows)}
+        preds[k] = (run.idx[k][rows], logits[k].numpy())
+    return res, prec, preds
 
 
 def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, fit_seconds: float,
@@ -356,15 +430,16 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
         "fit_seconds": round(fit_seconds, 3),  # wall time of fit: steps, validation, callbacks
         "eval_seconds": round(eval_seconds, 3),
         "epochs": len(rows),
-        "epochs_planned": exp.train.epochs,
+        "epochs_planned": run.trainer.epochs,  # the experiment's, or what the time budget allowed
         "restored_epoch": run.trainer.restored_epoch,
-        "iterations": len(rows) * steps_per_epoch,
+        "iterations": run.trainer.steps_done,
         "steps_per_epoch": steps_per_epoch,
         "params": trainable + non_trainable,
         "trainable_params": trainable,
         "seed": exp.train.seed,
         "split": {"kind": sp.kind, "seed": sp.seed, "train": len(idx["train"]),
                   "val": len(idx["val"]), "test": len(idx["test"])},
+        "train_accuracy_images": res["train"]["images"],  # the fixed subset train_accuracy is measured on
         "data": {"source": run.ds.source, "sha256": run.ds.checksum(), "images": len(run.ds)},
         "normalization": run.norm.to_dict(),
         "precision": precision,
@@ -374,6 +449,14 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
         "machine": machine(run.device),
         "started_at": started,
     }
+    choice = run.trainer.precision_choice
+    if choice is not None:
+        metrics["precision_choice"] = {"asked": exp.train.precision, "chosen": choice.precision,
+                                       "reason": choice.reason, "step_seconds": choice.seconds,
+                                       "cached": choice.cached}
+    metrics["steps"] = run.trainer.steps_done
+    if run.trainer.budget is not None:
+        metrics["time_budget"] = run.trainer.budget.summary()
     if not run.test:
         metrics["held_out_test"] = True  # per_class_accuracy and confusion are on the validation split
     digest = models.backbone_digest(run.model)
@@ -405,7 +488,9 @@ def results_text(m: dict[str, Any]) -> str:
     """The session's closing lines, plus the split and timing."""
     s = m["split"]
     return "\n".join([
-        f"Performance on the TRAIN set, ACCURACY= {m['train_accuracy']:.4f}  (loss {m['train_loss']:.4f})",
+        f"Performance on the TRAIN set, ACCURACY= {m['train_accuracy']:.4f}  (loss {m['train_loss']:.4f})"
+        + (f"  [{m['train_accuracy_images']} of {s['train']} images]"
+           if m.get("train_accuracy_images", s["train"]) < s["train"] else ""),
         f"Performance on the VAL set,   ACCURACY= {m['val_accuracy']:.4f}  (loss {m['val_loss']:.4f})",
         (f"Performance on the TEST set,  ACCURACY= {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f})"
          if m.get("test_accuracy") is not None else "TEST set held out (not evaluated)"),

@@ -1,0 +1,270 @@
+"""Runs combined into a run (`cifar4 ensemble RUN RUN ...`, or an experiment with an
+[ensemble] table): the weighted average of the members' class probabilities.
+
+The members must have been trained on the same data and split. Their final evaluation's logits
+(predictions.npz) are combined directly, so making an ensemble costs no inference; a member
+without them is evaluated once here. Weights are given, equal, or chosen on the validation
+split alone ("val": a grid over the weight simplex, best validation accuracy, then lowest
+validation loss); the test split is never looked at to choose.
+
+The result is an ordinary run folder: config.toml (model "ensemble", its members in the
+options), model.json + model.safetensors (every member's weights: the run stands alone),
+metrics.json, history.csv (no epochs of its own), curves.png (the members' validation curves),
+confusion.png, summary.txt and predictions.npz. `evaluate`, `predict`, `compare`, the lab, the
+server and `export` take it like any run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import config as cfgmod
+from .. import data as datamod
+from .. import io as cio
+from .. import locks, models, plots, runs
+from ..config import Experiment
+from ..data import Dataset
+from ..data.split import split_indices
+from ..data.transforms import Normalization
+from ..device import inference_precision, pick_device
+from ..errors import ConfigError, RunError
+from .evaluate import predict_logits, summarize
+from .features import CachedFeatures
+
+PARTS = ("train", "val", "test")
+
+
+@dataclass
+class Member:
+    folder: Path
+    exp: Experiment
+    metrics: dict[str, Any]
+    loaded: runs.LoadedModel
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What the Ensemble model needs to rebuild and feed this member."""
+        return {"run": self.folder.name, "experiment": self.exp.name, "model": self.loaded.name,
+                "options": self.loaded.options, "normalization": self.loaded.norm.to_dict(),
+                "tta": int(self.exp.train.tta), "precision": self.loaded.precision}
+
+
+def _member(folder: str | Path) -> Member:
+    path = runs.resolve_run(folder)
+    metrics = runs.read_metrics(path)
+    exp = cfgmod.from_dict(cfgmod.read_toml(path / "config.toml"), f"'{path}/config.toml'")
+    return Member(path, exp, metrics, runs.load_model(path))
+
+
+def _check_compatible(members: list[Member]) -> None:
+    first = members[0]
+    for m in members[1:]:
+        if m.loaded.classes != first.loaded.classes:
+            raise RunError(f"run '{m.folder}' has classes {', '.join(m.loaded.classes)}; "
+                           f"'{first.folder}' has {', '.join(first.loaded.classes)}: expected the same")
+        if m.metrics["data"]["sha256"] != first.metrics["data"]["sha256"]:
+            raise RunError(f"run '{m.folder}' was trained on other data than '{first.folder}'; "
+                           f"expected members of one dataset")
+        a, b = m.exp.data, first.exp.data
+        if (a.split, a.split_seed, a.train_subset, a.eval_subset) != \
+                (b.split, b.split_seed, b.train_subset, b.eval_subset):
+            raise RunError(f"run '{m.folder}' uses split {a.split} (seed {a.split_seed}), "
+                           f"'{first.folder}' split {b.split} (seed {b.split_seed}); expected the same split")
+
+
+def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """The member's final-evaluation logits on each part, on the rows `idx` holds (the train
+    part: its first rows, as training evaluated them), read from predictions.npz or computed."""
+    saved = runs.read_predictions(m.folder) or {}
+    out = {}
+    cached: CachedFeatures | None = None
+    for part, rows in idx.items():
+        if part in saved and len(saved[part][0]) == len(rows) and np.array_equal(saved[part][0], rows):
+            out[part] = torch.from_numpy(saved[part][1])
+            continue
+        model = m.loaded.model
+        tta = 0 if part == "train" else m.exp.train.tta
+        if models.cached_features_only(model):  # a frozen backbone: its cached features, as training did
+            cached = cached or CachedFeatures(m.exp, m.loaded.model, ds, idx, device, False, m.loaded.precision)
+            out[part] = cached.logits(model.head, part, tta, "fp32")
+            continue
+        m.loaded.model.to(device)
+        out[part] = predict_logits(m.loaded.model, torch.from_numpy(ds.X[rows]), m.loaded.norm,
+                                   device=device, precision=inference_precision(m.loaded.precision, device),
+                                   tta=tta)
+    m.loaded.model.cpu()
+    return out
+
+
+def combine_probs(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """log of the weighted mean of softmax(logits): what the Ensemble model outputs."""
+    total = float(sum(weights))
+    probs = sum(float(w) / total * torch.softmax(lg.float(), 1) for w, lg in zip(weights, logits, strict=True))
+    assert isinstance(probs, torch.Tensor)
+    return torch.log(probs.clamp_min(1e-12))
+
+
+def choose_weights(val_logits: Sequence[torch.Tensor], y: torch.Tensor, step: float = 0.05) -> list[float]:
+    """The weights (on a grid over the simplex) with the best validation accuracy, then the
+    lowest validation loss. Coarser grid for more than three members."""
+    k = len(val_logits)
+    steps = round(1 / step) if k <= 3 else 10
+    best: tuple[float, float] | None = None
+    chosen = [1.0 / k] * k
+    for c in itertools.product(range(steps + 1), repeat=k - 1):
+        if sum(c) > steps:
+            continue
+        w = [v / steps for v in (*c, steps - sum(c))]
+        if all(x == 0 for x in w):
+            continue
+        out = combine_probs(val_logits, w)
+        acc = float((out.argmax(1) == y).float().mean())
+        loss = float(torch.nn.functional.nll_loss(out, y))
+        if best is None or (acc, -loss) > best:
+            best, chosen = (acc, -loss), w
+    return chosen
+
+
+def parse_weights(weights: Sequence[float] | str | None, n: int) -> Sequence[float] | str:
+    if weights is None or weights in ("equal", "val"):
+        return weights or "equal"
+    if isinstance(weights, str):
+        raise ConfigError(f"ensemble weights '{weights}' are unknown; expected numbers, 'equal' or 'val'")
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise ConfigError(f"{len(w)} ensemble weights for {n} members; expected one weight per member")
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise ConfigError(f"ensemble weights {w}: expected non-negative numbers with a positive sum")
+    return w
+
+
+def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, runs_root: str | Path = "runs",
+                  weights: Sequence[float] | str | None = None, data: Dataset | str | Path | None = None,
+                  name: str = "ensemble", overwrite: bool = False, device: str = "auto",
+                  experiment: Experiment | None = None, started: float | None = None) -> runs.Result:
+    """Combine finished runs into a new run folder (`out`, or runs_root/<name>-<stamp>).
+    `experiment` and `started` (a perf_counter time): an ensemble experiment that trained the
+    members itself; its total_seconds then runs from `started`."""
+    t0 = time.perf_counter()
+    started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    if len(members) < 2:
+        raise ConfigError(f"an ensemble needs at least two runs; got {len(members)}")
+    if len({Path(m).resolve() for m in members}) != len(members):
+        raise ConfigError("the same run is named twice; expected distinct member runs")
+    ms = [_member(m) for m in members]
+    _check_compatible(ms)
+    w_spec = parse_weights(weights, len(ms))
+    ds = data if isinstance(data, Dataset) else datamod.load(data)
+    if ds.checksum() != ms[0].metrics["data"]["sha256"]:
+        raise RunError(f"the members were trained on other data (sha256 {ms[0].metrics['data']['sha256'][:12]}...) "
+                       f"than '{ds.source}'; pass the same --data")
+    sp, idx = split_indices(ms[0].exp.data, ds)
+    idx["train"] = idx["train"][:_train_rows(ms[0])]
+    dev = pick_device(device)
+    logits = [_logits(m, ds, idx, dev) for m in ms]
+    y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
+    w: list[float] = choose_weights([lg["val"] for lg in logits], y["val"]) if w_spec == "val" else \
+        ([1.0] * len(ms) if w_spec == "equal" else [float(x) for x in w_spec])
+    total = sum(w)
+    w = [x / total for x in w]
+    combined = {k: combine_probs([lg[k] for lg in logits], w) for k in PARTS}
+    res = {k: summarize(combined[k], y[k], ds.classes) for k in PARTS}
+    member_res = [{k: float((lg[k].argmax(1) == y[k]).float().mean()) for k in PARTS} for lg in logits]
+
+    options = {"members": [m.spec for m in ms], "weights": w}
+    model = models.build("ensemble", num_classes=len(ds.classes), **options)
+    nets: torch.nn.ModuleList = model.members  # type: ignore[assignment]
+    for net, m in zip(nets, ms, strict=True):
+        net.load_state_dict(m.loaded.model.state_dict())
+    exp = cfgmod.from_dict({
+        "name": name,
+        "description": "ensemble of " + ", ".join(f"{m.exp.name} ({m.folder.name})" for m in ms),
+        "model": {"name": "ensemble", "options": options},
+        "data": ms[0].exp.data.model_dump(),
+        "train": {"seed": ms[0].exp.train.seed, "epochs": 1, "tta": 0},
+    }, "ensemble")
+    if experiment is not None:  # the experiment that made it, so that `cifar4 train -e config.toml` repeats it
+        exp = cfgmod.from_dict({**experiment.to_dict(), "description": exp.description}, "ensemble")
+    with _new_run(out, runs_root, name, overwrite) as folder:
+        cio.write_text(folder / "config.toml", exp.to_toml())
+        cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
+        runs.save_model(folder, model, "ensemble", options, ds.classes, Normalization(), "fp32")
+        runs.write_history(folder, [])
+        plots.member_curves([(m.exp.name, runs.read_history(m.folder)) for m in ms], folder / "curves.png",
+                            title=f"{name}: the members' validation accuracy")
+        plots.confusion(res["test"]["confusion"], ds.classes, folder / "confusion.png",
+                        title=f"{name}: test accuracy {res['test']['accuracy']:.4f}")
+        runs.write_predictions(folder, {k: (idx[k], combined[k].numpy()) for k in PARTS})
+        own = time.perf_counter() - t0
+        member_seconds = sum(float(m.metrics.get("total_seconds") or 0) for m in ms)
+        trainable, non_trainable = models.count_params(model)
+        metrics: dict[str, Any] = {
+            "experiment": name, "model": "ensemble", "model_options": {"weights": w},
+            "members": [{"run": str(m.folder), "experiment": m.exp.name, "weight": wi,
+                         **{f"{k}_accuracy": r[k] for k in PARTS},
+                         "total_seconds": m.metrics.get("total_seconds")}
+                        for m, wi, r in zip(ms, w, member_res, strict=True)],
+            "weights_chosen": "validation" if w_spec == "val" else ("equal" if w_spec == "equal" else "given"),
+            "train_accuracy": res["train"]["accuracy"], "val_accuracy": res["val"]["accuracy"],
+            "test_accuracy": res["test"]["accuracy"], "train_loss": res["train"]["loss"],
+            "val_loss": res["val"]["loss"], "test_loss": res["test"]["loss"],
+            "per_class_accuracy": res["test"]["per_class_accuracy"], "confusion": res["test"]["confusion"],
+            "train_seconds": round(sum(float(m.metrics.get("train_seconds") or 0) for m in ms), 3),
+            "ensemble_seconds": round(own, 3),
+            "epochs": 0, "params": trainable + non_trainable, "trainable_params": trainable,
+            "seed": ms[0].exp.train.seed,
+            "split": {"kind": sp.kind, "seed": sp.seed, "train": len(split_indices(ms[0].exp.data, ds)[1]["train"]),
+                      "val": len(idx["val"]), "test": len(idx["test"])},
+            "train_accuracy_images": len(idx["train"]),
+            "data": {"source": ds.source, "sha256": ds.checksum(), "images": len(ds)},
+            "normalization": Normalization().to_dict(), "precision": "fp32", "tta": 0,
+            "versions": runs.versions(), "machine": runs.machine(dev), "started_at": started_at,
+        }
+        # a trained ensemble: from its start; runs combined afterwards: the members' own, added
+        metrics["total_seconds"] = round(time.perf_counter() - started, 3) if started is not None \
+            else round(member_seconds + (time.perf_counter() - t0), 3)
+        summ = models.summary(model, "ensemble").text()
+        cio.write_text(folder / "summary.txt", summ + "\n\n" + _text(metrics) + "\n")
+        metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        cio.write_json(folder / "metrics.json", metrics)  # last: its presence means finished
+        return runs.Result(folder, metrics, [], model)
+
+
+def _train_rows(m: Member) -> int:
+    """How many train rows the member's final evaluation measured (its first ones)."""
+    n = m.metrics.get("train_accuracy_images")
+    return int(n) if n else int(m.metrics["split"]["train"])
+
+
+@contextlib.contextmanager
+def _new_run(out: str | Path | None, root: str | Path, name: str, overwrite: bool) -> Iterator[Path]:
+    """The new run folder, locked while it is written (and an existing one replaced with
+    --overwrite only when no other process holds it)."""
+    with contextlib.ExitStack() as held:
+        if out is not None and overwrite and Path(out).is_dir():
+            held.enter_context(locks.run_lock(out))
+        folder = runs.create_run_dir(root, name, out, overwrite)
+        held.enter_context(locks.run_lock(folder))
+        yield folder
+
+
+def _text(m: dict[str, Any]) -> str:
+    lines = [f"{mm['experiment']:<20} weight {mm['weight']:.2f}  val {mm['val_accuracy']:.4f}  "
+             f"test {mm['test_accuracy']:.4f}  ({mm['run']})" for mm in m["members"]]
+    return "\n".join([
+        *lines,
+        f"Performance on the TRAIN set, ACCURACY= {m['train_accuracy']:.4f}  (loss {m['train_loss']:.4f})"
+        f"  [{m['train_accuracy_images']} of {m['split']['train']} images]",
+        f"Performance on the VAL set,   ACCURACY= {m['val_accuracy']:.4f}  (loss {m['val_loss']:.4f})",
+        f"Performance on the TEST set,  ACCURACY= {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f})",
+    ])

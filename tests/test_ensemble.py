@@ -1,0 +1,135 @@
+"""An ensemble is a run: averaged probabilities, weights given, equal or chosen on validation,
+a run folder that evaluate, predict, export and the lab read like any other, and ensemble
+experiments that train their members."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cifar4 import config, runs
+from cifar4.errors import ConfigError, RunError
+from cifar4.serving.predict import predict
+from cifar4.training import ensemble as ens
+from cifar4.training import pipeline
+from cifar4.training.evaluate_run import evaluate_run
+
+MEMBERS = {
+    "cnn": {"model": {"name": "cnn"}, "train": {"epochs": 2, "batch_size": 32}},
+    "fast": {"model": {"name": "fast", "options": {"widths": [16, 32, 32]}},
+             "train": {"epochs": 2, "batch_size": 32, "tta": 2}, "data": {"standardize": True}},
+}
+
+
+@pytest.fixture
+def members(tiny, tmp_path):
+    out = []
+    for name, d in MEMBERS.items():
+        r = pipeline.train(config.from_dict({"name": name, **d}), tiny, runs_root=tmp_path / "runs",
+                           progress=False)
+        out.append(r)
+    return out
+
+
+def test_runs_save_their_final_logits(members, tiny):
+    r = members[1]
+    saved = runs.read_predictions(r.run_dir)
+    assert saved is not None and set(saved) == {"train", "val", "test"}
+    rows, logits = saved["test"]
+    assert float((logits.argmax(1) == tiny.Y[rows]).mean()) == pytest.approx(r.metrics["test_accuracy"])
+
+
+def test_equal_weights_average_the_members_probabilities(members, tiny, tmp_path):
+    res = ens.make_ensemble([m.run_dir for m in members], out=tmp_path / "e", data=tiny)
+    p = [torch.softmax(torch.from_numpy(runs.read_predictions(m.run_dir)["test"][1]), 1) for m in members]
+    rows = runs.read_predictions(m.run_dir)["test"][0] if (m := members[0]) else None
+    want = ((p[0] + p[1]) / 2).argmax(1).numpy()
+    assert res.metrics["test_accuracy"] == pytest.approx(float((want == tiny.Y[rows]).mean()))
+    assert res.metrics["model_options"]["weights"] == [0.5, 0.5]
+    assert set(runs.RUN_FILES) <= {p.name for p in (tmp_path / "e").iterdir()}
+    # the saved model reproduces the recorded numbers from the images alone
+    again = evaluate_run(tmp_path / "e", tiny, device="cpu")
+    assert again["test"]["accuracy"] == pytest.approx(res.metrics["test_accuracy"], abs=1.5 / len(rows))
+    assert again["val"]["accuracy"] == pytest.approx(res.metrics["val_accuracy"], abs=1.5 / len(rows))
+
+
+def test_weights_chosen_on_validation_never_look_at_test(members, tiny, tmp_path):
+    res = ens.make_ensemble([m.run_dir for m in members], out=tmp_path / "v", weights="val", data=tiny)
+    w = res.metrics["model_options"]["weights"]
+    assert res.metrics["weights_chosen"] == "validation" and sum(w) == pytest.approx(1)
+    val = [torch.from_numpy(runs.read_predictions(m.run_dir)["val"][1]) for m in members]
+    y = torch.from_numpy(tiny.Y[runs.read_predictions(members[0].run_dir)["val"][0]])
+    best = max(float((ens.combine_probs(val, [a, 1 - a]).argmax(1) == y).float().mean())
+               for a in np.linspace(0, 1, 21))
+    assert res.metrics["val_accuracy"] == pytest.approx(best)
+
+
+def test_an_ensemble_run_predicts_and_exports(members, tiny, tmp_path):
+    res = ens.make_ensemble([m.run_dir for m in members], out=tmp_path / "e", weights=[0.7, 0.3], data=tiny)
+    from PIL import Image
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(tiny.X[i]).save(files[-1])
+    preds = predict(tmp_path / "e", files)
+    assert len(preds) == 4 and all(abs(sum(p.probabilities.values()) - 1) < 1e-4 for p in preds)
+    pytest.importorskip("onnxruntime")
+    from cifar4.serving.export import export
+    rep = export(tmp_path / "e", data=tiny)
+    assert rep.agreement >= 0.999
+    assert res.metrics["members"][0]["weight"] == pytest.approx(0.7)
+
+
+def test_bad_member_lists_are_one_line_errors(members, tiny, tmp_path):
+    a, b = members[0].run_dir, members[1].run_dir
+    with pytest.raises(ConfigError, match="at least two runs"):
+        ens.make_ensemble([a], data=tiny, runs_root=tmp_path)
+    with pytest.raises(ConfigError, match="named twice"):
+        ens.make_ensemble([a, a], data=tiny, runs_root=tmp_path)
+    with pytest.raises(ConfigError, match="one weight per member"):
+        ens.make_ensemble([a, b], weights=[1.0], data=tiny, runs_root=tmp_path)
+    other = pipeline.train(config.from_dict({"name": "cnn", **MEMBERS["cnn"], "data": {"split_seed": 7}}),
+                           tiny, runs_root=tmp_path / "runs", progress=False)
+    with pytest.raises(RunError, match="expected the same split"):
+        ens.make_ensemble([a, other.run_dir], data=tiny, runs_root=tmp_path)
+
+
+def test_the_command_line(members, tiny_npz, tmp_path):
+    a, b = str(members[0].run_dir), str(members[1].run_dir)
+    cmd = [sys.executable, "-m", "cifar4", "ensemble", a, b, "--data", str(tiny_npz)]
+    p = subprocess.run([*cmd, "--weights", "0.6,x", "--runs-dir", str(tmp_path / "r")], capture_output=True, text=True)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "--weights '0.6,x'" in p.stderr
+    p = subprocess.run([*cmd, "--weights", "val", "--run-dir", str(tmp_path / "ens"), "--json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["weights_chosen"] == "validation"
+
+
+def test_an_ensemble_experiment_trains_its_members(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, d in MEMBERS.items():
+        (tmp_path / f"{name}.toml").write_text(config.from_dict({"name": name, **d}).to_toml())
+    exp = config.from_dict({"name": "both", "ensemble": {"members": ["cnn.toml", "fast.toml"], "weights": "val"},
+                            "train": {"seed": 3}, "data": {"split_seed": 5}})
+    res = pipeline.train(exp, tiny, run_dir=tmp_path / "both", progress=False)
+    subs = sorted(p.name for p in (tmp_path / "both" / "members").iterdir())
+    assert subs == ["1-cnn", "2-fast"]
+    for s in subs:
+        m = runs.read_metrics(tmp_path / "both" / "members" / s)
+        assert m["seed"] == 3 and m["split"]["seed"] == 5
+    assert res.metrics["weights_chosen"] == "validation"
+    assert config.from_dict(config.read_toml(tmp_path / "both" / "config.toml")).ensemble is not None
+
+
+def test_ensemble_experiments_set_only_what_they_share():
+    with pytest.raises(ConfigError, match="belongs to the members"):
+        config.from_dict({"name": "x", "ensemble": {"members": ["fast", "cnn"]}, "train": {"epochs": 3}})
+    with pytest.raises(ConfigError, match="itself an ensemble"):
+        config.from_dict({"name": "x", "ensemble": {"members": ["fast", "fast-long"]}})
+    with pytest.raises(ConfigError, match="one per member"):
+        config.from_dict({"name": "x", "ensemble": {"members": ["fast", "cnn"], "weights": [1.0]}})

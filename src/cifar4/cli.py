@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +21,8 @@ from rich.table import Table
 from . import config as cfgmod
 from . import data as datamod
 from . import models as modelsmod
-from .errors import Cifar4Error, ConfigError, DataError
+from .errors import Cifar4Error, ConfigError, DataError, ModelError
+from .training.budget import process_age
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -30,6 +32,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Build, inspect and look at th
 app.add_typer(data_app, name="data")
 
 out = Console(soft_wrap=True)
+STARTED = time.perf_counter() - process_age()  # the command's start: --time-budget counts from it
 err = Console(stderr=True, soft_wrap=True)
 
 DataOpt = typer.Option(None, "--data", help="Dataset file or folder (default: $CIFAR4_DATA, ./data/, "
@@ -94,8 +97,13 @@ def train(
     split: Optional[str] = typer.Option(None, "--split", help="session (default), stratified or official."),
     split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the split (default 42)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 autocast for conv nets "
-                                             "on bf16-capable CPUs/GPUs), fp32 or bf16."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (on a CPU: measured once per "
+                                             "machine and model, the faster of bf16 and fp32; on a GPU: "
+                                             "bf16 where supported), fp32 or bf16."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", metavar="SECONDS",
+                                                help="Finish within SECONDS from the command's start to "
+                                                     "metrics.json: the number of steps and the schedule "
+                                                     "are fitted to the measured speed of this machine."),
     data: Optional[Path] = DataOpt,
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the experiment's)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
@@ -120,7 +128,8 @@ def train(
              "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "l2": l2,
              "seed": seed, "device": device, "precision": precision, "split": split,
              "split_seed": split_seed, "scale": scale, "standardize": standardize,
-             "early_stopping": early_stopping, "augment": augment, "seeds": seeds or None}
+             "early_stopping": early_stopping, "augment": augment, "seeds": seeds or None,
+             "time_budget": time_budget}
     if resume is not None:
         cfgmod.check_resume_flags({"experiment": experiment, "preset": preset, "option": option,
                                    "set": set_, "name": name, "run_dir": run_dir, "tensorboard": tensorboard,
@@ -139,7 +148,8 @@ def train(
             _train_seeds(exp, datamod.load(data), runs_dir, quiet, as_json or not w.main, tensorboard)
             return
         result = pipeline.train(exp, datamod.load(data), runs_root=runs_dir, run_dir=run_dir,
-                                overwrite=overwrite, progress=not quiet, tensorboard=tensorboard)
+                                overwrite=overwrite, progress=not quiet, tensorboard=tensorboard,
+                                started=STARTED)
     if not w.main:
         return
     if as_json:
@@ -213,6 +223,45 @@ def evaluate(run: Path = typer.Argument(..., help="A run directory."),
     for c, row in zip(classes, res["test"]["confusion"], strict=True):
         ct.add_row(c, *[str(v) for v in row], f"{res['test']['per_class_accuracy'][c]:.3f}")
     out.print(ct)
+
+
+@app.command()
+def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finished runs of one dataset and split."),
+             weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated weights, one per "
+                                                   "run (0.6,0.4); 'equal' (default); or 'val': chosen on the "
+                                                   "validation split."),
+             name: str = typer.Option("ensemble", "--name", help="Run name."),
+             runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
+             run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory to create."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --run-dir."),
+             data: Optional[Path] = DataOpt,
+             as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout.")) -> None:
+    """Average the class probabilities of trained runs into a new run (evaluate, predict, compare,
+    export, serve and the lab take it like any run)."""
+    from .training.ensemble import make_ensemble
+    w: list[float] | str | None = weights
+    if weights is not None and weights not in ("equal", "val"):
+        try:
+            w = [float(x) for x in weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"--weights '{weights}' is not a list of numbers; expected e.g. 0.6,0.4, "
+                              f"'equal' or 'val'") from None
+    cfgmod.from_dict({"name": name}, "--name")  # the same rule as an experiment name
+    res = make_ensemble(members, out=run_dir, runs_root=runs_dir, weights=w, data=data, name=name,
+                        overwrite=overwrite)
+    if as_json:
+        _print_json({"run_dir": str(res.run_dir), **res.metrics})
+        return
+    m = res.metrics
+    t = Table(title=f"{name}: {len(m['members'])} members, weights "
+                    f"{', '.join(f'{x:.2f}' for x in m['model_options']['weights'])} ({m['weights_chosen']})")
+    for c in ("run", "val accuracy", "test accuracy"):
+        t.add_column(c, justify="left" if c == "run" else "right")
+    for mm in m["members"]:
+        t.add_row(f"{mm['experiment']} ({mm['run']})", f"{mm['val_accuracy']:.4f}", f"{mm['test_accuracy']:.4f}")
+    t.add_row("ensemble", f"{m['val_accuracy']:.4f}", f"{m['test_accuracy']:.4f}")
+    out.print(t)
+    out.print(f"run directory: {res.run_dir}")
 
 
 @app.command()
@@ -421,8 +470,12 @@ def list_models() -> None:
     t.add_column("options")
     for n in modelsmod.names():
         s = modelsmod.spec(n)
-        tr, nt = modelsmod.count_params(modelsmod.build(n))
-        t.add_row(n, f"{tr + nt:,}", s.description, ", ".join(f"{k}={v}" for k, v in s.defaults.items()))
+        try:
+            tr, nt = modelsmod.count_params(modelsmod.build(n))
+            params = f"{tr + nt:,}"
+        except ModelError:  # made from trained runs (an ensemble), not from options alone
+            params = "-"
+        t.add_row(n, params, s.description, ", ".join(f"{k}={v}" for k, v in s.defaults.items()))
     out.print(t)
 
 
@@ -444,7 +497,10 @@ def list_experiments() -> None:
         t.add_column(c)
     for n in cfgmod.builtin_names():
         e = cfgmod.load(n)
-        t.add_row(n, e.model.name, str(e.train.epochs), e.description)
+        if e.ensemble is not None:
+            t.add_row(n, "ensemble: " + " + ".join(e.ensemble.members), "-", e.description)
+        else:
+            t.add_row(n, e.model.name, str(e.train.epochs), e.description)
     out.print(t)
 
 

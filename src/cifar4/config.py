@@ -93,6 +93,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     seeds: list[int] | None = Field(default=None, min_length=1)  # one run per seed + a summary
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    time_budget: float | None = Field(default=None, gt=0)  # seconds from the command's start to
+                                                           # metrics.json: epochs and schedule fit it
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainConfig:
@@ -139,6 +141,20 @@ class SweepParam(_Strict):
         return list(lo_hi)
 
 
+class EnsembleConfig(_Strict):
+    """An experiment made of experiments: each member is trained (with this experiment's split,
+    seed, device and precision), then their probabilities are averaged (training/ensemble.py)."""
+
+    members: list[str] = Field(min_length=2)  # built-in experiment names or TOML files
+    weights: list[float] | Literal["equal", "val"] = "equal"  # "val": chosen on validation
+    epochs_scale: float = Field(default=1.0, gt=0, le=1)  # members' epochs times this (the lab's --quick)
+
+
+# What an ensemble experiment may set beyond its members: the rest belongs to the members' files.
+ENSEMBLE_TRAIN_KEYS = ("seed", "seeds", "device", "precision")
+ENSEMBLE_DATA_KEYS = ("split", "split_seed", "train_subset", "eval_subset")
+
+
 class Experiment(_Strict):
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     description: str = ""
@@ -147,9 +163,30 @@ class Experiment(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     sweep: dict[str, SweepParam] = Field(default_factory=dict)  # key path -> distribution (cifar4 sweep)
+    ensemble: EnsembleConfig | None = None  # members trained, then averaged (the model section unused)
+
+    @model_validator(mode="after")
+    def _ensemble_only_shared_keys(self) -> Experiment:
+        if self.ensemble is None:
+            return self
+        for section, allowed, default in (("train", ENSEMBLE_TRAIN_KEYS, TrainConfig()),
+                                          ("data", ENSEMBLE_DATA_KEYS, DataConfig())):
+            got = getattr(self, section)
+            for k in type(got).model_fields:
+                if k not in allowed and getattr(got, k) != getattr(default, k):
+                    raise ValueError(f"{section}.{k} belongs to the members' experiments; an ensemble "
+                                     f"sets only {', '.join(f'{section}.{a}' for a in allowed)}")
+        if self.model != ModelConfig() or self.augment != AugmentConfig() or self.sweep:
+            raise ValueError("an ensemble's model, augment and sweep belong to its members' experiments")
+        if isinstance(self.ensemble.weights, list) and len(self.ensemble.weights) != len(self.ensemble.members):
+            raise ValueError(f"{len(self.ensemble.weights)} weights for {len(self.ensemble.members)} members; "
+                             f"expected one per member")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        if d.get("ensemble") is None:
+            d.pop("ensemble", None)
         d["sweep"] = {k: {a: b for a, b in v.items() if b is not None} for k, v in d["sweep"].items()}
         if not d["sweep"]:
             del d["sweep"]
@@ -187,6 +224,12 @@ def from_dict(d: dict[str, Any], where: str = "experiment") -> Experiment:
         raise ConfigError(f"{where}: {e}") from None
     if exp.model.name == "transfer":
         _check_transfer(exp, opts, where)
+    if exp.ensemble is not None:
+        for m in exp.ensemble.members:
+            member = load(m)
+            if member.ensemble is not None:
+                raise ConfigError(f"{where}: ensemble member '{m}' is itself an ensemble; expected "
+                                  f"single experiments")
     for path, param in exp.sweep.items():
         _check_sweep_path(d, path, param, where)
     return exp
@@ -320,7 +363,7 @@ FLAG_KEYS: dict[str, str] = {
     "optimizer": "train.optimizer", "lr": "train.lr", "l2": "train.l2", "seed": "train.seed",
     "device": "train.device", "precision": "train.precision", "split": "data.split",
     "split_seed": "data.split_seed", "scale": "data.scale", "standardize": "data.standardize",
-    "seeds": "train.seeds",
+    "seeds": "train.seeds", "time_budget": "train.time_budget",
 }
 # Flags that build a table: --early-stopping PATIENCE, --augment/--no-augment.
 TABLE_FLAGS = ("early_stopping", "augment")

@@ -90,6 +90,9 @@ def quick_version(exp: Experiment) -> Experiment:
     d = exp.to_dict()
     d["data"]["train_subset"] = QUICK["train_subset"]
     d["data"]["eval_subset"] = QUICK["eval_subset"]
+    if exp.ensemble is not None:  # the members' epochs shrink when they are trained
+        d["ensemble"]["epochs_scale"] = 1 / QUICK["epoch_divisor"]
+        return cfgmod.from_dict(d, f"experiment '{exp.name}' (quick)")
     d["train"]["epochs"] = max(1, math.ceil(d["train"]["epochs"] / QUICK["epoch_divisor"]))
     d["train"]["batch_size"] = min(d["train"]["batch_size"], QUICK["train_subset"])
     if d["train"].get("early_stopping"):
@@ -154,7 +157,7 @@ def _run_one(exp: Experiment, head: str, ds: Dataset, root: Path, progress: bool
         raise LockedError(f"run '{folder}' is in use by "
                           f"{locks.describe(locks.holder(folder / locks.LOCK_NAME))}; "
                           f"run the lab again when it is done")
-    if (folder / "state" / "last.json").exists():
+    if (folder / "state" / "last.json").exists() or (folder / pipeline.ENSEMBLE_FILE).exists():
         _check_same(folder, exp, ds)
         console.print(f"{head}: resuming after an interruption", highlight=False, markup=False)
         r = pipeline.resume(folder, ds, progress=progress)
@@ -176,7 +179,8 @@ def _run_one(exp: Experiment, head: str, ds: Dataset, root: Path, progress: bool
 def _check_same(folder: Path, exp: Experiment, ds: Dataset) -> None:
     """A lab folder holds one version of each experiment on one dataset: refuse to mix quick
     and full runs, an edited experiment with its old result, or runs on other data."""
-    old = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+    config = folder / "config.toml" if (folder / "config.toml").exists() else folder / pipeline.ENSEMBLE_FILE
+    old = cfgmod.from_dict(cfgmod.read_toml(config), f"'{config}'")
     if old != exp:
         raise ConfigError(f"'{folder}' holds a run of another version of experiment '{exp.name}'; "
                           f"use another --lab-dir or delete that run")

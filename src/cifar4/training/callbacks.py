@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 
 
 class Callback:
+    @property
+    def wants_batch_logs(self) -> bool:
+        """Whether on_batch_end needs the running loss and accuracy (reading them waits for
+        the device at every step, which a GPU run should not do)."""
+        return type(self).on_batch_end is not Callback.on_batch_end
+
     def on_train_begin(self, trainer: Trainer) -> None: ...
     def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None: ...
     def on_batch_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None: ...
@@ -175,6 +181,17 @@ class ProgressBar(Callback):
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         self.t0 = 0.0
+
+    @property
+    def wants_batch_logs(self) -> bool:
+        return self.console.is_terminal  # the live bar; a log gets one line per epoch
+
+    def on_train_begin(self, trainer):
+        choice = trainer.precision_choice
+        if choice is not None and choice.reason and choice.reason != "as asked":
+            self.console.print(f"{self.title}precision {choice.precision}: {choice.reason}"
+                               + (" (measured earlier on this machine)" if choice.cached else ""),
+                               highlight=False, soft_wrap=True)
 
     def on_epoch_begin(self, trainer, epoch):
         self.t0 = time.perf_counter()

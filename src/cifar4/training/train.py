@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -22,9 +22,10 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data.transforms import Augment, BatchAugment, InputTransform
-from ..device import autocast, resolve_precision, to_device
+from ..device import autocast, to_device
 from ..errors import ConfigError
-from . import distributed
+from . import distributed, precision
+from .budget import PLAN_AFTER, Budget
 from .callbacks import Callback, History
 from .evaluate import evaluate
 
@@ -107,9 +108,16 @@ class Trainer:
     stop_training: bool = False
     restored_epoch: int | None = None
     start_epoch: int = 0
+    budget: Budget | None = None  # --time-budget: the number of steps is fitted to it
+    log: Callable[[str], None] | None = None  # where the trainer says what it chose
 
     def __post_init__(self) -> None:
         to_device(self.model, self.device)
+        self.total_steps = 0  # planned: epochs x steps per epoch, or what the time budget allows
+        self.steps_done = 0
+        self._epoch_steps = 0
+        self._val_seconds: float | None = None
+        self._x_val = torch.zeros(0)
         self.world = distributed.world()
         # Under torchrun the forward pass goes through DistributedDataParallel, which averages
         # the gradients of the ranks' shares; the plain model stays the one saved and evaluated.
@@ -124,7 +132,19 @@ class Trainer:
             self.history = History()
             self.callbacks = [self.history, *self.callbacks]
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-        self.precision = resolve_precision(self.cfg.precision, self.device, self.model)
+        # "auto" on a CPU is measured on the first training rows (in _prepare); else known now
+        self.precision_choice: precision.Choice | None = None
+        self.precision = ""
+        if self.cfg.precision != "auto" or self.device.type != "cpu":
+            self._choose_precision(None)
+
+    def _choose_precision(self, sample: torch.Tensor | None) -> None:
+        choice = precision.choose(self.cfg.precision, self.device, self.model, self.cfg, sample) \
+            if self.world.main else None
+        if self.world.size > 1:  # every rank computes alike: rank 0's measurement decides
+            choice = precision.Choice(**distributed.broadcast(asdict(choice) if choice else None))
+        assert choice is not None
+        self.precision_choice, self.precision = choice, choice.precision
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         return autocast(self.device, self.precision)
@@ -134,23 +154,30 @@ class Trainer:
         """Train for the configured epochs (from `start_epoch` when resumed), validating after
         each; callbacks see every step, as in Keras' fit()."""
         x_store, y_store = self._prepare(x_train, y_train)
+        self._x_val = x_val
         for cb in self.callbacks:
             cb.on_train_begin(self)
-        for epoch in range(self.start_epoch + 1, self.cfg.epochs + 1):
+        epoch = self.start_epoch
+        while epoch < self.epochs and self.steps_done < self.total_steps:
             if self.stop_training:
                 break
+            epoch += 1
             for cb in self.callbacks:
                 cb.on_epoch_begin(self, epoch)
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             loss, accuracy = self._train_epoch(x_store, y_store)
             seconds = time.perf_counter() - t0
+            t_val = time.perf_counter()
             val = evaluate(self.model, x_val, y_val, self.norm, device=self.device,
                            precision=self.precision, tta=0)
+            self._val_seconds = time.perf_counter() - t_val
             logs = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val["loss"],
                     "val_accuracy": val["accuracy"], "seconds": round(seconds, 4), "lr": lr}
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, logs)
+            if self.budget is not None and self.steps_done < self.total_steps:
+                self._plan(seconds / max(1, self._epoch_steps), len(x_val), announce=False)
         for cb in self.callbacks:
             cb.on_train_end(self)
         assert self.history is not None
@@ -163,29 +190,67 @@ class Trainer:
         if cfg.batch_size > n:
             raise ConfigError(f"train.batch_size {cfg.batch_size} is larger than the training set "
                               f"({n} images); expected at most {n}")
-        self.epochs = cfg.epochs
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
-        if self.scheduler is None:
+        if not self.total_steps:
+            self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        if self.scheduler is None:  # the schedule follows total_steps (a time budget changes it)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, lr_factor(cfg.schedule, cfg.warmup, cfg.epochs * self.steps_per_epoch))
+                self.optimizer, lambda step: lr_factor(cfg.schedule, cfg.warmup, self.total_steps)(step))
         x_store = self.norm.apply(x_train.to(self.device))
         if x_store.ndim == 4:  # images: NHWC storage (features are stored as they come)
             x_store = x_store.permute(0, 2, 3, 1)
+        if not self.precision:
+            sample = x_store[:precision.PROBE_BATCH]
+            if sample.ndim == 3 and self.augment.active:  # feature views (N, views, dim): one view
+                sample = sample[:, 0]
+            self._choose_precision(sample.permute(0, 3, 1, 2) if sample.ndim == 4 else sample)
         return x_store, y_train.to(self.device)
 
+    def _plan(self, step_seconds: float, val_images: int, announce: bool) -> None:
+        """Fit the number of steps (and so the schedule) to the time budget."""
+        assert self.budget is not None
+        x = self._x_val[:min(len(self._x_val), 256)]
+        t = time.perf_counter()
+        evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self.device,
+                 precision=self.precision, tta=0)
+        image_seconds = (time.perf_counter() - t) / max(1, len(x))
+        if self._val_seconds is not None:  # measured on the whole validation split
+            image_seconds = self._val_seconds / max(1, val_images)
+        self.total_steps = self.budget.steps(self.steps_done, step_seconds, image_seconds, val_images,
+                                             self.steps_per_epoch)
+        self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))
+        if announce and self.log is not None:
+            plan = self.budget.plans[-1]
+            self.log(f"time budget {self.budget.seconds:g} s: {plan['seconds_left']:.1f} s left after "
+                     f"{self.steps_done} steps of {1000 * step_seconds:.0f} ms; final evaluation about "
+                     f"{plan['final_eval_seconds']:.1f} s -> {self.total_steps} steps "
+                     f"({self.total_steps / self.steps_per_epoch:.2f} epochs), "
+                     f"the {self.cfg.schedule} schedule fitted to them")
+
     def _train_epoch(self, x_store: torch.Tensor, y_store: torch.Tensor) -> tuple[float, float]:
-        """One pass over the training set in a fresh random order: (mean loss, accuracy)."""
+        """One pass over the training set in a fresh random order (or what is left of the
+        planned steps): (mean loss, accuracy)."""
         cfg, n = self.cfg, len(x_store)
         assert self.scheduler is not None
         # decoupled weight decay: kernels only (not biases or BN), at their group's rate
         decay = [(g, [p for p in g["params"] if p.ndim > 1]) for g in self.optimizer.param_groups] \
             if cfg.weight_decay else []
-        batch_logs = any(type(cb).on_batch_end is not Callback.on_batch_end for cb in self.callbacks)
+        batch_logs = any(cb.wants_batch_logs for cb in self.callbacks)  # else: no host sync per step
         self.model.train()
         order = torch.randperm(n, generator=self.generator).to(self.device)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for step in range(self.steps_per_epoch):
+        seen = 0
+        step = 0
+        t_first = 0.0
+        while step < self.steps_per_epoch and self.steps_done < self.total_steps:
+            if self.budget is not None and self.steps_done == 1:
+                t_first = time.perf_counter()  # the first step warms up; time the next ones
+            if self.budget is not None and self.steps_done == PLAN_AFTER and not self.budget.plans:
+                self._plan((time.perf_counter() - t_first) / (PLAN_AFTER - 1), len(self._x_val), announce=True)
+                if self.steps_done >= self.total_steps:
+                    break
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = x_store[idx]
             if xb.ndim == 4:
@@ -212,13 +277,16 @@ class Trainer:
             with torch.no_grad():
                 loss_sum += loss.detach() * len(yb)
                 correct += (logits.argmax(1) == yb).sum()
+            step += 1
+            self.steps_done += 1
+            seen = min(step * cfg.batch_size, n)
             if batch_logs:
-                seen = min((step + 1) * cfg.batch_size, n)
                 logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
                 for cb in self.callbacks:
-                    cb.on_batch_end(self, step + 1, logs)
+                    cb.on_batch_end(self, step, logs)
+        self._epoch_steps = step
         distributed.all_sum(loss_sum, correct)  # every rank's share of the epoch
-        return float(loss_sum) / n, float(correct) / n
+        return float(loss_sum) / max(1, seen), float(correct) / max(1, seen)
 
     # ------------------------------------------------------------ resuming
 
@@ -230,6 +298,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "steps": {"done": self.steps_done, "total": self.total_steps},
         }
 
     def load_state_dict(self, state: dict[str, Any], epoch: int, total_steps: int) -> None:
@@ -242,8 +311,13 @@ class Trainer:
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
                     st[k] = torch.empty_like(p).copy_(v)
+        steps = state.get("steps") or {"done": 0, "total": total_steps}  # states saved before budgets
+        self.steps_done, self.total_steps = int(steps["done"]), int(steps["total"])
+        if not self.steps_done:
+            self.steps_done = epoch * math.ceil(total_steps / max(1, self.cfg.epochs))
+        cfg = self.cfg
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(self.cfg.schedule, self.cfg.warmup, total_steps))
+            self.optimizer, lambda step: lr_factor(cfg.schedule, cfg.warmup, self.total_steps)(step))
         if state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])

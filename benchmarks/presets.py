@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Whole-command time and accuracy of the presets, as a user runs them.
+
+Each run is `cifar4 train --preset NAME --seed S --split-seed K` in a fresh process, timed
+from before the process starts to its exit (metrics.json written): imports, loading, the
+precision measurement, feature extraction, training, the final evaluation and the files all
+count. `--cold` gives the first run of each preset an empty cache folder (no cached features,
+no cached precision choice: a fresh machine); the later runs use the shared cache, as a user's
+second run does. `--budgets 30 60` runs the first preset with `--time-budget` instead.
+
+    python benchmarks/presets.py fast fast-long best --seeds 0 1 2 --split-seeds 7 11 --cold
+    python benchmarks/presets.py fast --budgets 30 60 90 180 360
+
+Prints one JSON object per run, then a table (mean +- sample std over the runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import mean_std
+
+
+def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: float | None,
+        runs_dir: Path, data: str | None) -> dict:
+    cmd = [sys.executable, "-m", "cifar4", "train", "--preset", preset, "--seed", str(seed),
+           "--split-seed", str(split_seed), "--runs-dir", str(runs_dir), "--json", "-q"]
+    if budget is not None:
+        cmd += ["--time-budget", str(budget)]
+    if data:
+        cmd += ["--data", data]
+    env = dict(os.environ)
+    if cache is not None:
+        env["CIFAR4_CACHE"] = cache
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    whole = time.perf_counter() - t
+    if p.returncode:
+        return {"preset": preset, "seed": seed, "split_seed": split_seed, "error": p.stderr.strip()[-300:]}
+    m = json.loads(p.stdout)
+    out = {"preset": preset, "seed": seed, "split_seed": split_seed, "cold": cache is not None,
+           "time_budget": budget, "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
+           "whole_command_seconds": round(whole, 2), "total_seconds": m["total_seconds"],
+           "fit_seconds": m.get("fit_seconds"), "eval_seconds": m.get("eval_seconds"),
+           "epochs": m.get("epochs"), "precision": m.get("precision"), "cpu": m["machine"]["cpu"],
+           "run_dir": m["run_dir"]}
+    if m.get("members"):
+        out["members"] = [{k: mm[k] for k in ("experiment", "weight", "val_accuracy", "test_accuracy",
+                                             "total_seconds")} for mm in m["members"]]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("presets", nargs="+")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--split-seeds", type=int, nargs="*", default=[], help="other splits (training seed 0)")
+    ap.add_argument("--cold", action="store_true", help="the first run of each preset with an empty cache")
+    ap.add_argument("--budgets", type=float, nargs="*", default=[])
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--out", default=None, help="also write the runs as JSON here")
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runs_dir = Path(tmp) / "runs"
+        plan: list[tuple[str, int, int, float | None]] = []
+        if a.budgets:
+            plan = [(a.presets[0], a.seeds[0], 42, b) for b in a.budgets]
+        else:
+            for p in a.presets:
+                plan += [(p, s, 42, None) for s in a.seeds] + [(p, 0, k, None) for k in a.split_seeds]
+        first: set[str] = set()
+        for i, (preset, seed, split_seed, budget) in enumerate(plan):
+            cache = None
+            if a.cold and preset not in first:
+                cache = str(Path(tmp) / f"cache-{i}")
+            first.add(preset)
+            r = run(preset, seed, split_seed, cache, budget, runs_dir, a.data)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+    ok = [r for r in rows if "error" not in r]
+    print("\n| preset | runs | test accuracy | whole command s (mean, max) | cold first run s |\n|---|---|---|---|---|")
+    for p in dict.fromkeys(r["preset"] for r in ok):
+        rs = [r for r in ok if r["preset"] == p]
+        if a.budgets:
+            for r in rs:
+                print(f"| {p} --time-budget {r['time_budget']:g} | 1 | {r['test_accuracy']:.4f} | "
+                      f"{r['whole_command_seconds']:.1f} | |")
+            continue
+        cold = [r["whole_command_seconds"] for r in rs if r["cold"]]
+        print(f"| {p} | {len(rs)} | {mean_std([r['test_accuracy'] for r in rs])} | "
+              f"{sum(r['whole_command_seconds'] for r in rs) / len(rs):.1f}, "
+              f"{max(r['whole_command_seconds'] for r in rs):.1f} | {cold[0] if cold else ''} |")
+
+
+if __name__ == "__main__":
+    main()

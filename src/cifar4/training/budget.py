@@ -1,0 +1,69 @@
+"""`--time-budget SECONDS`: the user says how long they can wait, from the command's start to
+metrics.json; training fits its length to that.
+
+The trainer measures its own speed (seconds per training step over the first steps, and the
+seconds of one inference pass per image, timed on validation images), then sets the number of
+steps so that what remains fits: the training steps, the validation after each epoch, the
+final evaluation (its train subset, and validation and test with their test-time views) and
+writing the run's files. The one-cycle schedule is stretched or compressed to exactly those
+steps (its warm-up stays the same fraction), so a short budget still ends with a fully decayed
+learning rate. The plan is made again after every epoch with the epoch's measured time, so a
+machine that slows down (another process on the cores) is followed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN_AFTER = 4            # training steps timed before the first plan (the first one warms up)
+WRITE_SECONDS = 2.5       # weights, figures, predictions and summary (measured 1.5-2 s on 2 cores)
+SAFETY = 0.03             # of the remaining time kept in reserve for timing noise
+
+
+def process_age() -> float:
+    """Seconds since this process started (the command's start: imports and loading count), or
+    0 where the system does not say."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class Budget:
+    """A deadline (a time.perf_counter() value) and what must still happen after training."""
+
+    seconds: float
+    deadline: float
+    eval_images: int                    # image-views of the final evaluation
+    plans: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def starting(cls, seconds: float, started: float, eval_images: int) -> Budget:
+        """`started`: the perf_counter time the command started."""
+        return cls(seconds, started + seconds, eval_images)
+
+    def steps(self, done: int, step_seconds: float, image_seconds: float, val_images: int,
+              steps_per_epoch: int) -> int:
+        """The total number of training steps that fits, given `done` already taken."""
+        now = time.perf_counter()
+        final_eval = self.eval_images * image_seconds
+        left = (self.deadline - now) * (1 - SAFETY) - final_eval - WRITE_SECONDS
+        per_step = step_seconds + val_images * image_seconds / steps_per_epoch
+        more = max(0, math.floor(left / per_step)) if per_step > 0 else 0
+        total = max(done, done + more, 1)
+        self.plans.append({"after_steps": done, "seconds_left": round(self.deadline - now, 2),
+                           "step_seconds": round(step_seconds, 4),
+                           "final_eval_seconds": round(final_eval, 2), "total_steps": total})
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "plans": self.plans}

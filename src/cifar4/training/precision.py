@@ -1,0 +1,142 @@
+"""Which arithmetic a training run uses, measured rather than assumed.
+
+Whether bf16 autocast pays on a CPU depends on the CPU (AMX tiles, AVX512-BF16 dot products
+alone, or no bf16 at all) and on the model (convolutions gain where dense layers may lose). So
+`precision = "auto"` on a CPU times a few training steps of the model in fp32 and in bf16 (on a
+throw-away copy, with the run's batch, optimizer and loss; the run's random streams are left as
+they were) and keeps the faster; bf16 must win by MARGIN to be chosen, since fp32 is exact. The
+answer is cached per CPU model, torch version, thread count, oneDNN instruction-set limit and
+model, in <cache>/precision.json ($CIFAR4_CACHE or the user cache folder), so each machine
+measures each model once. On a GPU, "auto" is bf16 where the GPU supports it (tensor cores).
+An explicit fp32 or bf16 (`--precision`) is used as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import io as cio
+from .. import locks
+from ..config import TrainConfig
+from ..data import cache_dir
+from ..device import autocast, bf16_is_fast, to_device
+
+MARGIN = 0.05          # bf16 must be at least 5 % faster per step
+PROBE_BATCH = 128      # images per measured step (the run's batch size if smaller)
+PROBE_STEPS = 2        # timed steps per precision, after one warm-up step
+
+
+@dataclass(frozen=True)
+class Choice:
+    precision: str
+    reason: str
+    seconds: dict[str, float]  # measured seconds per probe step, per precision (empty: not measured)
+    cached: bool = False
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
+def cache_path() -> Path:
+    root = os.environ.get("CIFAR4_CACHE")
+    return (Path(root).expanduser() if root else cache_dir()) / "precision.json"
+
+
+def _key(model: nn.Module, batch: int) -> str:
+    shapes = ";".join(f"{n}:{tuple(p.shape)}:{int(p.requires_grad)}" for n, p in model.named_parameters())
+    model_id = hashlib.sha256(f"{type(model).__name__}|{shapes}|{batch}".encode()).hexdigest()[:16]
+    return "|".join([cpu_name(), torch.__version__, f"threads={torch.get_num_threads()}",
+                     f"isa={os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}", model_id])
+
+
+def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
+           sample: torch.Tensor | None = None) -> Choice:
+    """The precision of a run: as asked, or ('auto') measured on this CPU / the GPU's rule.
+    `sample`: model inputs (N, ...) to time steps on; without it, 'auto' keeps the rule."""
+    if asked != "auto":
+        return Choice(asked, "as asked", {})
+    if device.type == "cuda":
+        bf16 = bf16_is_fast(device)
+        return Choice("bf16" if bf16 else "fp32", "this GPU " + ("supports" if bf16 else "lacks") + " bf16", {})
+    if sample is None or not any(p.requires_grad for p in model.parameters()):
+        return Choice("fp32", "nothing to measure", {})
+    batch = min(PROBE_BATCH, cfg.batch_size, len(sample))
+    key = _key(model, batch)
+    path = cache_path()
+    known = _read(path).get(key)
+    if isinstance(known, dict) and known.get("precision") in ("fp32", "bf16"):
+        return Choice(known["precision"], _reason(known["precision"], known.get("seconds", {})),
+                      known.get("seconds", {}), cached=True)
+    seconds = measure(model, cfg, sample[:batch], device)
+    prec = "bf16" if seconds["bf16"] < (1 - MARGIN) * seconds["fp32"] else "fp32"
+    try:
+        with locks.hold(path.with_name(path.name + ".lock"), "precision cache", wait=True):
+            table = _read(path)
+            table[key] = {"precision": prec, "seconds": seconds, "cpu": cpu_name(),
+                          "torch": torch.__version__, "batch": batch}
+            cio.write_json(path, table)
+    except (OSError, locks.LockedError):  # an unwritable cache only costs a new measurement next time
+        pass
+    return Choice(prec, _reason(prec, seconds), seconds)
+
+
+def _reason(prec: str, seconds: dict[str, float]) -> str:
+    if not seconds:
+        return ""
+    return (f"a training step took {seconds['bf16'] * 1000:.0f} ms in bf16 against "
+            f"{seconds['fp32'] * 1000:.0f} ms in fp32 on this CPU ({cpu_name()})")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def measure(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Seconds per training step (forward, loss, backward, optimizer step) in each precision,
+    on a copy of the model; torch's random state is restored afterwards."""
+    from .train import make_optimizer  # train.py imports this module
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    out: dict[str, float] = {}
+    first: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        for prec in ("fp32", "bf16"):
+            net = to_device(copy.deepcopy(model), device)
+            net.train()
+            opt = make_optimizer(net, cfg)
+            times = []
+            for i in range(1 + PROBE_STEPS):
+                t = time.perf_counter()
+                with autocast(device, prec):
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t)
+                if i == 0:
+                    first[prec] = times[0]
+                    # emulated bf16 (no native support: measured 39x slower on AVX2) loses at once
+                    if prec == "bf16" and times[0] > 3 * first["fp32"]:
+                        break
+            out[prec] = round(min(times[1:] or times), 5)
+    return out

@@ -1,0 +1,103 @@
+"""Speed settings are measured, not assumed: the precision a CPU run uses (timed once per
+machine and model, cached), and `--time-budget`, which fits the number of steps and the
+schedule to what the machine does in the time given."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cifar4 import config, models
+from cifar4.errors import ConfigError
+from cifar4.training import pipeline, precision
+from cifar4.training.train import lr_factor
+
+SMALL_FAST = {"model": {"name": "fast", "options": {"widths": [16, 32, 32]}},
+              "train": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "lr": 0.2, "momentum": 0.85,
+                        "nesterov": True, "schedule": "linear", "warmup": 0.2}}
+
+
+def test_auto_precision_is_measured_once_per_machine_and_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    model = models.build("cnn")
+    cfg = config.TrainConfig(batch_size=64)
+    x = torch.rand(64, 3, 32, 32)
+    first = precision.choose("auto", torch.device("cpu"), model, cfg, x)
+    assert not first.cached and set(first.seconds) == {"fp32", "bf16"}
+    faster = min(first.seconds, key=first.seconds.get)
+    if first.precision == "bf16":
+        assert faster == "bf16" and first.seconds["bf16"] < (1 - precision.MARGIN) * first.seconds["fp32"]
+    assert first.reason.startswith("a training step took")
+    again = precision.choose("auto", torch.device("cpu"), model, cfg, x)
+    assert again.cached and again.precision == first.precision
+    table = json.loads((tmp_path / "precision.json").read_text())
+    (key, entry), = table.items()
+    assert precision.cpu_name() in key and torch.__version__ in key and entry["precision"] == first.precision
+    # another model is measured for itself; an explicit choice is used as given
+    assert not precision.choose("auto", torch.device("cpu"), models.build("mlp-20"), cfg,
+                                x).cached
+    assert precision.choose("fp32", torch.device("cpu"), model, cfg, x).reason == "as asked"
+
+
+def test_the_measurement_leaves_the_run_untouched(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    model = models.build("cnn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(32, 3, 32, 32)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    precision.choose("auto", torch.device("cpu"), model, config.TrainConfig(batch_size=32), x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_run_records_its_precision_choice_and_is_reproducible(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **SMALL_FAST})
+    a = pipeline.train(exp, tiny, runs_root=tmp_path / "a", progress=False)
+    b = pipeline.train(exp, tiny, runs_root=tmp_path / "b", progress=False)
+    assert a.metrics["precision_choice"]["chosen"] == a.metrics["precision"]
+    assert b.metrics["precision_choice"]["cached"]
+    assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"] and a.history == [
+        {**r, "seconds": a.history[i]["seconds"]} for i, r in enumerate(b.history)]
+
+
+def test_on_an_avx2_only_cpu_the_run_works_and_measures_there(bigger_npz, tmp_path):
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "CIFAR4_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-m", "cifar4", "train", "-m", "cnn", "--epochs", "1", "--data",
+                        str(bigger_npz), "--runs-dir", str(tmp_path / "runs"), "--json", "-q"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    m = json.loads(p.stdout)
+    choice = m["precision_choice"]
+    assert choice["chosen"] == m["precision"]
+    assert "isa=AVX2" in next(iter(json.loads((tmp_path / "cache" / "precision.json").read_text())))
+    if choice["chosen"] == "bf16":
+        assert choice["step_seconds"]["bf16"] < choice["step_seconds"]["fp32"]
+
+
+def test_a_time_budget_fits_the_steps_and_the_schedule(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_budget": 8}})})
+    r = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False)
+    m = r.metrics
+    plans = m["time_budget"]["plans"]
+    assert plans and plans[0]["after_steps"] == 4
+    total = plans[-1]["total_steps"]
+    assert m["steps"] == m["iterations"] == total
+    spe = m["steps_per_epoch"]
+    assert m["epochs"] == -(-total // spe) and m["epochs"] > 2  # tiny epochs: the budget allows many
+    assert lr_factor("linear", 0.2, total)(total) == 0.0       # the schedule ends where training does
+    assert m["epochs_planned"] == m["epochs"]
+
+
+def test_a_budget_spent_before_training_is_a_clear_error(tiny, tmp_path):
+    import time
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_budget": 1}})})
+    with pytest.raises(ConfigError, match="time budget 1 s"):
+        pipeline.train(exp, tiny, runs_root=tmp_path, progress=False, started=time.perf_counter() - 5)

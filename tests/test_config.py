@@ -85,7 +85,7 @@ def test_set_overrides_any_key_and_flags_are_sugar_over_it():
 def test_augment_flag_reads_the_sessions_augmentation_from_its_experiment_file():
     on = config.from_flags("cnn", {"augment": True})
     assert on.augment == config.load("cnn-augmented").augment
-    off = config.from_flags("fast-long", {"augment": False})
+    off = config.from_flags("fast-28", {"augment": False})
     assert off.augment == config.AugmentConfig()
 
 

@@ -189,6 +189,11 @@ def _metrics_table(m: dict[str, Any]) -> None:
     pc = "  ".join(f"{c} {v:.3f}" for c, v in m["per_class_accuracy"].items())
     s = m["split"]
     out.print(f"test accuracy per class: {pc}")
+    if m["model"] == "ensemble":
+        out.print(f"ensemble of {', '.join(mm['experiment'] for mm in m['members'])} (weights "
+                  f"{', '.join(f'{w:.2f}' for w in m['model_options']['weights'])}), "
+                  f"{m['total_seconds']:.1f}s in all, split {s['kind']} seed {s['seed']}")
+        return
     out.print(f"{m['epochs']} epochs, {m['iterations']} iterations, {m['train_seconds']:.1f}s training "
               f"({m['seconds_per_epoch']:.2f}s/epoch), split {s['kind']} seed {s['seed']} "
               f"({s['train']}/{s['val']}/{s['test']})")
@@ -551,7 +556,7 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
     for r in rows:
         t.add_row(r["run"], r["model"], f"{r['params']:,}", str(r["epochs"]), f"{r['train_accuracy']:.4f}",
                   f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['gap'] * 100:.1f}",
-                  f"{r['seconds_per_epoch']:.2f}")
+                  f"{r['seconds_per_epoch']:.2f}" if r["seconds_per_epoch"] else "-")
     out.print(t)
     if out_png:
         out.print(f"curves written: {out_png}")

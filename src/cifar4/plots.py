@@ -84,6 +84,21 @@ def sample_grid(X: np.ndarray, Y: np.ndarray, classes: tuple[str, ...], path: Pa
     _save(fig, path)
 
 
+def frontier(points: list[tuple[str, float, float]], path: Path, title: str = "") -> None:
+    """(label, seconds, accuracy) points: accuracy against time on a log time axis."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, t, acc in points:
+        ax.scatter([t], [acc], s=18)
+        ax.annotate(label, (t, acc), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds, start to metrics.json")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3, which="both")
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+
+
 def compare(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     """Validation loss and accuracy of several runs on shared axes."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

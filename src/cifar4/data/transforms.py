@@ -94,7 +94,7 @@ class ViewSample:
     active = True
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        pick = torch.randint(x.shape[1], (x.shape[0],), generator=generator).to(x.device)
+        pick = torch.randint(x.shape[1], (x.shape[0],), generator=generator, device=_on(generator)).to(x.device)
         return x[torch.arange(x.shape[0], device=x.device), pick]
 
 
@@ -105,9 +105,15 @@ def one_hot(y: np.ndarray | torch.Tensor, num_classes: int = 4) -> torch.Tensor:
 
 # ---------------------------------------------------------------- augmentation
 
+def _on(generator: torch.Generator | None) -> torch.device:
+    """Where random numbers are drawn: the generator's device (a GPU run draws on the GPU, so a
+    step never waits for a copy from the host)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror a random half of the batch left-right."""
-    mask = torch.rand(x.shape[0], generator=generator, device="cpu").to(x.device) < 0.5
+    mask = torch.rand(x.shape[0], generator=generator, device=_on(generator)).to(x.device) < 0.5
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -118,8 +124,8 @@ def translate(x: torch.Tensor, pad: int, generator: torch.Generator | None = Non
         return x
     n, c, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=_on(generator)).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=_on(generator)).to(x.device)
     rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # (n,h)
     cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # (n,w)
     xp = xp.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, xp.shape[3]))
@@ -134,9 +140,9 @@ def affine(x: torch.Tensor, rotation: float, shift: float,
     if rotation <= 0 and shift <= 0:
         return x
     n = x.shape[0]
-    ang = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(rotation)
-    tx = (torch.rand(n, generator=generator) * 2 - 1) * shift * 2  # grid units span 2
-    ty = (torch.rand(n, generator=generator) * 2 - 1) * shift * 2
+    ang = (torch.rand(n, generator=generator, device=_on(generator)) * 2 - 1) * math.radians(rotation)
+    tx = (torch.rand(n, generator=generator, device=_on(generator)) * 2 - 1) * shift * 2  # grid units span 2
+    ty = (torch.rand(n, generator=generator, device=_on(generator)) * 2 - 1) * shift * 2
     cos, sin = torch.cos(ang), torch.sin(ang)
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     theta = theta.to(device=x.device, dtype=torch.float32)
@@ -150,8 +156,8 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None)
     if size <= 0:
         return x
     n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n,), generator=generator).to(x.device).view(n, 1, 1)
-    cx = torch.randint(0, w, (n,), generator=generator).to(x.device).view(n, 1, 1)
+    cy = torch.randint(0, h, (n,), generator=generator, device=_on(generator)).to(x.device).view(n, 1, 1)
+    cx = torch.randint(0, w, (n,), generator=generator, device=_on(generator)).to(x.device).view(n, 1, 1)
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     half = size // 2

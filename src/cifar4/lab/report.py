@@ -136,9 +136,11 @@ def write_report(entries: list[tuple[str, Path]], ds: Dataset, out_dir: str | Pa
                                     "(bird, cat, frog, horse), so they are not comparable with these."))
     reference = SESSION_PLAN.reference if comparable else {}
     sections = [_dataset_section(ds, metrics, figdir)]
-    sections += [_experiment_section(name, folder, metrics[name], figdir, reference)
+    sections += [_ensemble_section(name, folder, metrics[name], figdir) if metrics[name]["model"] == "ensemble"
+                 else _experiment_section(name, folder, metrics[name], figdir, reference)
                  for name, folder in entries]
     sections.append(_comparison_section(entries, metrics, reference))
+    sections.append(_frontier_section(metrics, figdir))
     transfers = [(n, metrics[n]) for n, _ in entries if metrics[n]["model"] == "transfer"]
     if transfers:
         sections.append(_transfer_section(transfers, reference))
@@ -219,16 +221,61 @@ def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path
     return s
 
 
+def _ensemble_section(name: str, folder: Path, m: dict[str, Any], figdir: Path) -> Section:
+    """An ensemble run: its members (each a run of its own), their weights and numbers."""
+    s = Section(name, name)
+    exp: Experiment = exp_from_dict(read_toml(folder / "config.toml"))
+    if exp.description:
+        s.p(exp.description)
+    s.p(f"The class probabilities of {len(m['members'])} trained models averaged with weights "
+        f"{', '.join(f'{w:.2f}' for w in m['model_options']['weights'])} "
+        f"({'chosen on the validation split' if m['weights_chosen'] == 'validation' else m['weights_chosen']}); "
+        f"{m['params']:,} parameters in all.")
+    s.table(["member", "weight", "val acc", "test acc", "whole run s"],
+            [[mm["experiment"], f"{mm['weight']:.2f}", f"{mm['val_accuracy']:.4f}", f"{mm['test_accuracy']:.4f}",
+              f"{mm['total_seconds']:.0f}" if mm.get("total_seconds") else "-"] for mm in m["members"]]
+            + [["ensemble", "", f"{m['val_accuracy']:.4f}", f"{m['test_accuracy']:.4f}", f"{m['total_seconds']:.0f}"]])
+    s.fig(folder / "curves.png", figdir, f"{name}-curves.png", f"{name}: the members' validation curves")
+    s.p(f"Time: {m['total_seconds']:.0f} s for the whole run, members included "
+        f"({m['machine']['device']}, {m['machine']['cpu']}).")
+    return s
+
+
+def _frontier_section(metrics: dict[str, dict[str, Any]], figdir: Path) -> Section:
+    """Test accuracy against the seconds each run took from its start to metrics.json."""
+    s = Section("What a minute buys: accuracy against time", "frontier")
+    points = [(n, float(m["total_seconds"]), float(m["test_accuracy"])) for n, m in metrics.items()
+              if m.get("total_seconds") and m.get("test_accuracy") is not None]
+    if not points:
+        s.p("No run recorded its whole time.")
+        return s
+    plots.frontier(points, figdir / "frontier.png", title="test accuracy against whole-run seconds")
+    s.fig(figdir / "frontier.png", figdir, "frontier.png", "test accuracy against whole-run seconds")
+    best: list[tuple[str, float, float]] = []
+    for p in sorted(points, key=lambda t: t[1]):
+        if not best or p[2] > best[-1][2]:
+            best.append(p)
+    on_front = {p[0] for p in best}
+    s.table(["experiment", "whole run s", "test acc", "on the frontier"],
+            [[n, f"{t:.0f}", f"{a:.4f}", "yes" if n in on_front else ""]
+             for n, t, a in sorted(points, key=lambda t: t[1])])
+    s.p("A run is on the frontier when no faster run reached its test accuracy. Times are from the "
+        "run's start to its metrics.json (loading, feature extraction, training, the final evaluation), "
+        "on this machine.")
+    return s
+
+
 def _comparison_section(entries: list[tuple[str, Path]], metrics: dict[str, dict[str, Any]],
                         reference: dict[str, Reference]) -> Section:
     s = Section("MLP vs CNN", "comparison")
     rows = []
     for name, _ in entries:
         m, ref = metrics[name], reference.get(name)
-        rows.append([name, m["model"], f"{m['params']:,}", str(m["epochs"]), f"{m['train_accuracy']:.4f}",
+        rows.append([name, m["model"], f"{m['params']:,}", str(m["epochs"] or "-"), f"{m['train_accuracy']:.4f}",
                      f"{m['val_accuracy']:.4f}", f"{m['test_accuracy']:.4f}",
                      f"{(m['train_accuracy'] - m['val_accuracy']) * 100:.1f}",
-                     f"{m['seconds_per_epoch']:.2f}", f"{m['train_seconds']:.0f}",
+                     f"{m['seconds_per_epoch']:.2f}" if m.get("seconds_per_epoch") else "-",
+                     f"{m['train_seconds']:.0f}",
                      f"{ref.test:.4f} ({ref.epochs} ep.)" if ref else "-"])
     s.table(["experiment", "model", "params", "epochs", "train acc", "val acc", "test acc",
              "gap (points)", "s/epoch", "train s", "session test acc"], rows)
@@ -343,7 +390,7 @@ def compare_runs(run_dirs: list[str | Path], out_png: str | Path | None = None) 
                      "params": m["params"], "epochs": m["epochs"], "train_accuracy": m["train_accuracy"],
                      "val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"],
                      "gap": m["train_accuracy"] - m["val_accuracy"],
-                     "seconds_per_epoch": m["seconds_per_epoch"], "train_seconds": m["train_seconds"]})
+                     "seconds_per_epoch": m.get("seconds_per_epoch"), "train_seconds": m["train_seconds"]})
         curves.append((f"{m['experiment']} ({folder.name})", runs.read_history(folder)))
     if out_png:
         plots.compare(curves, Path(out_png))

@@ -118,6 +118,12 @@ class Trainer:
         self._epoch_steps = 0
         self._val_seconds: float | None = None
         self._x_val = torch.zeros(0)
+        # On a GPU, augmentation draws its random numbers there (a host-side draw copied up would
+        # make every step wait); seeded from the data generator, so a seed still fixes the run.
+        self.aug_generator = self.generator
+        if self.device.type == "cuda":
+            self.aug_generator = torch.Generator(device=self.device)
+            self.aug_generator.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
         self.world = distributed.world()
         # Under torchrun the forward pass goes through DistributedDataParallel, which averages
         # the gradients of the ranks' shares; the plain model stays the one saved and evaluated.
@@ -256,7 +262,7 @@ class Trainer:
             if xb.ndim == 4:
                 xb = xb.permute(0, 3, 1, 2)
             if self.augment.active:
-                xb = self.augment(xb, self.generator)
+                xb = self.augment(xb, self.aug_generator)
             yb = y_store[idx]
             if self.world.size > 1:  # this rank's share of the global batch
                 xb, yb = xb[self.world.rank::self.world.size], yb[self.world.rank::self.world.size]
@@ -296,6 +302,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "generator": self.generator.get_state(),
+            "aug_generator": self.aug_generator.get_state() if self.aug_generator is not self.generator else None,
             "torch_rng": torch.get_rng_state(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "steps": {"done": self.steps_done, "total": self.total_steps},
@@ -321,6 +328,8 @@ class Trainer:
         if state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
+        if state.get("aug_generator") is not None and self.aug_generator is not self.generator:
+            self.aug_generator.set_state(state["aug_generator"])
         torch.set_rng_state(state["torch_rng"])
         # callbacks a caller added to the first run (after the built-in ones) need not come back
         for cb, s in zip(self.callbacks, state["callbacks"], strict=False):

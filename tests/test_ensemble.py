@@ -133,3 +133,26 @@ def test_ensemble_experiments_set_only_what_they_share():
         config.from_dict({"name": "x", "ensemble": {"members": ["fast", "fast-long"]}})
     with pytest.raises(ConfigError, match="one per member"):
         config.from_dict({"name": "x", "ensemble": {"members": ["fast", "cnn"], "weights": [1.0]}})
+
+
+def test_the_lab_trains_resumes_and_reports_an_ensemble(tiny, tmp_path, monkeypatch):
+    from cifar4 import lab
+    from cifar4.lab.report import write_report
+    monkeypatch.chdir(tmp_path)
+    for name, d in MEMBERS.items():
+        (tmp_path / f"{name}.toml").write_text(config.from_dict({"name": name, **d}).to_toml())
+    (tmp_path / "pair.toml").write_text('name = "pair"\n[ensemble]\nmembers = ["cnn.toml", "fast.toml"]\n')
+    # an interruption after the first member: the lab keeps it and trains the second
+    exp = lab.quick_version(config.load("pair.toml"))
+    folder = tmp_path / "lab" / "runs" / "pair"
+    first = pipeline.member_experiment(exp, "cnn.toml")
+    pipeline.train(first, tiny, run_dir=folder / "members" / "1-cnn", progress=False)
+    (folder / pipeline.ENSEMBLE_FILE).write_text(exp.to_toml())
+    kept = (folder / "members" / "1-cnn" / "metrics.json").read_text()
+    entries = lab.run_lab(["pair.toml", "cnn.toml"], tiny, tmp_path / "lab", quick=True, progress=False)
+    assert entries[0].status == "resumed" and (folder / "members" / "1-cnn" / "metrics.json").read_text() == kept
+    assert entries[0].metrics["model"] == "ensemble"
+    index = write_report([(e.name, e.run_dir) for e in entries], tiny, tmp_path / "report")
+    html = index.read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "pair" in html and "What a minute buys" in html and "frontier.png" in md

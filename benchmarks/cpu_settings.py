@@ -4,10 +4,10 @@
 For each model it times training steps (forward, backward, optimizer step, at the experiment's
 batch size and augmentation-free, on random images) in a fresh process per setting, because
 the settings are process-wide: torch intra-op threads, bf16 autocast against fp32, oneDNN's
-primitive cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY), the memory allocator (glibc's, or jemalloc /
-tcmalloc through LD_PRELOAD when installed) and the instruction set oneDNN may use
-(ONEDNN_MAX_CPU_ISA=AVX2 imitates a laptop without AVX-512). One setting changes at a time from
-the engine's default. Prints one JSON line per measurement, then a table.
+primitive cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY), the memory allocator (glibc's as training
+tunes it, glibc's untouched, or jemalloc / tcmalloc through LD_PRELOAD when installed) and the
+instruction set oneDNN may use (ONEDNN_MAX_CPU_ISA=AVX2 imitates a laptop without AVX-512). One
+setting changes at a time from the engine's default. Prints one JSON line per measurement, then a table.
 
     python benchmarks/cpu_settings.py fast cnn mlp-deep --steps 20
 """
@@ -38,8 +38,10 @@ def worker(experiment: str, precision: str, steps: int, threads: int) -> dict:
 
     from cifar4 import config, models
     from cifar4.data.transforms import Normalization
-    from cifar4.device import autocast, to_device
+    from cifar4.device import autocast, keep_freed_memory, to_device
     from cifar4.training.train import make_optimizer
+
+    keep_freed_memory()  # as training does (CIFAR4_MALLOC=default: glibc untouched)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -76,10 +78,11 @@ def settings(max_threads: int) -> list[tuple[str, dict[str, str], int, str | Non
     out.append(("fp32", {}, max_threads, "fp32"))
     out.append(("bf16", {}, max_threads, "bf16"))
     out.append(("primitive cache off", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}, max_threads, None))
+    out.append(("glibc malloc untuned", {"CIFAR4_MALLOC": "default"}, max_threads, None))
     for name, lib in ALLOCATORS.items():
         path = find_lib(lib)
         if path:
-            out.append((name, {"LD_PRELOAD": path}, max_threads, None))
+            out.append((name, {"LD_PRELOAD": path, "CIFAR4_MALLOC": "default"}, max_threads, None))
     out.append(("AVX2 only, fp32", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, max_threads, "fp32"))
     out.append(("AVX2 only, bf16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, max_threads, "bf16"))
     return out

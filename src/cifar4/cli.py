@@ -171,7 +171,9 @@ def _train_seeds(exp: Any, ds: Any, runs_dir: Path, quiet: bool, as_json: bool, 
     t = Table(title=f"{exp.name}: {len(res.runs)} seeds ({', '.join(map(str, sm['seeds']))})")
     for c in ("", "mean", "std", "per seed"):
         t.add_column(c, justify="left" if c in ("", "per seed") else "right")
-    for k in ("train_accuracy", "val_accuracy", "test_accuracy", "fit_seconds"):
+    for k in ("train_accuracy", "val_accuracy", "test_accuracy", "fit_seconds", "total_seconds"):
+        if k not in sm:  # an ensemble has no fit of its own
+            continue
         v = sm[k]
         t.add_row(k, f"{v['mean']:.4f}", f"{v['std']:.4f}", " / ".join(f"{x:.4f}" for x in v["values"]))
     out.print(t)

@@ -5,6 +5,7 @@ feature extraction and prediction all use."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 
 import torch
@@ -13,6 +14,35 @@ from torch import nn
 from .errors import ConfigError
 
 _THREADS: list[int] = []  # a thread count fixed for this process (data-parallel ranks share the cores)
+_ALLOCATOR: list[bool] = []  # whether keep_freed_memory has run in this process
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD = 32 * 1024 * 1024           # glibc's largest: blocks below it come from the heap
+TRIM_THRESHOLD = 2**31 - 1                   # never give the heap's top back between steps
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's allocator so a training step reuses the memory the previous step freed:
+    by default glibc serves large blocks with fresh mmap()s and returns freed memory to the
+    system, so every step pays page faults again. Measured on the 2-core EPYC (ms per training
+    step, glibc default -> tuned): the session's CNN 15.7 -> 8.5, the deep MLP 13.8 -> 7.1, the
+    fast net 137 -> 117 (jemalloc: 12.8, 10.3, 162). The process keeps its peak memory instead
+    of returning it (CIFAR4_MALLOC=default leaves glibc as it is). Returns whether it applied
+    (glibc only; a no-op elsewhere)."""
+    if _ALLOCATOR:
+        return _ALLOCATOR[0]
+    ok = False
+    if os.environ.get("CIFAR4_MALLOC") == "default":
+        _ALLOCATOR.append(ok)
+        return ok
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
+            bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        ok = False
+    _ALLOCATOR.append(ok)
+    return ok
 
 
 def fix_threads(n: int) -> None:

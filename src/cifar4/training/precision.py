@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,15 @@ def _key(model: nn.Module, batch: int) -> str:
                      f"isa={os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}", model_id])
 
 
+Optimizer = Callable[[nn.Module], torch.optim.Optimizer]
+
+
 def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
-           sample: torch.Tensor | None = None) -> Choice:
+           sample: torch.Tensor | None = None, optimizer: Optimizer | None = None) -> Choice:
     """The precision of a run: as asked, or ('auto') measured on this CPU / the GPU's rule.
-    `sample`: model inputs (N, ...) to time steps on; without it, 'auto' keeps the rule."""
+    `sample`: model inputs (N, ...) to time steps on; without it, 'auto' keeps the rule.
+    `optimizer`: makes the run's optimizer for a model (the trainer passes its own; default
+    plain SGD)."""
     if asked != "auto":
         return Choice(asked, "as asked", {})
     if device.type == "cuda":
@@ -85,7 +91,7 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
     if isinstance(known, dict) and known.get("precision") in ("fp32", "bf16"):
         return Choice(known["precision"], _reason(known["precision"], known.get("seconds", {})),
                       known.get("seconds", {}), cached=True)
-    seconds = measure(model, cfg, sample[:batch], device)
+    seconds = measure(model, sample[:batch], device, optimizer)
     prec = "bf16" if seconds["bf16"] < (1 - MARGIN) * seconds["fp32"] else "fp32"
     try:
         with locks.hold(path.with_name(path.name + ".lock"), "precision cache", wait=True):
@@ -113,10 +119,10 @@ def _read(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def measure(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, device: torch.device) -> dict[str, float]:
+def measure(model: nn.Module, x: torch.Tensor, device: torch.device,
+            optimizer: Optimizer | None = None) -> dict[str, float]:
     """Seconds per training step (forward, loss, backward, optimizer step) in each precision,
     on a copy of the model; torch's random state is restored afterwards."""
-    from .train import make_optimizer  # train.py imports this module
     y = torch.zeros(len(x), dtype=torch.long, device=device)
     out: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -124,7 +130,8 @@ def measure(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, device: torch.d
         for prec in ("fp32", "bf16"):
             net = to_device(copy.deepcopy(model), device)
             net.train()
-            opt = make_optimizer(net, cfg)
+            params = [p for p in net.parameters() if p.requires_grad]
+            opt = optimizer(net) if optimizer is not None else torch.optim.SGD(params, lr=1e-3)
             times = []
             for i in range(1 + PROBE_STEPS):
                 t = time.perf_counter()

@@ -145,8 +145,9 @@ class Trainer:
             self._choose_precision(None)
 
     def _choose_precision(self, sample: torch.Tensor | None) -> None:
-        choice = precision.choose(self.cfg.precision, self.device, self.model, self.cfg, sample) \
-            if self.world.main else None
+        cfg = self.cfg
+        choice = precision.choose(cfg.precision, self.device, self.model, cfg, sample,
+                                  lambda m: make_optimizer(m, cfg)) if self.world.main else None
         if self.world.size > 1:  # every rank computes alike: rank 0's measurement decides
             choice = precision.Choice(**distributed.broadcast(asdict(choice) if choice else None))
         assert choice is not None

@@ -6,7 +6,8 @@ measured, from the JSON that presets.py writes (and GPU results in the same shap
         --gpu results/h100-fast28-gpu-augment.json --png results/frontier-epyc.png
 
 Members of ensemble runs (their own runs inside the ensemble's folder) are points too: a
-member alone is a preset of its own (`transfer`, `fast-24`). Prints a Markdown table: per
+member alone is a preset of its own (`transfer`, `fast-24`). A run made with an empty cache
+(presets.py --cold: a fresh machine) is a point of its own, "(fresh machine)". Prints a Markdown table: per
 preset the mean test accuracy and the mean whole-command seconds, and whether it is on the
 frontier (no faster preset is as accurate).
 """
@@ -36,11 +37,12 @@ def points(files: list[str]) -> dict[str, list[tuple[float, float]]]:
             label = r.get("preset") or r.get("experiment")
             if r.get("time_budget"):
                 label = f"{label} --time-budget {r['time_budget']:g}"
+            cold = " (fresh machine)" if r.get("cold") else ""
             secs = r.get("whole_command_seconds") or r.get("total_seconds")
-            out.setdefault(label, []).append((float(secs), float(r["test_accuracy"])))
+            out.setdefault(label + cold, []).append((float(secs), float(r["test_accuracy"])))
             for m in r.get("members", []):
                 if m.get("total_seconds"):
-                    out.setdefault(f"{m['experiment']} (member)", []).append(
+                    out.setdefault(f"{m['experiment']} (member){cold}", []).append(
                         (float(m["total_seconds"]), float(m["test_accuracy"])))
     return out
 

@@ -45,6 +45,15 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (what runs record and caches key on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
 def fix_threads(n: int) -> None:
     """Use `n` CPU threads from now on, whatever pick_device would choose."""
     _THREADS[:] = [max(1, n)]

@@ -35,7 +35,7 @@ from torch import nn
 from . import io as cio
 from . import locks, models
 from .data.transforms import Normalization
-from .device import inference_precision, pick_device
+from .device import cpu_name, inference_precision, pick_device
 from .errors import CheckpointError, ModelError, RunError
 from .models.weights import load_weights_into, read_weights
 
@@ -115,12 +115,9 @@ def versions() -> dict[str, str]:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
+    if cpu == "unknown CPU":
+        cpu = platform.processor() or platform.machine()
     out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":

@@ -31,7 +31,7 @@ from .. import io as cio
 from .. import locks
 from ..config import TrainConfig
 from ..data import cache_dir
-from ..device import autocast, bf16_is_fast, to_device
+from ..device import autocast, bf16_is_fast, cpu_name, to_device
 
 MARGIN = 0.05          # bf16 must be at least 5 % faster per step
 PROBE_BATCH = 128      # images per measured step (the run's batch size if smaller)
@@ -46,14 +46,6 @@ class Choice:
     reason: str
     seconds: dict[str, float]  # measured seconds per probe step, per precision (empty: not measured)
     cached: bool = False
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
-    except OSError:
-        return "unknown CPU"
 
 
 def cache_path() -> Path:

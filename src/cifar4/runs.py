@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -84,6 +85,18 @@ def create_run_dir(root: str | Path, name: str, run_dir: str | Path | None = Non
         except OSError as e:
             raise RunError(f"cannot create run directory '{path}': {e.strerror or e}") from None
     raise RunError(f"cannot find a free run directory name under '{root}'")
+
+
+def open_run(held: contextlib.ExitStack, root: str | Path, name: str, run_dir: str | Path | None = None,
+             overwrite: bool = False) -> Path:
+    """A new run folder (create_run_dir), locked for as long as `held` is open. With
+    `overwrite`, an existing `run_dir` is locked before it is cleared, so a run another process
+    is training is never replaced."""
+    if run_dir is not None and overwrite and Path(run_dir).is_dir():
+        held.enter_context(locks.run_lock(run_dir))
+    folder = create_run_dir(root, name, run_dir, overwrite)
+    held.enter_context(locks.run_lock(folder))
+    return folder
 
 
 CHECKPOINT_FILE = "best.safetensors"  # ModelCheckpoint: the best epoch's weights (checkpoint_best)

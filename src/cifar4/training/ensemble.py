@@ -20,7 +20,7 @@ import contextlib
 import datetime as _dt
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,14 @@ import torch
 from .. import config as cfgmod
 from .. import data as datamod
 from .. import io as cio
-from .. import locks, models, plots, runs
+from .. import models, plots, runs
 from ..config import Experiment
 from ..data import Dataset
 from ..data.split import split_indices
 from ..data.transforms import Normalization
 from ..device import inference_precision, pick_device
 from ..errors import ConfigError, RunError
-from .evaluate import predict_logits, summarize
+from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures
 
 PARTS = ("train", "val", "test")
@@ -195,7 +195,8 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, 
     }, "ensemble")
     if experiment is not None:  # the experiment that made it, so that `cifar4 train -e config.toml` repeats it
         exp = cfgmod.from_dict({**experiment.to_dict(), "description": exp.description}, "ensemble")
-    with _new_run(out, runs_root, name, overwrite) as folder:
+    with contextlib.ExitStack() as held:
+        folder = runs.open_run(held, runs_root, name, out, overwrite)
         cio.write_text(folder / "config.toml", exp.to_toml())
         cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
         runs.save_model(folder, model, "ensemble", options, ds.classes, Normalization(), "fp32")
@@ -246,25 +247,7 @@ def _train_rows(m: Member) -> int:
     return int(n) if n else int(m.metrics["split"]["train"])
 
 
-@contextlib.contextmanager
-def _new_run(out: str | Path | None, root: str | Path, name: str, overwrite: bool) -> Iterator[Path]:
-    """The new run folder, locked while it is written (and an existing one replaced with
-    --overwrite only when no other process holds it)."""
-    with contextlib.ExitStack() as held:
-        if out is not None and overwrite and Path(out).is_dir():
-            held.enter_context(locks.run_lock(out))
-        folder = runs.create_run_dir(root, name, out, overwrite)
-        held.enter_context(locks.run_lock(folder))
-        yield folder
-
-
 def _text(m: dict[str, Any]) -> str:
     lines = [f"{mm['experiment']:<20} weight {mm['weight']:.2f}  val {mm['val_accuracy']:.4f}  "
              f"test {mm['test_accuracy']:.4f}  ({mm['run']})" for mm in m["members"]]
-    return "\n".join([
-        *lines,
-        f"Performance on the TRAIN set, ACCURACY= {m['train_accuracy']:.4f}  (loss {m['train_loss']:.4f})"
-        f"  [{m['train_accuracy_images']} of {m['split']['train']} images]",
-        f"Performance on the VAL set,   ACCURACY= {m['val_accuracy']:.4f}  (loss {m['val_loss']:.4f})",
-        f"Performance on the TEST set,  ACCURACY= {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f})",
-    ])
+    return "\n".join([*lines, *accuracy_lines(m)])

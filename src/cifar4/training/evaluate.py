@@ -4,6 +4,8 @@ mirror)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,3 +78,15 @@ def summarize(logits: torch.Tensor, y: torch.Tensor | np.ndarray, classes: tuple
 
 def softmax(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.float(), dim=1).numpy()
+
+
+def accuracy_lines(m: dict[str, Any]) -> list[str]:
+    """The session's closing lines (train, val, test accuracy) from a run's metrics."""
+    n, total = m.get("train_accuracy_images", m["split"]["train"]), m["split"]["train"]
+    return [
+        f"Performance on the TRAIN set, ACCURACY= {m['train_accuracy']:.4f}  (loss {m['train_loss']:.4f})"
+        + (f"  [{n} of {total} images]" if n < total else ""),
+        f"Performance on the VAL set,   ACCURACY= {m['val_accuracy']:.4f}  (loss {m['val_loss']:.4f})",
+        (f"Performance on the TEST set,  ACCURACY= {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f})"
+         if m.get("test_accuracy") is not None else "TEST set held out (not evaluated)"),
+    ]

@@ -32,7 +32,7 @@ from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import distributed
 from .budget import Budget
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
-from .evaluate import predict_logits, summarize
+from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures
 from .tensorboard import TensorBoard
 from .train import Trainer, seed_everything
@@ -104,10 +104,7 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
     main = distributed.world().main
     with contextlib.ExitStack() as held:
         def make_folder() -> str:
-            if run_dir is not None and overwrite and Path(run_dir).is_dir():
-                held.enter_context(locks.run_lock(run_dir))  # never clear a run another process trains
-            folder = runs.create_run_dir(runs_root, run_name or exp_.name, run_dir, overwrite)
-            held.enter_context(locks.run_lock(folder))
+            folder = runs.open_run(held, runs_root, run_name or exp_.name, run_dir, overwrite)
             cio.write_text(folder / "config.toml", exp_.to_toml())
             cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
             return str(folder)
@@ -163,12 +160,10 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
         if continuing:
             assert run_dir is not None
             folder = Path(run_dir)
+            held.enter_context(locks.run_lock(folder))
         else:
-            if run_dir is not None and overwrite and Path(run_dir).is_dir():
-                held.enter_context(locks.run_lock(run_dir))
-                shutil.rmtree(Path(run_dir) / "members", ignore_errors=True)
-            folder = runs.create_run_dir(runs_root, run_name or exp.name, run_dir, overwrite)
-        held.enter_context(locks.run_lock(folder))
+            folder = runs.open_run(held, runs_root, run_name or exp.name, run_dir, overwrite)
+            shutil.rmtree(folder / "members", ignore_errors=True)  # an overwritten ensemble's old members
         cio.write_text(folder / ENSEMBLE_FILE, exp.to_toml())  # config.toml comes with the result
         done = []
         for i, m in enumerate(members, 1):
@@ -491,12 +486,7 @@ def results_text(m: dict[str, Any]) -> str:
     """The session's closing lines, plus the split and timing."""
     s = m["split"]
     return "\n".join([
-        f"Performance on the TRAIN set, ACCURACY= {m['train_accuracy']:.4f}  (loss {m['train_loss']:.4f})"
-        + (f"  [{m['train_accuracy_images']} of {s['train']} images]"
-           if m.get("train_accuracy_images", s["train"]) < s["train"] else ""),
-        f"Performance on the VAL set,   ACCURACY= {m['val_accuracy']:.4f}  (loss {m['val_loss']:.4f})",
-        (f"Performance on the TEST set,  ACCURACY= {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f})"
-         if m.get("test_accuracy") is not None else "TEST set held out (not evaluated)"),
+        *accuracy_lines(m),
         f"split {s['kind']} (seed {s['seed']}): {s['train']} train / {s['val']} val / {s['test']} test; "
         f"{m['epochs']} epochs, {m['iterations']} iterations, {m['train_seconds']:.1f}s training "
         f"({m['seconds_per_epoch']:.2f}s/epoch) on {m['machine']['device']}",

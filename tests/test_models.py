@@ -39,7 +39,7 @@ def test_regularization_options_change_the_architecture():
 
 def test_forward_shapes():
     for name in models.names():
-        if name == "ensemble":  # made from trained runs, not options: tests/test_ensemble.py
+        if models.spec(name).from_runs:  # an ensemble: tests/test_ensemble.py
             continue
         out = models.build(name)(torch.zeros(2, 3, 32, 32))
         assert out.shape == (2, 4)

@@ -21,7 +21,7 @@ from rich.table import Table
 from . import config as cfgmod
 from . import data as datamod
 from . import models as modelsmod
-from .errors import Cifar4Error, ConfigError, DataError, ModelError
+from .errors import Cifar4Error, ConfigError, DataError
 from .training.budget import process_age
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -477,11 +477,7 @@ def list_models() -> None:
     t.add_column("options")
     for n in modelsmod.names():
         s = modelsmod.spec(n)
-        try:
-            tr, nt = modelsmod.count_params(modelsmod.build(n))
-            params = f"{tr + nt:,}"
-        except ModelError:  # made from trained runs (an ensemble), not from options alone
-            params = "-"
+        params = "-" if s.from_runs else f"{sum(modelsmod.count_params(modelsmod.build(n))):,}"
         t.add_row(n, params, s.description, ", ".join(f"{k}={v}" for k, v in s.defaults.items()))
     out.print(t)
 

@@ -86,4 +86,4 @@ def ensemble(num_classes: int = 4, members: Sequence[dict[str, Any]] = (),
 
 
 register("ensemble", "weighted average of trained models' probabilities (cifar4 ensemble)", ensemble,
-         members=[], weights=None)
+         from_runs=True, members=[], weights=None)

@@ -20,13 +20,15 @@ class ModelSpec:
     description: str
     builder: Callable[..., nn.Module]
     defaults: dict[str, Any] = field(default_factory=dict)
+    from_runs: bool = False  # made from trained runs (an ensemble), not from options alone
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, builder: Callable[..., nn.Module], **defaults: Any) -> None:
-    _REGISTRY[name] = ModelSpec(name, description, builder, defaults)
+def register(name: str, description: str, builder: Callable[..., nn.Module], *, from_runs: bool = False,
+             **defaults: Any) -> None:
+    _REGISTRY[name] = ModelSpec(name, description, builder, defaults, from_runs)
 
 
 def names() -> list[str]:

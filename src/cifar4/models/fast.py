@@ -12,11 +12,12 @@ Recipe (the `fast*` experiments hold the training half):
   schedule, decoupled weight decay, flip + 2-pixel translate augmentation on whole batches,
   bf16 autocast on CPU and GPU, and flip test-time augmentation.
 
-Evidence (BENCHMARKS.md; session split, its 3,600-image test set; 2-core Xeon with AMX,
-torch 2.13 CPU, bf16; training seconds = fit wall time including validation):
-- `--preset fast` (4 epochs): 0.9081 +- 0.0023 test accuracy over 3 seeds in 77.7 s;
-  0.9142 +- 0.0059 on two other random splits.
-- `--preset fast-long` (28 epochs, + cutout): 0.9511 +- 0.0017 over 3 seeds in 443 s.
+Evidence (BENCHMARKS.md; 3,600-image test sets, 3 seeds on the session split + 2 other
+splits; torch 2.13 CPU, bf16 chosen by measurement; whole command from start to metrics.json):
+- `--preset fast` (32-128-256 channels, 6 epochs): 0.9195 +- 0.0021 in 61-70 s on a 2-core
+  AMD EPYC (Zen 4); 0.9206 +- 0.0021 in 105-128 s on a 2-core AMX Xeon whose host was busy.
+- `--preset fast-28` (64-256-256, 28 epochs, + cutout; 3 seeds): 0.9511 +- 0.0017 in 443 s of fit on a
+  quiet 2-core AMX Xeon; 0.9509 in 5.7-7.1 s of fit on one H100.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Each run is `cifar4 train --preset NAME --seed S --split-seed K` in a fresh proc
 from before the process starts to its exit (metrics.json written): imports, loading, the
 precision measurement, feature extraction, training, the final evaluation and the files all
 count. `--cold` gives the first run of each preset an empty cache folder (no cached features,
-no cached precision choice: a fresh machine); the later runs use the shared cache, as a user's
-second run does. `--budgets 30 60` runs the first preset with `--time-budget` instead.
+no cached precision choice: a fresh machine); the later runs of that preset use what it
+cached, as a user's second run does. `--budgets 30 60` runs the first preset with `--time-budget` instead.
 
     python benchmarks/presets.py fast fast-long best --seeds 0 1 2 --split-seeds 7 11 --cold
     python benchmarks/presets.py fast --budgets 30 60 90 180 360
@@ -29,7 +29,7 @@ from common import mean_std
 
 
 def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: float | None,
-        runs_dir: Path, data: str | None) -> dict:
+        runs_dir: Path, data: str | None, cold: bool) -> dict:
     cmd = [sys.executable, "-m", "cifar4", "train", "--preset", preset, "--seed", str(seed),
            "--split-seed", str(split_seed), "--runs-dir", str(runs_dir), "--json", "-q"]
     if budget is not None:
@@ -45,7 +45,7 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
     if p.returncode:
         return {"preset": preset, "seed": seed, "split_seed": split_seed, "error": p.stderr.strip()[-300:]}
     m = json.loads(p.stdout)
-    out = {"preset": preset, "seed": seed, "split_seed": split_seed, "cold": cache is not None,
+    out = {"preset": preset, "seed": seed, "split_seed": split_seed, "cold": cache is not None and cold,
            "time_budget": budget, "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
            "whole_command_seconds": round(whole, 2), "total_seconds": m["total_seconds"],
            "fit_seconds": m.get("fit_seconds"), "eval_seconds": m.get("eval_seconds"),
@@ -77,12 +77,13 @@ def main() -> None:
             for p in a.presets:
                 plan += [(p, s, 42, None) for s in a.seeds] + [(p, 0, k, None) for k in a.split_seeds]
         first: set[str] = set()
-        for i, (preset, seed, split_seed, budget) in enumerate(plan):
-            cache = None
-            if a.cold and preset not in first:
-                cache = str(Path(tmp) / f"cache-{i}")
+        for preset, seed, split_seed, budget in plan:
+            # --cold: each preset's first run starts with an empty cache folder of its own, and
+            # its later runs find what that run cached (not the user's cache, which a new
+            # machine has empty too: then a second run would extract again)
+            cache = str(Path(tmp) / f"cache-{preset}") if a.cold else None
+            r = run(preset, seed, split_seed, cache, budget, runs_dir, a.data, cold=preset not in first)
             first.add(preset)
-            r = run(preset, seed, split_seed, cache, budget, runs_dir, a.data)
             print(json.dumps(r), flush=True)
             rows.append(r)
     if a.out:

@@ -122,8 +122,8 @@ def measure(model: nn.Module, x: torch.Tensor, device: torch.device,
         for prec in ("fp32", "bf16"):
             net = to_device(copy.deepcopy(model), device)
             net.train()
-            params = [p for p in net.parameters() if p.requires_grad]
-            opt = optimizer(net) if optimizer is not None else torch.optim.SGD(params, lr=1e-3)
+            opt = optimizer(net) if optimizer is not None else \
+                torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3)
             times = []
             for i in range(1 + PROBE_STEPS):
                 t = time.perf_counter()

@@ -24,6 +24,12 @@ def test_standardization_uses_training_statistics():
     assert torch.allclose(out.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
     assert torch.allclose(out.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-2)
     assert Normalization.from_dict(n.to_dict()) == n
+    # the histogram path for uint8 gives what float64 moments give
+    x64 = X.reshape(-1, 3).astype(np.float64) / 255
+    assert np.allclose(n.mean, x64.mean(0), rtol=0, atol=1e-12)
+    assert np.allclose(n.std, x64.std(0), rtol=0, atol=1e-12)
+    floats = Normalization.from_config(True, True, X.astype(np.float32))
+    assert np.allclose(floats.mean, n.mean, atol=1e-9) and np.allclose(floats.std, n.std, atol=1e-9)
 
 
 def test_one_hot_is_to_categorical():

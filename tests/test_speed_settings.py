@@ -44,6 +44,51 @@ def test_auto_precision_is_measured_once_per_machine_and_model(tmp_path, monkeyp
     assert precision.choose("fp32", torch.device("cpu"), model, cfg, x).reason == "as asked"
 
 
+def test_matmul_weight_gradients_match_the_librarys(monkeypatch):
+    from cifar4.models import layers
+    torch.manual_seed(0)
+    for c_in, c_out, side, used in [(64, 96, 7, True), (128, 64, 3, True), (32, 64, 7, False), (64, 64, 9, False)]:
+        conv = layers.Conv3x3(c_in, c_out).to(memory_format=torch.channels_last)
+        x = torch.randn(8, c_in, side, side).to(memory_format=torch.channels_last)
+        g = torch.randn(8, c_out, side, side)
+        results = []
+        for on in (False, True):
+            calls = []
+            monkeypatch.setattr(layers._MatmulWeightGrad, "apply",
+                                lambda *a, _f=layers._MatmulWeightGrad.apply: calls.append(1) or _f(*a))
+            layers.matmul_weight_grads(conv, on)
+            conv.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = conv(xi)
+            y.backward(g.to(y.dtype))
+            assert bool(calls) == (on and used)  # only small, wide maps take the matmul path
+            results.append((y.float(), xi.grad.clone(), conv.weight.grad.clone()))
+        (y0, gx0, gw0), (y1, gx1, gw1) = results
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1)  # forward and input gradient: the library's
+        assert gw1.dtype == torch.float32 and gw1.shape == gw0.shape
+        assert (gw1 - gw0).norm() / gw0.norm() < 1e-2  # bf16 sums in another order
+    # in fp32, or without gradients, the layer is the plain convolution
+    layers.matmul_weight_grads(conv, True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(conv(x), torch.nn.functional.conv2d(x.bfloat16(), conv.weight.bfloat16(), padding=1))
+
+
+def test_a_fast_net_is_also_timed_with_matmul_weight_gradients(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    model = models.build("fast", widths=[16, 64, 64])
+    seconds = precision.measure(model, torch.rand(16, 3, 32, 32), torch.device("cpu"))
+    assert set(seconds) == {"fp32", "bf16", precision.MATMUL}
+    choice = precision.choose("auto", torch.device("cpu"), model, config.TrainConfig(batch_size=16),
+                              torch.rand(16, 3, 32, 32))
+    assert choice.matmul_weight_grads == (choice.precision == "bf16" and choice.seconds[precision.MATMUL]
+                                          < (1 - precision.MARGIN) * choice.seconds["bf16"])
+    assert "weight gradients as matmuls" in choice.reason
+    again = precision.choose("auto", torch.device("cpu"), model, config.TrainConfig(batch_size=16),
+                             torch.rand(16, 3, 32, 32))
+    assert again.cached and again.matmul_weight_grads == choice.matmul_weight_grads
+
+
 def test_the_measurement_leaves_the_run_untouched(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
     model = models.build("cnn")

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .layers import Conv3x3
 from .registry import register
 
 
@@ -61,11 +62,11 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
 
 
-class IdentityInitConv(nn.Conv2d):
+class IdentityInitConv(Conv3x3):
     """3x3 conv, same padding, no bias, starting as identity on its first channels."""
 
     def __init__(self, c_in: int, c_out: int):
-        super().__init__(c_in, c_out, kernel_size=3, padding="same", bias=False)
+        super().__init__(c_in, c_out)
         nn.init.kaiming_normal_(self.weight, nonlinearity="linear")
         with torch.no_grad():
             self.weight.mul_(0.5)

@@ -67,3 +67,68 @@ class BatchNormalization1D(nn.BatchNorm1d):
 class BatchNormalization2D(nn.BatchNorm2d):
     def __init__(self, n: int):
         super().__init__(n, eps=1e-3, momentum=0.01)
+
+
+# ---------------------------------------------------------------- 3x3 convolutions (fast nets)
+
+MATMUL_WGRAD_MAX_PIXELS = 64    # feature maps of at most 8x8 ...
+MATMUL_WGRAD_MIN_CHANNELS = 64  # ... with at least 64 input channels
+
+
+class _MatmulWeightGrad(torch.autograd.Function):
+    """A 3x3, stride-1, zero-padded convolution whose backward computes the weight gradient as
+    one matmul over the padded input's nine shifts (im2col), and the input gradient with the
+    library's kernel. On the 2-core AMX Xeon, oneDNN's bf16 weight-gradient kernel took 35 ms
+    for the fast net's 256->256 layer at 3x3 (its forward: 8 ms) and 32 ms for 128->256 at 7x7;
+    the matmul took 7.4 and 18 ms (batch 256). For larger maps with few channels the library
+    wins, so only small, wide maps take this path (and only when training measured it faster:
+    training/precision.py)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return F.conv2d(x, w, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                     [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            n, c, h, wd = x.shape
+            xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # NHWC, zero border
+            cols = torch.cat([xp[:, i:i + h, j:j + wd] for i in range(3) for j in range(3)], -1)
+            g2 = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
+            gw = (g2.T @ cols.reshape(-1, 9 * c)).view(-1, 3, 3, c).permute(0, 3, 1, 2)
+        return gx, gw
+
+
+class Conv3x3(nn.Conv2d):
+    """3x3 convolution, stride 1, 'same' padding, no bias. With `matmul_weight_grad` set (see
+    `matmul_weight_grads`), bf16 training steps on a CPU take the weight gradient of small,
+    wide feature maps as a matmul (_MatmulWeightGrad); the forward pass and its values are the
+    same either way."""
+
+    matmul_weight_grad = False
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, kernel_size=3, padding="same", bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.matmul_weight_grad and x.device.type == "cpu" and torch.is_grad_enabled()
+                and torch.is_autocast_enabled("cpu") and self.weight.requires_grad
+                and x.shape[-2] * x.shape[-1] <= MATMUL_WGRAD_MAX_PIXELS
+                and self.in_channels >= MATMUL_WGRAD_MIN_CHANNELS):
+            return _MatmulWeightGrad.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
+        return super().forward(x)
+
+
+def matmul_weight_grads(model: nn.Module, on: bool) -> int:
+    """Switch the matmul weight gradient of `model`'s Conv3x3 layers; returns how many it has."""
+    layers = [m for m in model.modules() if isinstance(m, Conv3x3)]
+    for m in layers:
+        m.matmul_weight_grad = on
+    return len(layers)

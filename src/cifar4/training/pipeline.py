@@ -451,7 +451,8 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
     if choice is not None:
         metrics["precision_choice"] = {"asked": exp.train.precision, "chosen": choice.precision,
                                        "reason": choice.reason, "step_seconds": choice.seconds,
-                                       "cached": choice.cached}
+                                       "cached": choice.cached,
+                                       "matmul_weight_grads": choice.matmul_weight_grads}
     metrics["steps"] = run.trainer.steps_done
     if run.trainer.budget is not None:
         metrics["time_budget"] = run.trainer.budget.summary()

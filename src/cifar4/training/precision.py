@@ -7,7 +7,10 @@ throw-away copy, with the run's batch, optimizer and loss; the run's random stre
 they were) and keeps the faster; bf16 must win by MARGIN to be chosen, since fp32 is exact. The
 answer is cached per CPU model, torch version, thread count, oneDNN instruction-set limit and
 model, in <cache>/precision.json ($CIFAR4_CACHE or the user cache folder), so each machine
-measures each model once. On a GPU, "auto" is bf16 where the GPU supports it (tensor cores).
+measures each model once. A model with 3x3 convolutions (models/layers.Conv3x3: the fast nets)
+is also timed in bf16 with the weight gradients of its small, wide maps taken as matmuls; that
+is kept where it wins by MARGIN (on the AMX Xeon, oneDNN's bf16 weight-gradient kernel is
+3-4x slower than its forward one for those maps). On a GPU, "auto" is bf16 where the GPU supports it (tensor cores).
 An explicit fp32 or bf16 (`--precision`) is used as given.
 """
 
@@ -32,12 +35,14 @@ from .. import locks
 from ..config import TrainConfig
 from ..data import cache_dir
 from ..device import autocast, bf16_is_fast, cpu_name, to_device
+from ..models.layers import matmul_weight_grads
 
 MARGIN = 0.05          # bf16 must be at least 5 % faster per step
 PROBE_BATCH = 128      # images per measured step (the run's batch size if smaller)
 PROBE_STEPS = 3        # timed steps per precision, after one warm-up step
 EMULATED = 10.0        # a bf16 warm-up this many times fp32's: emulated bf16, not timed further
-CACHE_VERSION = 2      # part of the key: a changed measurement invalidates older answers
+CACHE_VERSION = 3      # part of the key: a changed measurement invalidates older answers
+MATMUL = "bf16-matmul-wgrad"  # bf16 with the small maps' weight gradients as matmuls
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Choice:
     reason: str
     seconds: dict[str, float]  # measured seconds per probe step, per precision (empty: not measured)
     cached: bool = False
+    matmul_weight_grads: bool = False  # bf16 steps take the small maps' weight gradients as matmuls
 
 
 def cache_path() -> Path:
@@ -81,26 +87,33 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
     path = cache_path()
     known = _read(path).get(key)
     if isinstance(known, dict) and known.get("precision") in ("fp32", "bf16"):
-        return Choice(known["precision"], _reason(known["precision"], known.get("seconds", {})),
-                      known.get("seconds", {}), cached=True)
+        mm = bool(known.get("matmul_weight_grads", False))
+        return Choice(known["precision"], _reason(known["precision"], known.get("seconds", {}), mm),
+                      known.get("seconds", {}), cached=True, matmul_weight_grads=mm)
     seconds = measure(model, sample[:batch], device, optimizer)
-    prec = "bf16" if seconds["bf16"] < (1 - MARGIN) * seconds["fp32"] else "fp32"
+    fastest_bf16 = min(seconds["bf16"], seconds.get(MATMUL, seconds["bf16"]))
+    prec = "bf16" if fastest_bf16 < (1 - MARGIN) * seconds["fp32"] else "fp32"
+    mm = prec == "bf16" and seconds.get(MATMUL, seconds["bf16"]) < (1 - MARGIN) * seconds["bf16"]
     try:
         with locks.hold(path.with_name(path.name + ".lock"), "precision cache", wait=True):
             table = _read(path)
-            table[key] = {"precision": prec, "seconds": seconds, "cpu": cpu_name(),
-                          "torch": torch.__version__, "batch": batch}
+            table[key] = {"precision": prec, "matmul_weight_grads": mm, "seconds": seconds,
+                          "cpu": cpu_name(), "torch": torch.__version__, "batch": batch}
             cio.write_json(path, table)
     except (OSError, locks.LockedError):  # an unwritable cache only costs a new measurement next time
         pass
-    return Choice(prec, _reason(prec, seconds), seconds)
+    return Choice(prec, _reason(prec, seconds, mm), seconds, matmul_weight_grads=mm)
 
 
-def _reason(prec: str, seconds: dict[str, float]) -> str:
+def _reason(prec: str, seconds: dict[str, float], mm: bool = False) -> str:
     if not seconds:
         return ""
-    return (f"a training step took {seconds['bf16'] * 1000:.0f} ms in bf16 against "
+    text = (f"a training step took {seconds['bf16'] * 1000:.0f} ms in bf16 against "
             f"{seconds['fp32'] * 1000:.0f} ms in fp32 on this CPU ({cpu_name()})")
+    if MATMUL in seconds:
+        text += (f"; {seconds[MATMUL] * 1000:.0f} ms in bf16 with the small maps' weight gradients "
+                 f"as matmuls ({'used' if mm else 'not used'})")
+    return text
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -113,14 +126,19 @@ def _read(path: Path) -> dict[str, Any]:
 
 def measure(model: nn.Module, x: torch.Tensor, device: torch.device,
             optimizer: Optimizer | None = None) -> dict[str, float]:
-    """Seconds per training step (forward, loss, backward, optimizer step) in each precision,
-    on a copy of the model; torch's random state is restored afterwards."""
+    """Seconds per training step (forward, loss, backward, optimizer step) in each precision
+    (and, for a model with 3x3 convolutions on a CPU with native bf16, in bf16 with matmul
+    weight gradients: the MATMUL key), on a copy of the model; torch's random state is
+    restored afterwards."""
     y = torch.zeros(len(x), dtype=torch.long, device=device)
     out: dict[str, float] = {}
     first: dict[str, float] = {}
+    modes = [("fp32", "fp32"), ("bf16", "bf16"), (MATMUL, "bf16")]
     with torch.random.fork_rng(devices=[]):
-        for prec in ("fp32", "bf16"):
+        for mode, prec in modes:
             net = to_device(copy.deepcopy(model), device)
+            if mode == MATMUL and (device.type != "cpu" or not matmul_weight_grads(net, True)):
+                continue  # a GPU, or no 3x3 convolutions
             net.train()
             opt = optimizer(net) if optimizer is not None else \
                 torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3)
@@ -135,11 +153,13 @@ def measure(model: nn.Module, x: torch.Tensor, device: torch.device,
                 opt.step()
                 times.append(time.perf_counter() - t)
                 if i == 0:
-                    first[prec] = times[0]
+                    first[mode] = times[0]
                     # emulated bf16 (no native support: with oneDNN held to AVX2 a fast-net step took
                     # 25.6 s against 1.7 s in fp32) loses at once, without the timed steps. A native
                     # bf16 warm-up (oneDNN generating its kernels) measured up to 3.5x fp32's.
-                    if prec == "bf16" and times[0] > EMULATED * first["fp32"]:
+                    if mode == "bf16" and times[0] > EMULATED * first["fp32"]:
                         break
-            out[prec] = round(min(times[1:] or times), 5)
+            out[mode] = round(min(times[1:] or times), 5)
+            if len(times) == 1:
+                break  # emulated bf16: its warm-up step says enough
     return out

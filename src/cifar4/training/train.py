@@ -24,6 +24,7 @@ from ..config import TrainConfig
 from ..data.transforms import Augment, BatchAugment, InputTransform
 from ..device import autocast, to_device
 from ..errors import ConfigError
+from ..models.layers import matmul_weight_grads
 from . import distributed, precision
 from .budget import PLAN_AFTER, Budget
 from .callbacks import Callback, History
@@ -152,6 +153,7 @@ class Trainer:
             choice = precision.Choice(**distributed.broadcast(asdict(choice) if choice else None))
         assert choice is not None
         self.precision_choice, self.precision = choice, choice.precision
+        matmul_weight_grads(self.model, choice.matmul_weight_grads)
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         return autocast(self.device, self.precision)

@@ -10,12 +10,15 @@ Recipe (the `fast*` experiments hold the training half):
 - a global max-pool, then a bias-free linear head scaled down so logits start small;
 - trained with label smoothing, Nesterov SGD, a one-cycle (linear warm-up and decay)
   schedule, decoupled weight decay, flip + 2-pixel translate augmentation on whole batches,
-  bf16 autocast on CPU and GPU, and flip test-time augmentation.
+  bf16 autocast on CPU and GPU (on a CPU where it measures faster, the weight gradients of
+  the small, wide maps as matmuls: layers.Conv3x3), and flip (+ shift) test-time views.
 
 Evidence (BENCHMARKS.md; 3,600-image test sets, 3 seeds on the session split + 2 other
 splits; torch 2.13 CPU, bf16 chosen by measurement; whole command from start to metrics.json):
-- `--preset fast` (32-128-256 channels, 6 epochs): 0.9195 +- 0.0021 in 61-70 s on a 2-core
-  AMD EPYC (Zen 4); 0.9206 +- 0.0021 in 105-128 s on a 2-core AMX Xeon whose host was busy.
+- `--preset fast` (32-96-192 channels, 6 epochs, six test-time views): 0.9172 +- 0.0027 in
+  68-76 s (102 s for a fresh machine's first run in the host's busiest minutes) on a 2-core
+  AMX Xeon whose host was busy. Before it, 32-128-256 with the flip view: 0.9195 +- 0.0021 in
+  61-70 s on a 2-core AMD EPYC (Zen 4), 0.9206 +- 0.0021 in 105-128 s on the busy Xeon.
 - `--preset fast-28` (64-256-256, 28 epochs, + cutout; 3 seeds): 0.9511 +- 0.0017 in 443 s of fit on a
   quiet 2-core AMX Xeon; 0.9509 in 5.7-7.1 s of fit on one H100.
 """

@@ -47,15 +47,16 @@ def test_auto_precision_is_measured_once_per_machine_and_model(tmp_path, monkeyp
 def test_matmul_weight_gradients_match_the_librarys(monkeypatch):
     from cifar4.models import layers
     torch.manual_seed(0)
+    calls: list[int] = []
+    plain = layers._MatmulWeightGrad.apply
+    monkeypatch.setattr(layers._MatmulWeightGrad, "apply", lambda *a: calls.append(1) or plain(*a))
     for c_in, c_out, side, used in [(64, 96, 7, True), (128, 64, 3, True), (32, 64, 7, False), (64, 64, 9, False)]:
         conv = layers.Conv3x3(c_in, c_out).to(memory_format=torch.channels_last)
         x = torch.randn(8, c_in, side, side).to(memory_format=torch.channels_last)
         g = torch.randn(8, c_out, side, side)
         results = []
         for on in (False, True):
-            calls = []
-            monkeypatch.setattr(layers._MatmulWeightGrad, "apply",
-                                lambda *a, _f=layers._MatmulWeightGrad.apply: calls.append(1) or _f(*a))
+            calls.clear()
             layers.matmul_weight_grads(conv, on)
             conv.zero_grad()
             xi = x.clone().requires_grad_(True)

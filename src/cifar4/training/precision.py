@@ -91,9 +91,9 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
         return Choice(known["precision"], _reason(known["precision"], known.get("seconds", {}), mm),
                       known.get("seconds", {}), cached=True, matmul_weight_grads=mm)
     seconds = measure(model, sample[:batch], device, optimizer)
-    fastest_bf16 = min(seconds["bf16"], seconds.get(MATMUL, seconds["bf16"]))
-    prec = "bf16" if fastest_bf16 < (1 - MARGIN) * seconds["fp32"] else "fp32"
-    mm = prec == "bf16" and seconds.get(MATMUL, seconds["bf16"]) < (1 - MARGIN) * seconds["bf16"]
+    mm = seconds.get(MATMUL, seconds["bf16"]) < (1 - MARGIN) * seconds["bf16"]  # the matmuls must win too
+    prec = "bf16" if seconds[MATMUL if mm else "bf16"] < (1 - MARGIN) * seconds["fp32"] else "fp32"
+    mm = mm and prec == "bf16"
     try:
         with locks.hold(path.with_name(path.name + ".lock"), "precision cache", wait=True):
             table = _read(path)

@@ -16,7 +16,7 @@ Recipe (the `fast*` experiments hold the training half):
 Evidence (BENCHMARKS.md; 3,600-image test sets, 3 seeds on the session split + 2 other
 splits; torch 2.13 CPU, bf16 chosen by measurement; whole command from start to metrics.json):
 - `--preset fast` (32-96-192 channels, 6 epochs, six test-time views): 0.9172 +- 0.0027 in
-  68-76 s (102 s for a fresh machine's first run in the host's busiest minutes) on a 2-core
+  68-82 s (one fresh machine's first run: 102 s, in the host's busiest minutes) on a 2-core
   AMX Xeon whose host was busy. Before it, 32-128-256 with the flip view: 0.9195 +- 0.0021 in
   61-70 s on a 2-core AMD EPYC (Zen 4), 0.9206 +- 0.0021 in 105-128 s on the busy Xeon.
 - `--preset fast-28` (64-256-256, 28 epochs, + cutout; 3 seeds): 0.9511 +- 0.0017 in 443 s of fit on a

@@ -25,6 +25,26 @@ def test_cnn_summary_rows_read_like_keras():
     assert rows[-1] == ("dense (Dense)", "(None, 4)", 9220)
 
 
+def test_cnn_pools_before_its_relu_with_the_same_values_and_gradients():
+    """ReLU after the pool (4x fewer values) is the session's conv -> ReLU -> pool."""
+    torch.manual_seed(0)
+    net = models.build("cnn").double()
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+
+    def reference(x):
+        for name in ("conv2d", "conv2d_1"):
+            conv = getattr(net, name)
+            x = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias)), 2)
+        return net.dense(x.flatten(1))
+
+    got, want = net(x), reference(x)
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got.square().sum(), list(net.parameters()))
+    g_want = torch.autograd.grad(reference(x).square().sum(), list(net.parameters()))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_mlp20_param_breakdown():
     rows = models.summary(models.build("mlp-20")).rows
     assert [r[2] for r in rows] == [0, 0, 3072 * 20 + 20, 21 * 4]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from cifar4.data.transforms import Augment, Normalization, flip, one_hot, translate
+from cifar4.data.transforms import Augment, Normalization, affine, flip, one_hot, translate
 
 
 def test_scaling_is_the_sessions_divide_by_255():
@@ -63,3 +66,19 @@ def test_augment_is_seeded_and_keeps_shape():
     b = aug(x, torch.Generator().manual_seed(3))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
     assert not Augment().active and aug.active
+
+
+def test_affine_samples_the_grid_of_f_affine_grid():
+    """The broadcast grid is F.affine_grid's for the same random angles and shifts."""
+    x = torch.rand(6, 3, 32, 24)
+    out = affine(x, 15.0, 0.1, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    ang = (torch.rand(6, generator=g) * 2 - 1) * math.radians(15.0)
+    tx = (torch.rand(6, generator=g) * 2 - 1) * 0.2
+    ty = (torch.rand(6, generator=g) * 2 - 1) * 0.2
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    want = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False),
+                         mode="bilinear", padding_mode="border", align_corners=False)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)

@@ -160,10 +160,15 @@ def affine(x: torch.Tensor, rotation: float, shift: float,
     ang = (torch.rand(n, generator=generator, device=_on(generator)) * 2 - 1) * math.radians(rotation)
     tx = (torch.rand(n, generator=generator, device=_on(generator)) * 2 - 1) * shift * 2  # grid units span 2
     ty = (torch.rand(n, generator=generator, device=_on(generator)) * 2 - 1) * shift * 2
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    theta = theta.to(device=x.device, dtype=torch.float32)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    cos, sin = (torch.cos(ang).to(x.device), torch.sin(ang).to(x.device))
+    tx, ty = tx.to(x.device), ty.to(x.device)
+    # F.affine_grid's sampling grid, by broadcasting over pixel centres instead of its batched
+    # matmul (the same grid to 5e-7; 0.15 instead of 0.55 ms for 100 images on the 2-core EPYC)
+    h, w = x.shape[-2:]
+    xs = ((torch.arange(w, device=x.device, dtype=torch.float32) * 2 + 1) / w - 1).view(1, 1, w)
+    ys = ((torch.arange(h, device=x.device, dtype=torch.float32) * 2 + 1) / h - 1).view(1, h, 1)
+    c, s = cos.view(n, 1, 1), sin.view(n, 1, 1)
+    grid = torch.stack([c * xs - s * ys + tx.view(n, 1, 1), s * xs + c * ys + ty.view(n, 1, 1)], -1)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.to(x.dtype).contiguous(memory_format=torch.channels_last)
 

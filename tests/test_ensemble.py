@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -124,6 +125,24 @@ def test_an_ensemble_experiment_trains_its_members(tiny, tmp_path, monkeypatch):
         assert m["seed"] == 3 and m["split"]["seed"] == 5
     assert res.metrics["weights_chosen"] == "validation"
     assert config.from_dict(config.read_toml(tmp_path / "both" / "config.toml")).ensemble is not None
+
+
+def test_an_ensembles_time_limit_goes_to_its_last_member(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, d in MEMBERS.items():
+        (tmp_path / f"{name}.toml").write_text(config.from_dict({"name": name, **d}).to_toml())
+    exp = config.from_dict({"name": "both", "ensemble": {"members": ["cnn.toml", "fast.toml"]},
+                            "train": {"time_limit": 400}})
+    t0 = time.perf_counter()
+    res = pipeline.train(exp, tiny, run_dir=tmp_path / "both", progress=False, started=t0 - 50)
+    first = runs.read_metrics(tmp_path / "both" / "members" / "1-cnn")
+    last = runs.read_metrics(tmp_path / "both" / "members" / "2-fast")
+    assert "time_limit" not in first  # the earlier members run as they are
+    # the last: what was left of 400 s (50 already spent before the call), less the combining
+    limit, most = last["time_limit"]["seconds"], 400 - 50 - pipeline.ENSEMBLE_SECONDS
+    assert most - (time.perf_counter() - t0) <= limit <= most
+    assert last["epochs"] == last["time_limit"]["max_epochs"]  # tiny members fit
+    assert res.metrics["total_seconds"] >= 50
 
 
 def test_ensemble_experiments_set_only_what_they_share():

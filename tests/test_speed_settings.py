@@ -147,3 +147,34 @@ def test_a_budget_spent_before_training_is_a_clear_error(tiny, tmp_path):
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_budget": 1}})})
     with pytest.raises(ConfigError, match="time budget 1 s"):
         pipeline.train(exp, tiny, runs_root=tmp_path, progress=False, started=time.perf_counter() - 5)
+
+
+def test_a_time_limit_that_fits_keeps_the_epochs_and_their_numbers(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    plain = config.from_dict({"name": "f", **SMALL_FAST})
+    limited = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_limit": 600}})})
+    a = pipeline.train(plain, tiny, runs_root=tmp_path / "a", progress=False).metrics
+    b = pipeline.train(limited, tiny, runs_root=tmp_path / "b", progress=False).metrics
+    assert "time_limit" not in a and b["time_limit"]["max_epochs"] == 2 and b["time_limit"]["plans"]
+    assert b["epochs"] == a["epochs"] == 2 and b["steps"] == a["steps"]
+    assert b["test_accuracy"] == a["test_accuracy"] and b["val_loss"] == a["val_loss"]  # the same run
+
+
+def test_a_time_limit_that_does_not_fit_shortens_the_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": 5000, "time_limit": 6}})})
+    m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False).metrics
+    spe, total = m["steps_per_epoch"], m["time_limit"]["plans"][-1]["total_steps"]
+    assert m["steps"] == total < 5000 * spe and m["epochs"] == -(-total // spe)
+    assert lr_factor("linear", 0.2, total)(total) == 0.0  # the schedule still ends where training does
+
+
+def test_epochs_given_lift_a_presets_time_limit():
+    assert config.load("fast").train.time_limit == 87
+    assert config.load("fast", {"train": {"epochs": 9}}).train.time_limit == 0
+    assert config.from_flags("fast", {"epochs": 9}).train.time_limit == 0
+    assert config.from_flags("fast", {"epochs": 9, "time_limit": 50}).train.time_limit == 50
+    assert config.from_flags("fast", {"time_limit": 0}).train.time_limit == 0
+    assert config.from_flags("fast", {"epochs": 9}, sets=["train.time_limit=40"]).train.time_limit == 40
+    with pytest.raises(ConfigError, match="time_limit"):
+        config.from_flags("fast", {"time_limit": -1})

@@ -104,6 +104,10 @@ def train(
                                                 help="Finish within SECONDS from the command's start to "
                                                      "metrics.json: the number of steps and the schedule "
                                                      "are fitted to the measured speed of this machine."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", metavar="SECONDS",
+                                               help="Keep the experiment's epochs where they fit in SECONDS "
+                                                    "from the command's start to metrics.json, else fit the "
+                                                    "steps to SECONDS (`fast` has 87; 0: no limit)."),
     data: Optional[Path] = DataOpt,
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the experiment's)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
@@ -129,7 +133,7 @@ def train(
              "seed": seed, "device": device, "precision": precision, "split": split,
              "split_seed": split_seed, "scale": scale, "standardize": standardize,
              "early_stopping": early_stopping, "augment": augment, "seeds": seeds or None,
-             "time_budget": time_budget}
+             "time_budget": time_budget, "time_limit": time_limit}
     if resume is not None:
         cfgmod.check_resume_flags({"experiment": experiment, "preset": preset, "option": option,
                                    "set": set_, "name": name, "run_dir": run_dir, "tensorboard": tensorboard,

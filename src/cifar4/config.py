@@ -95,6 +95,9 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     time_budget: float | None = Field(default=None, gt=0)  # seconds from the command's start to
                                                            # metrics.json: epochs and schedule fit it
+    time_limit: float = Field(default=0, ge=0)  # at most these seconds from the command's start to
+    # metrics.json: the epochs run as set where they fit, else the steps and schedule are fitted
+    # to the limit, as time_budget does (0: no limit; time_budget, when set, replaces it)
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainConfig:
@@ -143,7 +146,9 @@ class SweepParam(_Strict):
 
 class EnsembleConfig(_Strict):
     """An experiment made of experiments: each member is trained (with this experiment's split,
-    seed, device and precision), then their probabilities are averaged (training/ensemble.py)."""
+    seed, device and precision), then their probabilities are averaged (training/ensemble.py).
+    An ensemble's train.time_limit counts for the whole command: its last member gets what is
+    left of it when it starts."""
 
     members: list[str] = Field(min_length=2)  # built-in experiment names or TOML files
     weights: list[float] | Literal["equal", "val"] = "equal"  # "val": chosen on validation
@@ -151,7 +156,7 @@ class EnsembleConfig(_Strict):
 
 
 # What an ensemble experiment may set beyond its members: the rest belongs to the members' files.
-ENSEMBLE_TRAIN_KEYS = ("seed", "seeds", "device", "precision")
+ENSEMBLE_TRAIN_KEYS = ("seed", "seeds", "device", "precision", "time_limit")
 ENSEMBLE_DATA_KEYS = ("split", "split_seed", "train_subset", "eval_subset")
 
 
@@ -314,8 +319,20 @@ def load_dict(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
 
 
 def load(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """A built-in experiment or TOML file, with `overrides` merged in. An experiment's
+    train.time_limit belongs to its epochs: overrides that set train.epochs without a
+    time_limit lift it (`--preset fast --epochs 20` trains 20 epochs)."""
     d, where = load_dict(name_or_path)
-    return from_dict(merge(d, overrides or {}), where)
+    over = overrides or {}
+    return from_dict(merge(_lift_time_limit(d, over), over), where)
+
+
+def _lift_time_limit(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` without its train.time_limit when `overrides` set train.epochs and no limit."""
+    t = overrides.get("train")
+    if isinstance(t, dict) and "epochs" in t and "time_limit" not in t and isinstance(base.get("train"), dict):
+        return {**base, "train": {k: v for k, v in base["train"].items() if k != "time_limit"}}
+    return base
 
 
 def parse_options(items: list[str], flag: str = "--option") -> dict[str, Any]:
@@ -363,7 +380,7 @@ FLAG_KEYS: dict[str, str] = {
     "optimizer": "train.optimizer", "lr": "train.lr", "l2": "train.l2", "seed": "train.seed",
     "device": "train.device", "precision": "train.precision", "split": "data.split",
     "split_seed": "data.split_seed", "scale": "data.scale", "standardize": "data.standardize",
-    "seeds": "train.seeds", "time_budget": "train.time_budget",
+    "seeds": "train.seeds", "time_budget": "train.time_budget", "time_limit": "train.time_limit",
 }
 # Flags that build a table: --early-stopping PATIENCE, --augment/--no-augment.
 TABLE_FLAGS = ("early_stopping", "augment")
@@ -415,11 +432,12 @@ def from_flags(start: str | Path | None = None, flags: dict[str, Any] | None = N
     model = flags.get("model")
     if model is not None and model != base.get("model", {}).get("name", model):
         base = {**base, "model": {"name": model}}  # another model: its options start fresh
-    merged = merge(base, flag_overrides(flags))
+    over, sets_over = flag_overrides(flags), parse_sets(sets or [])
+    merged = merge(_lift_time_limit(base, merge(over, sets_over)), over)
     opts = parse_options(options or [], "--option")
     if opts:
         merged = merge(merged, {"model": {"options": opts}})
-    merged = merge(merged, parse_sets(sets or []))
+    merged = merge(merged, sets_over)
     merged.setdefault("name", merged.get("model", {}).get("name", "cnn"))
     if name:
         merged["name"] = name

@@ -1,5 +1,7 @@
 """`--time-budget SECONDS`: the user says how long they can wait, from the command's start to
-metrics.json; training fits its length to that.
+metrics.json; training fits its length to that. `--time-limit SECONDS` (train.time_limit, which
+the `fast` preset sets) is the same measurement used as a ceiling: the experiment's epochs run
+as set where they fit, and are shortened (the schedule fitted to the steps that fit) where not.
 
 The trainer measures its own speed (seconds per training step over the first steps, and the
 seconds of one inference pass per image, timed on validation images), then sets the number of
@@ -44,12 +46,19 @@ class Budget:
     seconds: float
     deadline: float
     eval_images: int                    # image-views of the final evaluation
+    max_epochs: int | None = None       # a time limit (train.time_limit): never more than these
     plans: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def starting(cls, seconds: float, started: float, eval_images: int) -> Budget:
-        """`started`: the perf_counter time the command started."""
-        return cls(seconds, started + seconds, eval_images)
+    def starting(cls, seconds: float, started: float, eval_images: int,
+                 max_epochs: int | None = None) -> Budget:
+        """`started`: the perf_counter time the command started. `max_epochs`: a limit rather
+        than a budget: the run keeps its epochs where they fit and is shortened where not."""
+        return cls(seconds, started + seconds, eval_images, max_epochs)
+
+    @property
+    def kind(self) -> str:
+        return "time limit" if self.max_epochs is not None else "time budget"
 
     def steps(self, done: int, step_seconds: float, image_seconds: float, val_images: int,
               steps_per_epoch: int) -> int:
@@ -60,10 +69,15 @@ class Budget:
         per_step = step_seconds + val_images * image_seconds / steps_per_epoch
         more = max(0, math.floor(left / per_step)) if per_step > 0 else 0
         total = max(done, done + more, 1)
+        if self.max_epochs is not None:
+            total = max(done, 1, min(total, self.max_epochs * steps_per_epoch))
         self.plans.append({"after_steps": done, "seconds_left": round(self.deadline - now, 2),
                            "step_seconds": round(step_seconds, 4),
                            "final_eval_seconds": round(final_eval, 2), "total_steps": total})
         return total
 
     def summary(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "plans": self.plans}
+        out: dict[str, Any] = {"seconds": self.seconds, "plans": self.plans}
+        if self.max_epochs is not None:
+            out["max_epochs"] = self.max_epochs
+        return out

@@ -128,7 +128,8 @@ def member_experiment(exp: Experiment, member: str) -> Experiment:
     assert exp.ensemble is not None
     d = cfgmod.load(member).to_dict()
     d["data"] = {**d["data"], **{k: getattr(exp.data, k) for k in cfgmod.ENSEMBLE_DATA_KEYS}}
-    shared = {k: getattr(exp.train, k) for k in cfgmod.ENSEMBLE_TRAIN_KEYS if k != "seeds"}
+    # the ensemble's time limit is the whole command's: _train_ensemble hands it to the last member
+    shared = {k: getattr(exp.train, k) for k in cfgmod.ENSEMBLE_TRAIN_KEYS if k not in ("seeds", "time_limit")}
     if exp.train.precision == "auto":  # the member's own choice stands unless the ensemble overrides it
         shared.pop("precision")
     d["train"] = {**d["train"], **shared}
@@ -173,9 +174,27 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
             elif continuing and (sub / "state" / "last.json").exists():
                 done.append(resume(sub, ds, progress).run_dir)
             else:
+                if i == len(members) and exp.train.time_limit:
+                    m = _last_member_limit(m, exp.train.time_limit - (time.perf_counter() - t0))
                 done.append(train(m, ds, run_dir=sub, overwrite=True, progress=progress).run_dir)
         return make_ensemble(done, out=folder, weights=exp.ensemble.weights, data=ds, name=exp.name,
                              overwrite=True, device=exp.train.device, experiment=exp, started=t0)
+
+
+ENSEMBLE_SECONDS = 6.0    # combining the members (their saved predictions) and writing the run
+MIN_MEMBER_SECONDS = 30.0  # the last member's limit when the others overran the ensemble's
+
+
+def _last_member_limit(member: Experiment, left: float) -> Experiment:
+    """The last member of an ensemble with a time limit: limited to what is left of it (less
+    the combining), or to its own limit if that is shorter. Where the earlier members left
+    almost nothing, it still trains a short run (MIN_MEMBER_SECONDS) so the ensemble ends."""
+    limit = max(MIN_MEMBER_SECONDS, left - ENSEMBLE_SECONDS)
+    if member.train.time_limit:
+        limit = min(limit, member.train.time_limit)
+    d = member.to_dict()
+    d["train"] = {**d["train"], "time_limit": round(limit, 1)}
+    return cfgmod.from_dict(cfgmod._without_none(d), f"ensemble member '{member.name}'")
 
 
 def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
@@ -270,14 +289,16 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         run.trainer.log = lambda msg: bar.console.print(msg, highlight=False, soft_wrap=True)
     if resume_state is not None:
         _restore(run, resume_state)
-    elif exp.train.time_budget is not None:  # a resumed run keeps the steps planned at its start
+    elif exp.train.time_budget is not None or exp.train.time_limit:  # a resumed run keeps its planned steps
         views = len(tta_views(torch.zeros(1, 3, 4, 4), exp.train.tta))
         parts = ("val", "test") if run.test else ("val",)
         eval_images = len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
-        run.trainer.budget = Budget.starting(exp.train.time_budget, t_start, eval_images)
-        spent = time.perf_counter() - t_start
-        if spent >= exp.train.time_budget:
-            raise ConfigError(f"time budget {exp.train.time_budget:g} s is spent before training starts "
+        budget = exp.train.time_budget  # a budget replaces a limit
+        run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, eval_images,
+                                             max_epochs=None if budget is not None else exp.train.epochs)
+        spent, b = time.perf_counter() - t_start, run.trainer.budget
+        if spent >= b.seconds:
+            raise ConfigError(f"{b.kind} {b.seconds:g} s is spent before training starts "
                               f"({spent:.1f} s to start, load the data and build the model); expected more "
                               f"than {spent:.0f} s")
     rows, fit_seconds = _fit(run)
@@ -454,8 +475,9 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
                                        "cached": choice.cached,
                                        "matmul_weight_grads": choice.matmul_weight_grads}
     metrics["steps"] = run.trainer.steps_done
-    if run.trainer.budget is not None:
-        metrics["time_budget"] = run.trainer.budget.summary()
+    if run.trainer.budget is not None:  # what a --time-budget or a time limit planned
+        key = "time_limit" if run.trainer.budget.max_epochs is not None else "time_budget"
+        metrics[key] = run.trainer.budget.summary()
     if not run.test:
         metrics["held_out_test"] = True  # per_class_accuracy and confusion are on the validation split
     digest = models.backbone_digest(run.model)

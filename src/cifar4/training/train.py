@@ -186,7 +186,10 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, logs)
             if self.budget is not None and self.steps_done < self.total_steps:
+                before = self.total_steps
                 self._plan(seconds / max(1, self._epoch_steps), len(x_val), announce=False)
+                if self.budget.max_epochs is not None and self.total_steps < before:
+                    self._announce(seconds / max(1, self._epoch_steps))  # a time limit cuts in
         for cb in self.callbacks:
             cb.on_train_end(self)
         assert self.history is not None
@@ -229,13 +232,27 @@ class Trainer:
         self.total_steps = self.budget.steps(self.steps_done, step_seconds, image_seconds, val_images,
                                              self.steps_per_epoch)
         self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))
-        if announce and self.log is not None:
-            plan = self.budget.plans[-1]
-            self.log(f"time budget {self.budget.seconds:g} s: {plan['seconds_left']:.1f} s left after "
-                     f"{self.steps_done} steps of {1000 * step_seconds:.0f} ms; final evaluation about "
-                     f"{plan['final_eval_seconds']:.1f} s -> {self.total_steps} steps "
-                     f"({self.total_steps / self.steps_per_epoch:.2f} epochs), "
-                     f"the {self.cfg.schedule} schedule fitted to them")
+        if announce:
+            self._announce(step_seconds)
+
+    def _announce(self, step_seconds: float) -> None:
+        """Say what the time budget or limit chose."""
+        assert self.budget is not None
+        if self.log is None:
+            return
+        b, plan = self.budget, self.budget.plans[-1]
+        measured = (f"{b.kind} {b.seconds:g} s: {plan['seconds_left']:.1f} s left after {self.steps_done} "
+                    f"steps of {1000 * step_seconds:.0f} ms; final evaluation about "
+                    f"{plan['final_eval_seconds']:.1f} s")
+        fitted = (f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs), "
+                  f"the {self.cfg.schedule} schedule fitted to them")
+        if b.max_epochs is None:
+            self.log(f"{measured} -> {fitted}")
+        elif self.total_steps >= b.max_epochs * self.steps_per_epoch:
+            self.log(f"{measured} -> its {b.max_epochs} epochs fit")
+        else:
+            self.log(f"{measured} -> its {b.max_epochs} epochs do not fit: {fitted} "
+                     f"(--time-limit 0 lifts the limit)")
 
     def _train_epoch(self, x_store: torch.Tensor, y_store: torch.Tensor) -> tuple[float, float]:
         """One pass over the training set in a fresh random order (or what is left of the

@@ -10,8 +10,9 @@
     GET  /report/           the lab report, with --lab
 
 Every model is loaded once, when first asked for, and gets one worker thread: requests queue
-their uploads there, and the worker decodes them and runs everything waiting as one batch
-(up to MAX_BATCH images). One thread doing all decoding and inference keeps memory flat under
+their uploads there, and the worker decodes them and runs everything waiting (up to MAX_BATCH
+images) in forward passes of exactly FORWARD_IMAGES images, so that an upload's answer does not
+depend on which other requests were waiting. One thread doing all decoding and inference keeps memory flat under
 many clients (one allocator arena, no per-thread copies) and uses the cores through torch's own
 threads; nothing process-wide changes per request. Bad requests
 get a 4xx status and {"error": "one line"}; an unexpected failure is a 500 with a one-line
@@ -46,7 +47,8 @@ from .predict import predict_arrays
 
 MAX_BYTES = 10 * 1024 * 1024  # per uploaded file
 MAX_FILES = 32                # per request
-MAX_BATCH = 256               # images the worker puts through the model at once
+MAX_BATCH = 256               # images the worker takes from the waiting requests at once
+FORWARD_IMAGES = 8            # images per forward pass, always (padded): answers independent of batching
 SEARCH = (Path("runs"), Path("lab") / "runs", Path("lab-quick") / "runs")
 
 
@@ -114,8 +116,15 @@ class Batcher:
         if not ready:
             return
         try:
+            X = np.stack([x for _, xs in ready for x in xs])
+            n = len(X)
+            # Every forward pass takes exactly FORWARD_IMAGES images (the last padded with
+            # blanks): oneDNN's kernels, and so the last digits of the probabilities, depend on
+            # the batch size, and an upload's answer must not depend on who else was waiting.
+            X = np.concatenate([X, np.zeros((-n % FORWARD_IMAGES, *X.shape[1:]), X.dtype)])
             with torch.inference_mode():
-                probs = predict_arrays(self.loaded, np.stack([x for _, xs in ready for x in xs]), self.tta)
+                probs = np.concatenate([predict_arrays(self.loaded, X[i:i + FORWARD_IMAGES], self.tta)
+                                        for i in range(0, len(X), FORWARD_IMAGES)])[:n]
         except Exception as e:  # a bug: every job of the batch reports it, the worker lives on
             for job, _ in ready:
                 job.done.set_exception(e)

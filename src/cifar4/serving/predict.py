@@ -30,10 +30,12 @@ class Prediction:
     error: str | None = None
 
 
-def predict_arrays(loaded: LoadedModel, X: np.ndarray, tta: int = 0) -> np.ndarray:
-    """Probabilities (N, C) for uint8 images (N, 32, 32, 3)."""
+def predict_arrays(loaded: LoadedModel, X: np.ndarray, tta: int = 0, batch_size: int = 1000) -> np.ndarray:
+    """Probabilities (N, C) for uint8 images (N, 32, 32, 3), in forward passes of at most
+    `batch_size` images."""
     logits = predict_logits(loaded.model, torch.from_numpy(np.ascontiguousarray(X)), loaded.norm,
-                            device=loaded.device, precision=loaded.inference_precision, tta=tta)
+                            batch_size=batch_size, device=loaded.device,
+                            precision=loaded.inference_precision, tta=tta)
     return softmax(logits)
 
 

@@ -12,8 +12,8 @@
 Every model is loaded once, when first asked for, and gets one worker thread: requests queue
 their uploads there, and the worker decodes them and runs everything waiting (up to MAX_BATCH
 images) in forward passes of exactly FORWARD_IMAGES images, so that an upload's answer does not
-depend on which other requests were waiting. One thread doing all decoding and inference keeps memory flat under
-many clients (one allocator arena, no per-thread copies) and uses the cores through torch's own
+depend on which other requests were waiting. One thread doing all decoding and inference keeps
+memory flat under many clients (one allocator arena, no per-thread copies) and uses the cores through torch's own
 threads; nothing process-wide changes per request. Bad requests
 get a 4xx status and {"error": "one line"}; an unexpected failure is a 500 with a one-line
 error, never a traceback.
@@ -123,8 +123,7 @@ class Batcher:
             # the batch size, and an upload's answer must not depend on who else was waiting.
             X = np.concatenate([X, np.zeros((-n % FORWARD_IMAGES, *X.shape[1:]), X.dtype)])
             with torch.inference_mode():
-                probs = np.concatenate([predict_arrays(self.loaded, X[i:i + FORWARD_IMAGES], self.tta)
-                                        for i in range(0, len(X), FORWARD_IMAGES)])[:n]
+                probs = predict_arrays(self.loaded, X, self.tta, batch_size=FORWARD_IMAGES)[:n]
         except Exception as e:  # a bug: every job of the batch reports it, the worker lives on
             for job, _ in ready:
                 job.done.set_exception(e)

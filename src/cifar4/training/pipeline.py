@@ -192,9 +192,7 @@ def _last_member_limit(member: Experiment, left: float) -> Experiment:
     limit = max(MIN_MEMBER_SECONDS, left - ENSEMBLE_SECONDS)
     if member.train.time_limit:
         limit = min(limit, member.train.time_limit)
-    d = member.to_dict()
-    d["train"] = {**d["train"], "time_limit": round(limit, 1)}
-    return cfgmod.from_dict(cfgmod._without_none(d), f"ensemble member '{member.name}'")
+    return member.model_copy(update={"train": member.train.model_copy(update={"time_limit": round(limit, 1)})})
 
 
 def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ SMALL_FAST = {"model": {"name": "fast", "options": {"widths": [16, 32, 32]}},
 
 def test_auto_precision_is_measured_once_per_machine_and_model(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: True)  # timed even on an AVX2-only CPU
     model = models.build("cnn")
     cfg = config.TrainConfig(batch_size=64)
     x = torch.rand(64, 3, 32, 32)
@@ -37,7 +39,8 @@ def test_auto_precision_is_measured_once_per_machine_and_model(tmp_path, monkeyp
     assert again.cached and again.precision == first.precision
     table = json.loads((tmp_path / "precision.json").read_text())
     (key, entry), = table.items()
-    assert precision.cpu_name() in key and torch.__version__ in key and entry["precision"] == first.precision
+    assert precision.cpu_name() in key and precision.cpu_features() in key and torch.__version__ in key
+    assert entry["precision"] == first.precision
     # another model is measured for itself; an explicit choice is used as given
     assert not precision.choose("auto", torch.device("cpu"), models.build("mlp-20"), cfg,
                                 x).cached
@@ -75,8 +78,22 @@ def test_matmul_weight_gradients_match_the_librarys(monkeypatch):
         assert torch.equal(conv(x), torch.nn.functional.conv2d(x.bfloat16(), conv.weight.bfloat16(), padding=1))
 
 
+def test_a_cpu_without_bf16_arithmetic_takes_fp32_untimed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: False)  # as on an AVX2-only CPU
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("measured"))
+    choice = precision.choose("auto", torch.device("cpu"), models.build("fast", widths=[16, 32, 32]),
+                              config.TrainConfig(batch_size=16), torch.rand(16, 3, 32, 32))
+    assert (choice.precision, choice.seconds, choice.matmul_weight_grads) == ("fp32", {}, False)
+    assert "no bf16 arithmetic" in choice.reason and precision.cpu_features() in choice.reason
+    assert not (tmp_path / "precision.json").exists()
+    assert precision.choose("bf16", torch.device("cpu"), models.build("cnn"), config.TrainConfig(),
+                            torch.rand(4, 3, 32, 32)).precision == "bf16"  # --precision still rules
+
+
 def test_a_fast_net_is_also_timed_with_matmul_weight_gradients(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: True)
     model = models.build("fast", widths=[16, 64, 64])
     seconds = precision.measure(model, torch.rand(16, 3, 32, 32), torch.device("cpu"))
     assert set(seconds) == {"fp32", "bf16", precision.MATMUL}
@@ -108,7 +125,8 @@ def test_a_run_records_its_precision_choice_and_is_reproducible(tiny, tmp_path, 
     a = pipeline.train(exp, tiny, runs_root=tmp_path / "a", progress=False)
     b = pipeline.train(exp, tiny, runs_root=tmp_path / "b", progress=False)
     assert a.metrics["precision_choice"]["chosen"] == a.metrics["precision"]
-    assert b.metrics["precision_choice"]["cached"]
+    choice = b.metrics["precision_choice"]
+    assert choice["cached"] or "no bf16 arithmetic" in choice["reason"]  # AVX2 only: nothing to measure
     assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"] and a.history == [
         {**r, "seconds": a.history[i]["seconds"]} for i, r in enumerate(b.history)]
 
@@ -122,7 +140,11 @@ def test_on_an_avx2_only_cpu_the_run_works_and_measures_there(bigger_npz, tmp_pa
     m = json.loads(p.stdout)
     choice = m["precision_choice"]
     assert choice["chosen"] == m["precision"]
-    assert "isa=AVX2" in next(iter(json.loads((tmp_path / "cache" / "precision.json").read_text())))
+    assert m["machine"]["cpu_features"]
+    if "no bf16 arithmetic" in choice["reason"]:  # an AVX2-only CPU: nothing to time
+        assert choice["chosen"] == "fp32" and not (tmp_path / "cache" / "precision.json").exists()
+    else:  # an AVX-512 CPU held to AVX2: timed (emulated bf16 loses), cached under that limit
+        assert "isa=AVX2" in next(iter(json.loads((tmp_path / "cache" / "precision.json").read_text())))
     if choice["chosen"] == "bf16":
         assert choice["step_seconds"]["bf16"] < choice["step_seconds"]["fp32"]
 
@@ -178,3 +200,42 @@ def test_epochs_given_lift_a_presets_time_limit():
     assert config.from_flags("fast", {"epochs": 9}, sets=["train.time_limit=40"]).train.time_limit == 40
     with pytest.raises(ConfigError, match="time_limit"):
         config.from_flags("fast", {"time_limit": -1})
+
+
+def test_fallbacks_are_checked_as_variants_of_the_experiment(tmp_path):
+    base = {"name": "f", **config.merge(SMALL_FAST, {"train": {"time_limit": 60}})}
+    for fallbacks, expected in [([{"data": {"split": "official"}}], "fallbacks[0] sets 'data'"),
+                                ([{"train": {"tta": 1}}, {"model": {"options": {"widths": [8, 8]}}}],
+                                 "experiment fallbacks[1]: model 'fast' cannot be built"),
+                                ([{"train": {"epochs": 0}}], "experiment fallbacks[0]: train.epochs")]:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            config.from_dict({**base, "fallbacks": fallbacks})
+    exp = config.from_dict({**base, "fallbacks": [{"model": {"options": {"widths": [8, 8, 8]}}}]})
+    assert exp.fallback(0).model.options["widths"] == [8, 8, 8] and exp.fallback(0).fallbacks == []
+    (tmp_path / "f.toml").write_text(exp.to_toml())
+    assert config.load(tmp_path / "f.toml").fallbacks == exp.fallbacks
+    assert "fallbacks" not in config.from_dict(base).to_dict()  # runs without them write as before
+    assert config.load("fast").fallbacks  # the preset has them
+
+
+@pytest.mark.parametrize("epochs, used", [(1, None), (100000, 1)])
+def test_a_time_limit_takes_the_first_variant_that_fits(tiny, tmp_path, monkeypatch, epochs, used):
+    """One epoch of tiny data fits 600 s on any machine; 75,000 epochs fit none: then the last
+    fallback runs, untimed, after the experiment and the first fallback were timed."""
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": epochs, "time_limit": 600}}),
+                            "fallbacks": [{"model": {"options": {"widths": [8, 16, 16]}}},
+                                          {"model": {"options": {"widths": [8, 8, 8]}}, "train": {"epochs": 1}}]})
+    r = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False)
+    fb = r.metrics["fallback"]
+    assert fb["used"] == used and fb["fits"] == config.FALLBACK_FITS
+    assert [t["fallback"] for t in fb["tried"]] == ([None] if used is None else [None, 0])
+    assert all(t["step_seconds"] > 0 and t["image_seconds"] > 0 for t in fb["tried"])
+    widths = [16, 32, 32] if used is None else [8, 8, 8]
+    assert r.metrics["model_options"]["widths"] == widths and r.metrics["epochs"] == 1
+    ran = config.load(r.run_dir / "config.toml")
+    assert ran.model.options["widths"] == widths and ran.fallbacks == []  # what ran; --resume continues it
+    # without a limit the experiment runs as written
+    r = pipeline.train(exp.model_copy(update={"train": exp.train.model_copy(update={"time_limit": 0, "epochs": 1})}),
+                       tiny, runs_root=tmp_path / "nolimit", progress=False)
+    assert "fallback" not in r.metrics and r.metrics["model_options"]["widths"] == [16, 32, 32]

@@ -156,6 +156,8 @@ class EnsembleConfig(_Strict):
 
 
 # What an ensemble experiment may set beyond its members: the rest belongs to the members' files.
+FALLBACK_SECTIONS = ("model", "train", "augment")
+FALLBACK_FITS = 0.75  # a variant fits where a time limit leaves it this share of the experiment's epochs
 ENSEMBLE_TRAIN_KEYS = ("seed", "seeds", "device", "precision", "time_limit")
 ENSEMBLE_DATA_KEYS = ("split", "split_seed", "train_subset", "eval_subset")
 
@@ -169,6 +171,12 @@ class Experiment(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     sweep: dict[str, SweepParam] = Field(default_factory=dict)  # key path -> distribution (cifar4 sweep)
     ensemble: EnsembleConfig | None = None  # members trained, then averaged (the model section unused)
+    # lighter variants for slower machines, each a table of model / train / augment keys merged
+    # into the experiment: where train.time_limit would cut its epochs short (under
+    # FALLBACK_FITS of them), the first variant that fits that many is trained instead, the
+    # last where none does (pipeline._fit_to_limit; the run records the choice as `fallback`). Without a
+    # time limit (`--epochs N`, `--time-limit 0`, a time budget) the experiment runs as written.
+    fallbacks: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _ensemble_only_shared_keys(self) -> Experiment:
@@ -188,10 +196,31 @@ class Experiment(_Strict):
                              f"expected one per member")
         return self
 
+    @model_validator(mode="after")
+    def _fallbacks_are_variants(self) -> Experiment:
+        if not self.fallbacks:
+            return self
+        if self.ensemble is not None:
+            raise ValueError("an ensemble's fallbacks belong to its members' experiments")
+        for i, f in enumerate(self.fallbacks):  # the variants themselves are checked by from_dict
+            extra = sorted(set(f) - set(FALLBACK_SECTIONS))
+            if extra:
+                raise ValueError(f"fallbacks[{i}] sets '{extra[0]}'; expected only "
+                                 f"{', '.join(FALLBACK_SECTIONS)} tables")
+        return self
+
+    def fallback(self, i: int, where: str | None = None) -> Experiment:
+        """The experiment as its i-th fallback makes it (with no fallbacks of its own)."""
+        base = self.to_dict()
+        base.pop("fallbacks", None)
+        return from_dict(merge(base, self.fallbacks[i]), f"{where or self.name} fallbacks[{i}]")
+
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", by_alias=True, exclude_none=False)
         if d.get("ensemble") is None:
             d.pop("ensemble", None)
+        if not d["fallbacks"]:
+            del d["fallbacks"]
         d["sweep"] = {k: {a: b for a, b in v.items() if b is not None} for k, v in d["sweep"].items()}
         if not d["sweep"]:
             del d["sweep"]
@@ -237,6 +266,8 @@ def from_dict(d: dict[str, Any], where: str = "experiment") -> Experiment:
                                   f"single experiments")
     for path, param in exp.sweep.items():
         _check_sweep_path(d, path, param, where)
+    for i in range(len(exp.fallbacks)):
+        exp.fallback(i, where)
     return exp
 
 

@@ -54,6 +54,30 @@ def cpu_name() -> str:
         return "unknown CPU"
 
 
+def cpu_features() -> str:
+    """What tells CPUs of one model name apart (a VM's "AMD EPYC" may be a Zen 4 with AVX-512
+    and bf16 dot products or a Zen 3 with AVX2 only): family and model numbers, the vector
+    instruction set torch dispatches to, and the bf16 units, e.g. "family 25 model 17, AVX512,
+    avx512_bf16". Runs record it; the precision cache keys on it."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                k, _, v = ln.partition(":")
+                k = k.strip()
+                if k in ("cpu family", "model", "flags") and k not in fields:
+                    fields[k] = v.strip()
+                if not ln.strip() and fields:
+                    break
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    parts = [f"family {fields['cpu family']} model {fields['model']}"] if "model" in fields else []
+    parts.append(torch.backends.cpu.get_cpu_capability())
+    parts += [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return ", ".join(parts)
+
+
 def fix_threads(n: int) -> None:
     """Use `n` CPU threads from now on, whatever pick_device would choose."""
     _THREADS[:] = [max(1, n)]

@@ -36,7 +36,7 @@ from torch import nn
 from . import io as cio
 from . import locks, models
 from .data.transforms import Normalization
-from .device import cpu_name, inference_precision, pick_device
+from .device import cpu_features, cpu_name, inference_precision, pick_device
 from .errors import CheckpointError, ModelError, RunError
 from .models.weights import load_weights_into, read_weights
 
@@ -131,7 +131,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     cpu = cpu_name()
     if cpu == "unknown CPU":
         cpu = platform.processor() or platform.machine()
-    out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+    out = {"platform": platform.platform(), "cpu": cpu, "cpu_features": cpu_features(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)

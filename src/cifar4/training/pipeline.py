@@ -26,16 +26,19 @@ from ..config import Experiment
 from ..data import Dataset
 from ..data.split import Split, split_indices
 from ..data.transforms import Augment, FeatureInput, Normalization, tta_views
-from ..device import keep_freed_memory, pick_device
+from ..device import autocast, keep_freed_memory, pick_device, to_device
 from ..errors import Cifar4Error, ConfigError, RunError
+from ..models.layers import matmul_weight_grads
 from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import distributed
 from .budget import Budget
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures
+from .precision import PROBE_BATCH, step_times
+from .precision import choose as choose_precision
 from .tensorboard import TensorBoard
-from .train import Trainer, seed_everything
+from .train import Trainer, make_optimizer, seed_everything
 
 
 class _SaveEachEpoch(Callback):
@@ -281,6 +284,16 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         bar.console.print(f"{exp.name}: {exp.model.name} on {len(run.idx['train'])} images "
                           f"({run.split.kind} split), {exp.train.epochs} epochs, {run.device.type}; "
                           f"run directory {folder}", highlight=False, soft_wrap=True)
+    fallback = None
+    if resume_state is None and exp.fallbacks and exp.train.time_limit and exp.train.time_budget is None \
+            and distributed.world().size == 1:  # (torchrun's ranks would have to agree: as written)
+        exp, fallback = _fit_to_limit(run, t_start, None if bar is None else
+                                      lambda msg: bar.console.print(msg, highlight=False, soft_wrap=True))
+        if fallback["used"] is not None:
+            run = _prepare(exp, ds, folder)
+            run.test = evaluate_test
+        if main:  # what runs; a resumed run continues it
+            cio.write_text(folder / "config.toml", exp.to_toml())
     _build_trainer(run, bar, save_state, extra, progress)
     assert run.trainer is not None
     if bar is not None:
@@ -288,11 +301,8 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     if resume_state is not None:
         _restore(run, resume_state)
     elif exp.train.time_budget is not None or exp.train.time_limit:  # a resumed run keeps its planned steps
-        views = len(tta_views(torch.zeros(1, 3, 4, 4), exp.train.tta))
-        parts = ("val", "test") if run.test else ("val",)
-        eval_images = len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
         budget = exp.train.time_budget  # a budget replaces a limit
-        run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, eval_images,
+        run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, _eval_images(run),
                                              max_epochs=None if budget is not None else exp.train.epochs)
         spent, b = time.perf_counter() - t_start, run.trainer.budget
         if spent >= b.seconds:
@@ -306,6 +316,8 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     res, precision, preds = _evaluate_splits(run)
     eval_seconds = time.perf_counter() - t_eval
     metrics = _metrics(run, rows, res, precision, fit_seconds, eval_seconds, resume_state, started_at)
+    if fallback is not None:
+        metrics["fallback"] = fallback
     _write_artifacts(run, rows, res, precision, metrics)
     runs.write_predictions(folder, preds)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 3)
@@ -313,6 +325,90 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
     shutil.rmtree(folder / "state", ignore_errors=True)
     return Result(folder, metrics, rows, run.model)
+
+
+def _eval_images(run: _Fit, exp: Experiment | None = None) -> int:
+    """Image views the final evaluation takes (its train subset, val and test with their views)."""
+    views = len(tta_views(torch.zeros(1, 3, 4, 4), (exp or run.exp).train.tta))
+    parts = ("val", "test") if run.test else ("val",)
+    return len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
+
+
+def _fit_to_limit(run: _Fit, started: float,
+                  log: Callable[[str], None] | None) -> tuple[Experiment, dict[str, Any]]:
+    """Under its time limit, the experiment where its epochs (nearly: FALLBACK_FITS of them) fit,
+    else the first of its fallbacks that fits that many epochs (its own `epochs` may be more:
+    a ceiling), else the last one. Each candidate before the last is timed here: a
+    warm-up and two training steps of a fresh copy in the precision it would use, and a
+    forward pass for the evaluation's cost; the limit's plan (Budget.steps) then says how many
+    of its epochs would fit. On a 2-core AVX2 EPYC (fp32, no bf16 arithmetic) `fast`'s
+    32-96-192 net fitted 1.6 of its 6 epochs (test 0.84); the 16-48-96 fallback fitted 3.8
+    (0.87)."""
+    exp = run.exp
+    candidates = [exp, *(exp.fallback(i) for i in range(len(exp.fallbacks)))]
+    n = {k: len(run.idx[k]) for k in ("train", "val")}
+    rows = run.idx["train"][:max(c.train.batch_size for c in candidates)]
+    x = run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
+    tried: list[dict[str, Any]] = []
+    used = len(candidates) - 1
+    for i, cand in enumerate(candidates[:-1]):
+        def optimizer(m: torch.nn.Module, c: cfgmod.TrainConfig = cand.train) -> torch.optim.Optimizer:
+            return make_optimizer(m, c)
+        with torch.random.fork_rng(devices=[]):
+            model = to_device(models.build(cand.model.name, num_classes=run.ds.num_classes,
+                                           **cand.model.options), run.device)
+            choice = choose_precision(cand.train.precision, run.device, model, cand.train, x[:PROBE_BATCH],
+                                      optimizer)
+            matmul_weight_grads(model, choice.matmul_weight_grads)
+            step = min(step_times(model, x[:cand.train.batch_size], run.device, choice.precision, optimizer,
+                                  steps=2)[1:])
+            image = _forward_seconds(model, x[:INFER_PROBE], run.device, choice.precision)
+        spe = math.ceil(n["train"] / cand.train.batch_size)
+        plan = Budget.starting(cand.train.time_limit, started, _eval_images(run, cand), cand.train.epochs)
+        epochs = plan.steps(0, step, image, n["val"], spe) / spe
+        tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": round(step, 4),
+                      "image_seconds": round(image, 6), "epochs_fit": round(epochs, 2)})
+        if epochs >= cfgmod.FALLBACK_FITS * exp.train.epochs:  # the experiment's epochs, nearly
+            used = i
+            break
+    chosen = candidates[used] if used else exp.model_copy(update={"fallbacks": []})  # what runs, as it runs
+    record = {"used": None if used == 0 else used - 1, "tried": tried, "fits": cfgmod.FALLBACK_FITS}
+    if log is not None and used:
+        t = tried[0]
+        log(f"{exp.name}: its {exp.train.epochs} epochs do not fit its {exp.train.time_limit:g} s time limit "
+            f"here ({t['epochs_fit']:.1f} would, at {1000 * t['step_seconds']:.0f} ms per step): "
+            f"fallbacks[{used - 1}] instead ({_differences(exp, chosen)})")
+    return chosen, record
+
+
+INFER_PROBE = 128  # images of the forward pass timed for a fallback's evaluation cost
+
+
+@torch.no_grad()
+def _forward_seconds(model: torch.nn.Module, x: torch.Tensor, device: torch.device, prec: str) -> float:
+    """Seconds per image of an inference pass (the better of two, after a warm-up)."""
+    model.eval()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        with autocast(device, prec):
+            model(x)
+        times.append(time.perf_counter() - t)
+    return min(times[1:]) / max(1, len(x))
+
+
+def _differences(a: Experiment, b: Experiment) -> str:
+    """'key=value' for each leaf of b that differs from a."""
+    def leaves(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(leaves(v, f"{pre}{k}."))
+            else:
+                out[f"{pre}{k}"] = v
+        return out
+    la, lb = leaves(a.to_dict()), leaves(b.to_dict())
+    return ", ".join(f"{k}={v}" for k, v in lb.items() if la.get(k) != v and not k.startswith("fallbacks"))
 
 
 def _prepare(exp: Experiment, ds: Dataset, folder: Path) -> _Fit:

@@ -5,13 +5,16 @@ alone, or no bf16 at all) and on the model (convolutions gain where dense layers
 `precision = "auto"` on a CPU times a few training steps of the model in fp32 and in bf16 (on a
 throw-away copy, with the run's batch, optimizer and loss; the run's random streams are left as
 they were) and keeps the faster; bf16 must win by MARGIN to be chosen, since fp32 is exact. The
-answer is cached per CPU model, torch version, thread count, oneDNN instruction-set limit and
-model, in <cache>/precision.json ($CIFAR4_CACHE or the user cache folder), so each machine
-measures each model once. A model with 3x3 convolutions (models/layers.Conv3x3: the fast nets)
+answer is cached per CPU model and features (device.cpu_features), torch version, thread count,
+oneDNN instruction-set limit and model, in <cache>/precision.json ($CIFAR4_CACHE or the user
+cache folder), so each machine measures each model once. A CPU without AVX-512 (AVX2 only: no
+bf16 arithmetic at all, oneDNN would emulate it) is not timed: fp32, and the run says why (on a
+2-core AVX2 EPYC the emulated fast-net steps took 3.6 s against 0.29 s in fp32, and timing them
+cost the first run 25 s). A model with 3x3 convolutions (models/layers.Conv3x3: the fast nets)
 is also timed in bf16 with the weight gradients of its small, wide maps taken as matmuls; that
 is kept where it wins by MARGIN (on the AMX Xeon, oneDNN's bf16 weight-gradient kernel is
-3-4x slower than its forward one for those maps). On a GPU, "auto" is bf16 where the GPU supports it (tensor cores).
-An explicit fp32 or bf16 (`--precision`) is used as given.
+3-4x slower than its forward one for those maps). On a GPU, "auto" is bf16 where the GPU
+supports it (tensor cores). An explicit fp32 or bf16 (`--precision`) is used as given.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .. import io as cio
 from .. import locks
 from ..config import TrainConfig
 from ..data import cache_dir
-from ..device import autocast, bf16_is_fast, cpu_name, to_device
+from ..device import autocast, bf16_is_fast, cpu_features, cpu_name, to_device
 from ..models.layers import matmul_weight_grads
 
 MARGIN = 0.05          # bf16 must be at least 5 % faster per step
@@ -62,7 +65,8 @@ def cache_path() -> Path:
 def _key(model: nn.Module, batch: int) -> str:
     shapes = ";".join(f"{n}:{tuple(p.shape)}:{int(p.requires_grad)}" for n, p in model.named_parameters())
     model_id = hashlib.sha256(f"{type(model).__name__}|{shapes}|{batch}".encode()).hexdigest()[:16]
-    return "|".join([f"v{CACHE_VERSION}", cpu_name(), torch.__version__, f"threads={torch.get_num_threads()}",
+    return "|".join([f"v{CACHE_VERSION}", cpu_name(), cpu_features(), torch.__version__,
+                     f"threads={torch.get_num_threads()}",
                      f"isa={os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}", model_id])
 
 
@@ -82,6 +86,9 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
         return Choice("bf16" if bf16 else "fp32", "this GPU " + ("supports" if bf16 else "lacks") + " bf16", {})
     if sample is None or not any(p.requires_grad for p in model.parameters()):
         return Choice("fp32", "nothing to measure", {})
+    if not bf16_is_fast(device):  # no AVX-512 (an AVX2-only CPU): oneDNN would emulate bf16
+        return Choice("fp32", f"this CPU ({cpu_name()}: {cpu_features()}) has no bf16 arithmetic, so "
+                      "bf16 would be emulated, many times slower (not timed)", {})
     batch = min(PROBE_BATCH, cfg.batch_size, len(sample))
     key = _key(model, batch)
     path = cache_path()
@@ -124,41 +131,49 @@ def _read(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def step_times(net: nn.Module, x: torch.Tensor, device: torch.device, prec: str,
+               optimizer: Optimizer | None = None, steps: int = PROBE_STEPS,
+               give_up: float | None = None) -> list[float]:
+    """Seconds of a warm-up training step of `net` (forward, loss, backward, optimizer step)
+    on the batch `x`, then of `steps` more; only the warm-up where it took over `give_up`
+    seconds. `net` itself trains: pass a copy."""
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    net.train()
+    opt = optimizer(net) if optimizer is not None else \
+        torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    times: list[float] = []
+    for i in range(1 + steps):
+        t = time.perf_counter()
+        with autocast(device, prec):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+        if i == 0 and give_up is not None and times[0] > give_up:
+            break
+    return times
+
+
 def measure(model: nn.Module, x: torch.Tensor, device: torch.device,
             optimizer: Optimizer | None = None) -> dict[str, float]:
     """Seconds per training step (forward, loss, backward, optimizer step) in each precision
     (and, for a model with 3x3 convolutions on a CPU with native bf16, in bf16 with matmul
     weight gradients: the MATMUL key), on a copy of the model; torch's random state is
     restored afterwards."""
-    y = torch.zeros(len(x), dtype=torch.long, device=device)
     out: dict[str, float] = {}
-    first: dict[str, float] = {}
     modes = [("fp32", "fp32"), ("bf16", "bf16"), (MATMUL, "bf16")]
     with torch.random.fork_rng(devices=[]):
         for mode, prec in modes:
             net = to_device(copy.deepcopy(model), device)
             if mode == MATMUL and (device.type != "cpu" or not matmul_weight_grads(net, True)):
                 continue  # a GPU, or no 3x3 convolutions
-            net.train()
-            opt = optimizer(net) if optimizer is not None else \
-                torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-            times = []
-            for i in range(1 + PROBE_STEPS):
-                t = time.perf_counter()
-                with autocast(device, prec):
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                times.append(time.perf_counter() - t)
-                if i == 0:
-                    first[mode] = times[0]
-                    # emulated bf16 (no native support: with oneDNN held to AVX2 a fast-net step took
-                    # 25.6 s against 1.7 s in fp32) loses at once, without the timed steps. A native
-                    # bf16 warm-up (oneDNN generating its kernels) measured up to 3.5x fp32's.
-                    if mode == "bf16" and times[0] > EMULATED * first["fp32"]:
-                        break
+            # emulated bf16 (oneDNN held to AVX2 on an AVX-512 CPU: a fast-net step took 25.6 s
+            # against 1.7 s in fp32) loses at once, without the timed steps. A native bf16
+            # warm-up (oneDNN generating its kernels) measured up to 3.5x fp32's step.
+            times = step_times(net, x, device, prec, optimizer, PROBE_STEPS,
+                               give_up=EMULATED * out["fp32"] if mode == "bf16" else None)
             out[mode] = round(min(times[1:] or times), 5)
             if len(times) == 1:
                 break  # emulated bf16: its warm-up step says enough

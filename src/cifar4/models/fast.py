@@ -18,7 +18,9 @@ splits; torch 2.13 CPU, bf16 chosen by measurement; whole command from start to 
 - `--preset fast` (32-96-192 channels, 6 epochs, six test-time views): 0.9172 +- 0.0027 in
   68-82 s (one fresh machine's first run: 102 s, in the host's busiest minutes) on a 2-core
   AMX Xeon whose host was busy. Before it, 32-128-256 with the flip view: 0.9195 +- 0.0021 in
-  61-70 s on a 2-core AMD EPYC (Zen 4), 0.9206 +- 0.0021 in 105-128 s on the busy Xeon.
+  61-70 s on a 2-core AMD EPYC (Zen 4), 0.9206 +- 0.0021 in 105-128 s on the busy Xeon. On a
+  2-core AVX2-only EPYC (Zen 3, fp32) its 87 s limit takes the 16-48-96 fallback: 0.8737 +-
+  0.0051 in 85-87 s (the 32-96-192 net fitted about one epoch there).
 - `--preset fast-28` (64-256-256, 28 epochs, + cutout; 3 seeds): 0.9511 +- 0.0017 in 443 s of fit on a
   quiet 2-core AMX Xeon; 0.9509 in 5.7-7.1 s of fit on one H100.
 """

@@ -52,8 +52,10 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
            "epochs": m.get("epochs"), "precision": m.get("precision"), "cpu": m["machine"]["cpu"],
            "run_dir": m["run_dir"]}
     if m.get("members"):
-        out["members"] = [{k: mm[k] for k in ("experiment", "weight", "val_accuracy", "test_accuracy",
-                                             "total_seconds")} for mm in m["members"]]
+        out["feature_seconds"] = m.get("feature_seconds")
+        out["members"] = [{k: mm.get(k) for k in ("experiment", "weight", "val_accuracy", "test_accuracy",
+                                                 "fit_seconds", "feature_seconds", "total_seconds")}
+                          for mm in m["members"]]
     return out
 
 

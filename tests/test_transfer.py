@@ -172,6 +172,24 @@ def test_folded_inference_backbone_matches_the_training_one():
     assert torch.allclose(fused, plain.detach(), atol=1e-4, rtol=1e-4)
 
 
+def test_a_frozen_transfer_model_trains_its_head_on_cached_features():
+    """The run asks models.base whether only a head trains. Python 3.12's isinstance() on a
+    runtime protocol misses nn.Module's submodules (the head), which made every 3.12 transfer
+    run push each batch through the whole backbone; the check reads members as code does."""
+    frozen = models.build("transfer", weights="none", resolution=32)
+    assert models.cached_features_only(frozen)
+    assert not models.cached_features_only(models.build("transfer", weights="none", resolution=32, finetune=1))
+    assert not models.cached_features_only(models.build("fast"))
+
+    class Dynamic:  # members reachable only through __getattr__, as nn.Module's submodules are
+        def __getattr__(self, name):
+            if name in ("frozen", "head", "resolution", "num_features", "max_batch", "backbone_digest", "embed"):
+                return True
+            raise AttributeError(name)
+    assert models.cached_features_only(Dynamic())
+    assert "head" not in vars(frozen) and "head" in frozen._modules  # what the static lookup misses
+
+
 def test_finetune_trains_only_the_top_blocks_at_a_lower_rate():
     m = models.build("transfer", weights="none", resolution=32, finetune=2)
     stages = m.backbone.stages()

@@ -28,7 +28,7 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, norm: InputTransform
     device = torch.device(device)
     if device.type == "cpu":  # small batches stay in the CPU's caches
         batch_size = min(batch_size, CPU_BATCH)
-    batch_size = inference_batch(model, batch_size)  # large-input models want small batches
+    batch_size = inference_batch(model, batch_size, device)  # large inputs: small CPU batches
     was_training = model.training
     model.eval()
     cast = autocast(device, precision)

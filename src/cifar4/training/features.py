@@ -38,6 +38,7 @@ from ..data import Dataset, cache_dir
 from ..data.transforms import Augment, BatchAugment, FeatureInput, Normalization, ViewSample
 from ..device import autocast, bf16_is_fast, to_device
 from ..errors import DataError
+from ..models.base import inference_batch
 from .evaluate import predict_logits
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: s
     model.eval()
     cast = autocast(device, precision)
     out = np.empty((len(X), model.num_features), np.float16)
-    batch = model.max_batch
+    batch = inference_batch(model, CHUNK, device)
     for i in range(0, len(X), batch):
         x = PIXELS.apply(torch.from_numpy(X[i:i + batch]).to(device))
         if flip:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -48,9 +49,9 @@ def _held_by(lock: Path, pid: int) -> bool:
 
 
 def _lab(npz: Path, lab_dir: Path, *extra: str) -> list[str]:
-    """A lab of two experiments long enough (a few seconds each) for a second lab to meet it."""
+    """A lab of two short experiments (the tests that need it to last hold it with SIGSTOP)."""
     exps = []
-    for name, model, epochs in (("small-mlp", "mlp-20", 6), ("small-cnn", "cnn", 12)):
+    for name, model, epochs in (("small-mlp", "mlp-20", 2), ("small-cnn", "cnn", 4)):
         p = npz.parent / f"{name}.toml"
         p.write_text(f'name = "{name}"\ndescription = "test"\n[model]\nname = "{model}"\n'
                      f'[train]\nepochs = {epochs}\nbatch_size = 16\n')
@@ -111,16 +112,28 @@ def test_two_labs_on_one_folder_train_each_experiment_once(npz, tmp_path):
     lab_dir = tmp_path / "lab"
     first = subprocess.Popen(_lab(npz, lab_dir), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     _wait_for(lambda: _held_by(lab_dir / ".lock", first.pid), what="the first lab's lock")
-    refused = subprocess.run(_lab(npz, lab_dir, "--no-wait"), capture_output=True, text=True)
-    assert refused.returncode == 2
-    _one_line_error(refused.stderr)
-    assert f"lab folder '{lab_dir}' is in use by pid {first.pid}" in refused.stderr
-    second = subprocess.run(_lab(npz, lab_dir), capture_output=True, text=True)
+    # Stopped, the first lab keeps its lock for as long as the test needs, on any machine's speed
+    first.send_signal(signal.SIGSTOP)
+    try:
+        refused = subprocess.run(_lab(npz, lab_dir, "--no-wait"), capture_output=True, text=True)
+        assert refused.returncode == 2
+        _one_line_error(refused.stderr)
+        assert f"lab folder '{lab_dir}' is in use by pid {first.pid}" in refused.stderr
+        second = subprocess.Popen(_lab(npz, lab_dir), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(second.stderr.readline, "")), daemon=True)
+        reader.start()
+        _wait_for(lambda: any("waiting for lab folder" in line for line in lines), what="the second lab to wait")
+    finally:
+        first.send_signal(signal.SIGCONT)
     out1, err1 = first.communicate(timeout=300)
-    assert first.returncode == 0 and second.returncode == 0, (err1, second.stderr)
-    assert f"waiting for lab folder '{lab_dir}': in use by pid {first.pid}" in second.stderr
+    second.wait(timeout=300)
+    reader.join(timeout=10)
+    err2 = "".join(lines)
+    assert first.returncode == 0 and second.returncode == 0, (err1, err2)
+    assert f"waiting for lab folder '{lab_dir}': in use by pid {first.pid}" in err2
     assert err1.count(": test accuracy") == 2  # the first trained both
-    assert second.stderr.count("finished before, kept") == 2  # the second trained nothing
+    assert err2.count("finished before, kept") == 2  # the second trained nothing
     for name in ("small-mlp", "small-cnn"):
         m = runs.read_metrics(lab_dir / "runs" / name)
         assert m["resumed_from_epoch"] is None
@@ -152,11 +165,12 @@ def test_a_lab_killed_while_holding_its_folder_is_continued_at_once(npz, tmp_pat
 @pytest.mark.slow
 def test_resume_refuses_a_run_another_process_is_training(npz, tmp_path):
     run = tmp_path / "run"
-    cmd = [PY, "-m", "cifar4", "train", "--data", str(npz), "--model", "cnn", "--epochs", "30",
+    cmd = [PY, "-m", "cifar4", "train", "--data", str(npz), "--model", "cnn", "--epochs", "6",
            "--batch-size", "16", "--run-dir", str(run), "-q"]
     trainer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for((run / "state" / "last.json").exists, what="the first epoch")
+        trainer.send_signal(signal.SIGSTOP)  # mid-run, holding the run's lock while the test needs it
         listed = runs.list_runs(tmp_path)
         assert [r["status"] for r in listed if r["run"] == str(run)] == ["training"]
         res = subprocess.run([PY, "-m", "cifar4", "train", "--resume", str(run), "--data", str(npz)],
@@ -173,7 +187,7 @@ def test_resume_refuses_a_run_another_process_is_training(npz, tmp_path):
     res = subprocess.run([PY, "-m", "cifar4", "train", "--resume", str(run), "--data", str(npz), "-q",
                           "--json"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["epochs"] == 30
+    assert json.loads(res.stdout)["epochs"] == 6
 
 
 # ---------------------------------------------------------------- one feature-cache file

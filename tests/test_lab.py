@@ -17,6 +17,11 @@ def test_every_session_experiment_exists_and_quick_shrinks_it():
         e = load(name)
         q = lab.quick_version(e)
         assert q.data.train_subset == 2000 and q.train.epochs == max(1, -(-e.train.epochs // 6))
+        if e.model.name == "transfer":  # the backbone at 96 px at most; the native 32 px stays
+            res = e.model.options.get("resolution", 160)
+            assert q.model.options["resolution"] == min(res, 96)
+            assert {k: v for k, v in q.model.options.items() if k != "resolution"} == \
+                {k: v for k, v in e.model.options.items() if k != "resolution"}
 
 
 def test_lab_skips_finished_experiments(tiny, tmp_path):

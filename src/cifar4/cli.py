@@ -518,7 +518,7 @@ def list_experiments() -> None:
 def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiments to run (default: "
                                                          "the whole session, see 'cifar4 experiments')."),
         quick: bool = typer.Option(False, "--quick", help="Same set on a data subset with a sixth of "
-                                   "the epochs (minutes; its own folder)."),
+                                   "the epochs, transfer backbones at 96 px at most (minutes; its own folder)."),
         lab_dir: Optional[Path] = typer.Option(None, "--lab-dir", help="Where the lab keeps its runs "
                                                "(default: lab/, or lab-quick/ with --quick)."),
         report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes "

@@ -165,7 +165,7 @@ def test_a_lab_killed_while_holding_its_folder_is_continued_at_once(npz, tmp_pat
 @pytest.mark.slow
 def test_resume_refuses_a_run_another_process_is_training(npz, tmp_path):
     run = tmp_path / "run"
-    cmd = [PY, "-m", "cifar4", "train", "--data", str(npz), "--model", "cnn", "--epochs", "6",
+    cmd = [PY, "-m", "cifar4", "train", "--data", str(npz), "--model", "cnn", "--epochs", "4",
            "--batch-size", "16", "--run-dir", str(run), "-q"]
     trainer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -187,7 +187,7 @@ def test_resume_refuses_a_run_another_process_is_training(npz, tmp_path):
     res = subprocess.run([PY, "-m", "cifar4", "train", "--resume", str(run), "--data", str(npz), "-q",
                           "--json"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["epochs"] == 6
+    assert json.loads(res.stdout)["epochs"] == 4
 
 
 # ---------------------------------------------------------------- one feature-cache file

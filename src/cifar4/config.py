@@ -475,6 +475,18 @@ def from_flags(start: str | Path | None = None, flags: dict[str, Any] | None = N
     return from_dict(merged, where)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 0.1, ...}: the leaves of a nested experiment dict under dotted keys (an
+    empty table is a leaf of its own)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `overrides` into a copy of `base` (tables merge, values replace)."""
     out = copy.deepcopy(base)

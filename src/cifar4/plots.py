@@ -4,23 +4,32 @@ accuracy; train vs validation), confusion matrices, sample grids, overlaid curve
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from . import io as cio
 
-from . import io as cio  # noqa: E402
+
+def _pyplot() -> Any:
+    """pyplot on the Agg backend, imported where a figure is drawn: a command that draws none
+    (an error, `predict`, `serve`, a refused resume) does not pay matplotlib's import (0.8 s
+    of the 6 s a command spent importing on a 2-core AVX2 EPYC)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def _save(fig, path: Path) -> None:
+    plt = _pyplot()
     cio.write_with(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
 
 def curves(rows: list[dict], path: Path, title: str = "") -> None:
     """Two panels as in the session's display_training_curves: loss and accuracy per epoch."""
+    plt = _pyplot()
     ep = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
@@ -37,6 +46,7 @@ def curves(rows: list[dict], path: Path, title: str = "") -> None:
 
 def member_curves(members: list[tuple[str, list[dict]]], path: Path, title: str = "") -> None:
     """An ensemble's figure: each member's validation accuracy per epoch."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, rows in members:
         if rows:
@@ -51,6 +61,7 @@ def member_curves(members: list[tuple[str, list[dict]]], path: Path, title: str 
 
 
 def confusion(cm: list[list[int]], classes: tuple[str, ...] | list[str], path: Path, title: str = "") -> None:
+    plt = _pyplot()
     cm_a = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4.4, 3.8))
     ax.imshow(cm_a, cmap="Blues")
@@ -69,6 +80,7 @@ def confusion(cm: list[list[int]], classes: tuple[str, ...] | list[str], path: P
 def sample_grid(X: np.ndarray, Y: np.ndarray, classes: tuple[str, ...], path: Path,
                 per_class: int = 8, seed: int = 0) -> None:
     """`per_class` random images of each class, one row per class, labelled."""
+    plt = _pyplot()
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.25))
     axes = np.atleast_2d(axes)
@@ -86,6 +98,7 @@ def sample_grid(X: np.ndarray, Y: np.ndarray, classes: tuple[str, ...], path: Pa
 
 def frontier(points: list[tuple[str, float, float]], path: Path, title: str = "") -> None:
     """(label, seconds, accuracy) points: accuracy against time on a log time axis."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, t, acc in points:
         ax.scatter([t], [acc], s=18)
@@ -101,6 +114,7 @@ def frontier(points: list[tuple[str, float, float]], path: Path, title: str = ""
 
 def compare(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     """Validation loss and accuracy of several runs on shared axes."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for label, rows in runs:
         ep = [r["epoch"] for r in rows]

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from ..errors import ConfigError, DataError
 from . import Dataset
@@ -41,6 +40,9 @@ class Split:
 
 
 def make_split(ds: Dataset, kind: str = "session", seed: int = 42) -> Split:
+    # imported here: scikit-learn's import (1.6-2.1 s on a 2-core CPU) is paid by the commands
+    # that split, not by every command (an error, predict, serve)
+    from sklearn.model_selection import train_test_split
     n = len(ds)
     if kind not in KINDS:
         raise ConfigError(f"split '{kind}' is unknown; expected one of {', '.join(KINDS)}")

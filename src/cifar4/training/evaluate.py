@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import confusion_matrix
 from torch import nn
 
 from ..data.transforms import InputTransform, tta_views
@@ -65,6 +64,7 @@ def report(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Input
 
 def summarize(logits: torch.Tensor, y: torch.Tensor | np.ndarray, classes: tuple[str, ...]) -> dict:
     """`report`'s numbers from logits already computed."""
+    from sklearn.metrics import confusion_matrix  # imported where used: see data/split.py
     y_np = torch.as_tensor(y).cpu().numpy()
     pred = logits.argmax(1).numpy()
     cm = confusion_matrix(y_np, pred, labels=list(range(len(classes))))

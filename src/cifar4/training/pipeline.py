@@ -399,15 +399,7 @@ def _forward_seconds(model: torch.nn.Module, x: torch.Tensor, device: torch.devi
 
 def _differences(a: Experiment, b: Experiment) -> str:
     """'key=value' for each leaf of b that differs from a."""
-    def leaves(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                out.update(leaves(v, f"{pre}{k}."))
-            else:
-                out[f"{pre}{k}"] = v
-        return out
-    la, lb = leaves(a.to_dict()), leaves(b.to_dict())
+    la, lb = cfgmod.flatten(a.to_dict()), cfgmod.flatten(b.to_dict())
     return ", ".join(f"{k}={v}" for k, v in lb.items() if la.get(k) != v and not k.startswith("fallbacks"))
 
 

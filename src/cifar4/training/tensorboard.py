@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import flatten
 from ..errors import MissingExtraError, RunError
 from .callbacks import Callback
 
@@ -28,17 +29,11 @@ def _writer(log_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, (bool, int, float, str)):
-            out[key] = v
-        elif v is not None:
-            out[key] = str(v)
-    return out
+def _hparams(d: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's leaves as TensorBoard takes hyperparameters: scalars, and text for the
+    rest (lists); unset values and empty tables left out."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in flatten(d).items() if v is not None and v != {}}
 
 
 class TensorBoard(Callback):
@@ -58,7 +53,7 @@ class TensorBoard(Callback):
         final = {f"final/{k}": float(metrics[k]) for k in ("train_accuracy", "val_accuracy", "test_accuracy",
                                                            "val_loss", "fit_seconds")
                  if metrics.get(k) is not None}
-        self.writer.add_hparams(_flat({k: v for k, v in config.items() if k != "description"}), final,
+        self.writer.add_hparams(_hparams({k: v for k, v in config.items() if k != "description"}), final,
                                 run_name=".")
         self.writer.close()
 

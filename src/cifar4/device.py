@@ -132,6 +132,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on a CPU), so that a host clock read after
+    it times what ran, not what was launched (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def to_device(module: nn.Module, device: torch.device) -> nn.Module:
     """The module on `device` with channels_last weights (what the CPU's oneDNN and the GPU's
     tensor cores run fastest for convolutions; a no-op for dense layers)."""

@@ -26,7 +26,7 @@ from ..config import Experiment
 from ..data import Dataset
 from ..data.split import Split, split_indices
 from ..data.transforms import Augment, FeatureInput, Normalization, tta_views
-from ..device import autocast, keep_freed_memory, pick_device, to_device
+from ..device import autocast, keep_freed_memory, pick_device, synchronize, to_device
 from ..errors import Cifar4Error, ConfigError, RunError
 from ..models.layers import matmul_weight_grads
 from ..runs import CHECKPOINT_FILE, Result, machine, versions
@@ -393,6 +393,7 @@ def _forward_seconds(model: torch.nn.Module, x: torch.Tensor, device: torch.devi
         t = time.perf_counter()
         with autocast(device, prec):
             model(x)
+        synchronize(device)
         times.append(time.perf_counter() - t)
     return min(times[1:]) / max(1, len(x))
 

@@ -37,7 +37,7 @@ from .. import io as cio
 from .. import locks
 from ..config import TrainConfig
 from ..data import cache_dir
-from ..device import autocast, bf16_is_fast, cpu_features, cpu_name, to_device
+from ..device import autocast, bf16_is_fast, cpu_features, cpu_name, synchronize, to_device
 from ..models.layers import matmul_weight_grads
 
 MARGIN = 0.05          # bf16 must be at least 5 % faster per step
@@ -150,6 +150,7 @@ def step_times(net: nn.Module, x: torch.Tensor, device: torch.device, prec: str,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        synchronize(device)
         times.append(time.perf_counter() - t)
         if i == 0 and give_up is not None and times[0] > give_up:
             break

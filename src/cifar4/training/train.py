@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data.transforms import Augment, BatchAugment, InputTransform
-from ..device import autocast, to_device
+from ..device import autocast, synchronize, to_device
 from ..errors import ConfigError
 from ..models.layers import matmul_weight_grads
 from . import distributed, precision
@@ -272,8 +272,10 @@ class Trainer:
         t_first = 0.0
         while step < self.steps_per_epoch and self.steps_done < self.total_steps:
             if self.budget is not None and self.steps_done == 1:
+                synchronize(self.device)
                 t_first = time.perf_counter()  # the first step warms up; time the next ones
             if self.budget is not None and self.steps_done == PLAN_AFTER and not self.budget.plans:
+                synchronize(self.device)  # (a GPU's steps run after their launch)
                 self._plan((time.perf_counter() - t_first) / (PLAN_AFTER - 1), len(self._x_val), announce=True)
                 if self.steps_done >= self.total_steps:
                     break

@@ -66,6 +66,13 @@ def test_same_padding_is_tensorflows():
     assert torch.allclose(conv(x), expected) and conv(x).shape[-1] == 4
     conv5 = SameConv2d(1, 1, 5, stride=1)
     assert conv5(x).shape == x.shape
+    # stride 1, odd kernel: the convolution pads itself, 2 on every side, the same values as
+    # padding the input first (and in the channels_last layout the backbone runs in)
+    torch.nn.init.normal_(conv5.weight)
+    assert conv5.padding == (2, 2)
+    assert torch.allclose(conv5(x), F.conv2d(F.pad(x, (2, 2, 2, 2)), conv5.weight), atol=1e-6)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(conv5(xc), F.conv2d(F.pad(x, (2, 2, 2, 2)), conv5.weight), atol=1e-6)
 
 
 def test_pretrained_imagenet_classifier_recognises_cifar4_classes(real):

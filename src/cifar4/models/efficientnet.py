@@ -27,12 +27,19 @@ FEATURES = 1280
 
 
 class SameConv2d(nn.Conv2d):
-    """A bias-free convolution with TensorFlow's 'SAME' padding for any input size."""
+    """A bias-free convolution with TensorFlow's 'SAME' padding for any input size. With stride
+    1 and an odd kernel that padding is symmetric, (k - 1) / 2 on every side, and the
+    convolution pads itself (no separate padded copy of the input: on an H100 the copies of
+    F.pad were a fifth of the frozen backbone's time at 160 px)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1):
-        super().__init__(c_in, c_out, kernel, stride=stride, padding=0, groups=groups, bias=False)
+        symmetric = stride == 1 and kernel % 2 == 1
+        super().__init__(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2 if symmetric else 0,
+                         groups=groups, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding != (0, 0) or self.kernel_size == (1, 1) and self.stride == (1, 1):
+            return super().forward(x)
         pads = []
         for size in (x.shape[-1], x.shape[-2]):  # F.pad wants (left, right, top, bottom)
             k, s = self.kernel_size[0], self.stride[0]

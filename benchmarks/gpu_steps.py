@@ -4,7 +4,8 @@ under a few settings, and the kernels of one epoch from torch's profiler.
 
     python benchmarks/gpu_steps.py fast-28 --variants eager benchmark compile --profile
 
-Variants (each on a freshly built model and trainer, in this order):
+Variants (each on a freshly built model and trainer, in this order; on a GPU the experiment with
+its `[gpu]` table, as `cifar4 train` runs it there):
 - eager: as `cifar4 train` runs today;
 - benchmark: cuDNN's autotuner on (torch.backends.cudnn.benchmark);
 - compile: benchmark, the forward pass through torch.compile (its compile time reported apart);
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     exp = cfgmod.load(a.experiment)
+    if exp.gpu and torch.cuda.is_available():
+        exp = exp.on_gpu()  # as `cifar4 train` runs it there
     ds = datamod.load(a.data)
     results = []
     for v in a.variants:

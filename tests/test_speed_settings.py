@@ -242,3 +242,46 @@ def test_a_time_limit_takes_the_first_variant_that_fits(tiny, tmp_path, monkeypa
     r = pipeline.train(exp.model_copy(update={"train": exp.train.model_copy(update={"time_limit": 0, "epochs": 1})}),
                        tiny, runs_root=tmp_path / "nolimit", progress=False)
     assert "fallback" not in r.metrics and r.metrics["model_options"]["widths"] == [16, 32, 32]
+
+
+def test_a_gpu_table_is_checked_and_yields_to_what_the_user_sets(tmp_path):
+    base = {"name": "f", **SMALL_FAST}
+    for gpu, expected in [({"data": {"split": "official"}}, "gpu sets 'data'"),
+                          ({"train": {"batch_size": 0}}, "experiment gpu: train.batch_size")]:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            config.from_dict({**base, "gpu": gpu})
+    with pytest.raises(ConfigError, match="ensemble's gpu table"):
+        config.from_dict({"name": "e", "ensemble": {"members": ["fast", "cnn"]}, "gpu": {"train": {"lr": 1.0}}})
+    exp = config.from_dict({**base, "gpu": {"train": {"batch_size": 64, "lr": 0.5}}})
+    g = exp.on_gpu()
+    assert (g.train.batch_size, g.train.lr, g.gpu) == (64, 0.5, {})
+    assert (exp.train.batch_size, exp.train.lr) == (SMALL_FAST["train"]["batch_size"], SMALL_FAST["train"]["lr"])
+    (tmp_path / "f.toml").write_text(exp.to_toml())
+    assert config.load(tmp_path / "f.toml").gpu == exp.gpu
+    assert "gpu" not in config.from_dict(base).to_dict()
+    # a key the user sets holds on a GPU too; the rest of the table stays
+    for e in (config.load(tmp_path / "f.toml", {"train": {"batch_size": 32}}),
+              config.from_flags(tmp_path / "f.toml", {"batch_size": 32}),
+              config.from_flags(tmp_path / "f.toml", sets=["train.batch_size=32"])):
+        assert e.gpu == {"train": {"lr": 0.5}} and e.on_gpu().train.batch_size == 32
+    assert config.from_flags(tmp_path / "f.toml", {"model": "cnn"}).gpu == {}  # another model
+    # an ensemble's shared keys hold in its members' GPU variants
+    (tmp_path / "m.toml").write_text(config.from_dict(
+        {**base, "name": "m", "gpu": {"train": {"precision": "bf16", "epochs": 9, "lr": 0.3}}}).to_toml())
+    ens = config.from_dict({"name": "e", "ensemble": {"members": [str(tmp_path / "m.toml"), "cnn"],
+                                                       "epochs_scale": 0.5}, "train": {"precision": "fp32"}})
+    m = pipeline.member_experiment(ens, str(tmp_path / "m.toml"))
+    assert m.gpu == {"train": {"lr": 0.3}}
+
+
+def test_a_run_on_a_gpu_trains_and_records_the_gpu_variant(tiny, tmp_path, monkeypatch):
+    """The device is a CPU here: only the check for a GPU is replaced, the run is real."""
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": 1}}),
+                            "gpu": {"train": {"batch_size": 40}, "model": {"options": {"widths": [8, 8, 8]}}}})
+    r = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False)
+    assert "gpu" not in r.metrics and r.metrics["model_options"]["widths"] == [16, 32, 32]
+    monkeypatch.setattr(pipeline, "_on_gpu", lambda e: True)
+    r = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False)
+    assert r.metrics["gpu"] == exp.gpu and r.metrics["model_options"]["widths"] == [8, 8, 8]
+    ran = config.load(r.run_dir / "config.toml")
+    assert ran.train.batch_size == 40 and ran.gpu == {}  # what ran: a resume continues it as it ran

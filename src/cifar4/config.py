@@ -177,6 +177,11 @@ class Experiment(_Strict):
     # last where none does (pipeline._fit_to_limit; the run records the choice as `fallback`). Without a
     # time limit (`--epochs N`, `--time-limit 0`, a time budget) the experiment runs as written.
     fallbacks: list[dict[str, Any]] = Field(default_factory=list)
+    # what changes where the run's device is a GPU: a table of model / train / augment keys
+    # merged into the experiment there (a GPU's steps at a CPU's batch sizes are bound by the
+    # host: larger batches take fewer steps). The run's config.toml holds what ran, its
+    # metrics.json `gpu` the table; keys the user sets (flags, --set, overrides) win over it.
+    gpu: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _ensemble_only_shared_keys(self) -> Experiment:
@@ -209,6 +214,23 @@ class Experiment(_Strict):
                                  f"{', '.join(FALLBACK_SECTIONS)} tables")
         return self
 
+    @model_validator(mode="after")
+    def _gpu_is_a_variant(self) -> Experiment:
+        if not self.gpu:
+            return self
+        if self.ensemble is not None:
+            raise ValueError("an ensemble's gpu table belongs to its members' experiments")
+        extra = sorted(set(self.gpu) - set(FALLBACK_SECTIONS))
+        if extra:
+            raise ValueError(f"gpu sets '{extra[0]}'; expected only {', '.join(FALLBACK_SECTIONS)} tables")
+        return self
+
+    def on_gpu(self, where: str | None = None) -> Experiment:
+        """The experiment as it runs on a GPU: its `gpu` table merged in (and then dropped)."""
+        base = self.to_dict()
+        base.pop("gpu", None)
+        return from_dict(merge(base, self.gpu), f"{where or self.name} gpu")
+
     def fallback(self, i: int, where: str | None = None) -> Experiment:
         """The experiment as its i-th fallback makes it (with no fallbacks of its own)."""
         base = self.to_dict()
@@ -221,6 +243,8 @@ class Experiment(_Strict):
             d.pop("ensemble", None)
         if not d["fallbacks"]:
             del d["fallbacks"]
+        if not d["gpu"]:
+            del d["gpu"]
         d["sweep"] = {k: {a: b for a, b in v.items() if b is not None} for k, v in d["sweep"].items()}
         if not d["sweep"]:
             del d["sweep"]
@@ -268,6 +292,8 @@ def from_dict(d: dict[str, Any], where: str = "experiment") -> Experiment:
         _check_sweep_path(d, path, param, where)
     for i in range(len(exp.fallbacks)):
         exp.fallback(i, where)
+    if exp.gpu:
+        exp.on_gpu(where)
     return exp
 
 
@@ -355,7 +381,27 @@ def load(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> E
     time_limit lift it (`--preset fast --epochs 20` trains 20 epochs)."""
     d, where = load_dict(name_or_path)
     over = overrides or {}
-    return from_dict(merge(_lift_time_limit(d, over), over), where)
+    return from_dict(unset_gpu(merge(_lift_time_limit(d, over), over), over), where)
+
+
+def unset_gpu(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`d` with the keys that `overrides` set left out of its gpu table: what a user asks for
+    explicitly holds on a GPU too (`--batch-size 128`)."""
+    gpu = d.get("gpu")
+    if not isinstance(gpu, dict) or not gpu:
+        return d
+
+    def without(t: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in t.items():
+            if k not in over:
+                out[k] = v
+            elif isinstance(v, dict) and isinstance(over[k], dict):
+                kept = without(v, over[k])
+                if kept:
+                    out[k] = kept
+        return out
+    return {**d, "gpu": without(gpu, overrides)}
 
 
 def _lift_time_limit(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -462,13 +508,15 @@ def from_flags(start: str | Path | None = None, flags: dict[str, Any] | None = N
     flags = dict(flags or {})
     model = flags.get("model")
     if model is not None and model != base.get("model", {}).get("name", model):
-        base = {**base, "model": {"name": model}}  # another model: its options start fresh
+        # another model: its options start fresh, and the file's GPU variant is not its own
+        base = {**{k: v for k, v in base.items() if k != "gpu"}, "model": {"name": model}}
     over, sets_over = flag_overrides(flags), parse_sets(sets or [])
     merged = merge(_lift_time_limit(base, merge(over, sets_over)), over)
     opts = parse_options(options or [], "--option")
     if opts:
         merged = merge(merged, {"model": {"options": opts}})
     merged = merge(merged, sets_over)
+    merged = unset_gpu(merged, merge(merge(over, {"model": {"options": opts}} if opts else {}), sets_over))
     merged.setdefault("name", merged.get("model", {}).get("name", "cnn"))
     if name:
         merged["name"] = name

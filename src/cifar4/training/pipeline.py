@@ -136,10 +136,14 @@ def member_experiment(exp: Experiment, member: str) -> Experiment:
     if exp.train.precision == "auto":  # the member's own choice stands unless the ensemble overrides it
         shared.pop("precision")
     d["train"] = {**d["train"], **shared}
+    set_here: dict[str, Any] = {"train": dict(shared)}
     if exp.ensemble.epochs_scale != 1.0:
         d["train"]["epochs"] = max(1, math.ceil(d["train"]["epochs"] * exp.ensemble.epochs_scale))
+        set_here["train"]["epochs"] = d["train"]["epochs"]
         if exp.data.train_subset:
             d["train"]["batch_size"] = min(d["train"]["batch_size"], exp.data.train_subset)
+            set_here["train"]["batch_size"] = d["train"]["batch_size"]
+    d = cfgmod.unset_gpu(d, set_here)  # what the ensemble sets holds on a GPU too
     return cfgmod.from_dict(cfgmod._without_none(d), f"ensemble member '{member}'")
 
 
@@ -274,9 +278,14 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     """One run, step by step: data, model, trainer, fit, final evaluation, artifacts."""
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_start = time.perf_counter() if started is None else started
+    main = distributed.world().main
+    gpu = None
+    if exp.gpu and resume_state is None and _on_gpu(exp):
+        gpu, exp = exp.gpu, exp.on_gpu()  # what runs on a GPU; a resumed run's config.toml has it
+        if main:
+            cio.write_text(folder / "config.toml", exp.to_toml())
     run = _prepare(exp, ds, folder)
     run.test = evaluate_test
-    main = distributed.world().main
     if not main:  # another torchrun rank: it trains its share; rank 0 saves, evaluates and writes
         progress, save_state, extra = False, False, []
     bar = ProgressBar(title=f"{exp.name} ") if progress else None
@@ -318,6 +327,8 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     metrics = _metrics(run, rows, res, precision, fit_seconds, eval_seconds, resume_state, started_at)
     if fallback is not None:
         metrics["fallback"] = fallback
+    if gpu is not None:
+        metrics["gpu"] = gpu
     _write_artifacts(run, rows, res, precision, metrics)
     runs.write_predictions(folder, preds)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 3)
@@ -325,6 +336,11 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
     shutil.rmtree(folder / "state", ignore_errors=True)
     return Result(folder, metrics, rows, run.model)
+
+
+def _on_gpu(exp: Experiment) -> bool:
+    """Whether the run's device is a GPU (where the experiment's `gpu` table applies)."""
+    return pick_device(exp.train.device).type == "cuda"
 
 
 def _eval_images(run: _Fit, exp: Experiment | None = None) -> int:

@@ -272,6 +272,13 @@ def test_a_gpu_table_is_checked_and_yields_to_what_the_user_sets(tmp_path):
                                                        "epochs_scale": 0.5}, "train": {"precision": "fp32"}})
     m = pipeline.member_experiment(ens, str(tmp_path / "m.toml"))
     assert m.gpu == {"train": {"lr": 0.3}}
+    # so do the lab's quick settings and a sweep trial's sampled values
+    from cifar4.lab import quick_version
+    from cifar4.lab.sweep import trial_experiment
+    q = quick_version(config.load(tmp_path / "m.toml"))
+    assert q.gpu == {"train": {"precision": "bf16", "lr": 0.3}} and q.on_gpu().train.epochs == q.train.epochs == 1
+    t = trial_experiment(config.load(tmp_path / "m.toml"), {"train.lr": 0.05}, 3)
+    assert t.gpu == {"train": {"precision": "bf16", "epochs": 9}} and t.on_gpu().train.lr == 0.05
 
 
 def test_a_run_on_a_gpu_trains_and_records_the_gpu_variant(tiny, tmp_path, monkeypatch):

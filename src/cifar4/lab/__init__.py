@@ -104,10 +104,13 @@ def quick_version(exp: Experiment) -> Experiment:
     if exp.ensemble is not None:  # the members' epochs shrink when they are trained
         d["ensemble"]["epochs_scale"] = 1 / QUICK["epoch_divisor"]
         return cfgmod.from_dict(d, f"experiment '{exp.name}' (quick)")
-    d["train"]["epochs"] = max(1, math.ceil(d["train"]["epochs"] / QUICK["epoch_divisor"]))
-    d["train"]["batch_size"] = min(d["train"]["batch_size"], QUICK["train_subset"])
+    quick: dict[str, Any] = {"epochs": max(1, math.ceil(d["train"]["epochs"] / QUICK["epoch_divisor"]))}
+    if d["train"]["batch_size"] > QUICK["train_subset"]:
+        quick["batch_size"] = QUICK["train_subset"]
+    d["train"].update(quick)
     if d["train"].get("early_stopping"):
         d["train"]["early_stopping"]["patience"] = min(d["train"]["early_stopping"]["patience"], 1)
+    d = cfgmod.unset_gpu(d, {"train": quick})  # quick on a GPU too
     return cfgmod.from_dict(d, f"experiment '{exp.name}' (quick)")
 
 

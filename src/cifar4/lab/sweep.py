@@ -101,8 +101,11 @@ def trial_experiment(exp: Experiment, params: dict[str, Any], number: int) -> Ex
     """The experiment a trial trains: its sampled values set, the sweep table removed."""
     d = exp.to_dict()
     d.pop("sweep", None)
+    sampled: dict[str, Any] = {}
     for path, v in params.items():
         d = cfgmod.set_path(d, path, v)
+        sampled = cfgmod.set_path(sampled, path, v)
+    d = cfgmod.unset_gpu(d, sampled)  # a sampled value holds on a GPU too
     d["name"] = f"{exp.name}-trial-{number}"
     return cfgmod.from_dict(d, f"sweep trial {number}")
 

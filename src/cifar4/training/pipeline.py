@@ -140,9 +140,8 @@ def member_experiment(exp: Experiment, member: str) -> Experiment:
     if exp.ensemble.epochs_scale != 1.0:
         d["train"]["epochs"] = max(1, math.ceil(d["train"]["epochs"] * exp.ensemble.epochs_scale))
         set_here["train"]["epochs"] = d["train"]["epochs"]
-        if exp.data.train_subset:
-            d["train"]["batch_size"] = min(d["train"]["batch_size"], exp.data.train_subset)
-            set_here["train"]["batch_size"] = d["train"]["batch_size"]
+        if exp.data.train_subset and d["train"]["batch_size"] > exp.data.train_subset:
+            d["train"]["batch_size"] = set_here["train"]["batch_size"] = exp.data.train_subset
     d = cfgmod.unset_gpu(d, set_here)  # what the ensemble sets holds on a GPU too
     return cfgmod.from_dict(cfgmod._without_none(d), f"ensemble member '{member}'")
 

@@ -202,40 +202,32 @@ class Experiment(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _fallbacks_are_variants(self) -> Experiment:
-        if not self.fallbacks:
-            return self
-        if self.ensemble is not None:
-            raise ValueError("an ensemble's fallbacks belong to its members' experiments")
-        for i, f in enumerate(self.fallbacks):  # the variants themselves are checked by from_dict
-            extra = sorted(set(f) - set(FALLBACK_SECTIONS))
+    def _variants_are_tables_of_sections(self) -> Experiment:
+        """fallbacks and gpu hold variants: model / train / augment tables (the variants
+        themselves are checked by from_dict), and not on an ensemble (its members hold them)."""
+        variants = [(f"fallbacks[{i}]", f) for i, f in enumerate(self.fallbacks)]
+        variants += [("gpu", self.gpu)] if self.gpu else []
+        for label, table in variants:
+            if self.ensemble is not None:
+                what = "gpu table belongs" if label == "gpu" else "fallbacks belong"
+                raise ValueError(f"an ensemble's {what} to its members' experiments")
+            extra = sorted(set(table) - set(FALLBACK_SECTIONS))
             if extra:
-                raise ValueError(f"fallbacks[{i}] sets '{extra[0]}'; expected only "
-                                 f"{', '.join(FALLBACK_SECTIONS)} tables")
+                raise ValueError(f"{label} sets '{extra[0]}'; expected only {', '.join(FALLBACK_SECTIONS)} tables")
         return self
 
-    @model_validator(mode="after")
-    def _gpu_is_a_variant(self) -> Experiment:
-        if not self.gpu:
-            return self
-        if self.ensemble is not None:
-            raise ValueError("an ensemble's gpu table belongs to its members' experiments")
-        extra = sorted(set(self.gpu) - set(FALLBACK_SECTIONS))
-        if extra:
-            raise ValueError(f"gpu sets '{extra[0]}'; expected only {', '.join(FALLBACK_SECTIONS)} tables")
-        return self
+    def _variant(self, key: str, table: dict[str, Any], label: str, where: str | None) -> Experiment:
+        base = self.to_dict()
+        base.pop(key, None)
+        return from_dict(merge(base, table), f"{where or self.name} {label}")
 
     def on_gpu(self, where: str | None = None) -> Experiment:
         """The experiment as it runs on a GPU: its `gpu` table merged in (and then dropped)."""
-        base = self.to_dict()
-        base.pop("gpu", None)
-        return from_dict(merge(base, self.gpu), f"{where or self.name} gpu")
+        return self._variant("gpu", self.gpu, "gpu", where)
 
     def fallback(self, i: int, where: str | None = None) -> Experiment:
         """The experiment as its i-th fallback makes it (with no fallbacks of its own)."""
-        base = self.to_dict()
-        base.pop("fallbacks", None)
-        return from_dict(merge(base, self.fallbacks[i]), f"{where or self.name} fallbacks[{i}]")
+        return self._variant("fallbacks", self.fallbacks[i], f"fallbacks[{i}]", where)
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", by_alias=True, exclude_none=False)

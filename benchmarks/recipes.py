@@ -6,8 +6,9 @@ them as a validation-weighted ensemble: which recipe to ship, chosen on validati
         --member fast base b512:train.batch_size=512,train.lr=1.5 \\
         --member transfer base b1024:train.batch_size=1024,train.lr=0.002
 
-Each --member names an experiment, then its variants: `base` (as the file holds it) or
-LABEL:KEY=VALUE,... (the keys of `cifar4 train --set`). Each variant trains once per seed with
+Each --member names an experiment, then its variants: `base` (as the file holds it, with its
+`[gpu]` table on a GPU) or LABEL:KEY=VALUE,... (the keys of `cifar4 train --set`; they hold over
+the `[gpu]` table's). Each variant trains once per seed with
 `cifar4.train` (one process: the runs after the first skip the process's start-up and warm-up, so
 compare their fit times with each other, not with a fresh command's). The ensembles weight
 their members as `weights = "val"` does (training/ensemble.choose_weights) from the runs' saved
@@ -54,6 +55,7 @@ def main() -> None:
     members = [(m[0], [parse_variant(v) for v in (m[1:] or ["base"])]) for m in a.member]
     results: list[dict] = []
     folders: dict[tuple[str, str, int], Path] = {}
+    fit: dict[tuple[str, str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, variants in members:
             for label, over in variants:
@@ -67,6 +69,7 @@ def main() -> None:
                            "test_accuracy": m["test_accuracy"], "fit_seconds": m["fit_seconds"],
                            "epochs": m["epochs"], "batch_size": exp.train.batch_size, "lr": exp.train.lr}
                     folders[(name, label, seed)] = folder
+                    fit[(name, label, seed)] = m["fit_seconds"]
                     results.append(row)
                     print(json.dumps(row), flush=True)
         ensembles = []
@@ -80,9 +83,7 @@ def main() -> None:
                 acc = {k: float((combine_probs(lg[k], w).argmax(1) == y[k]).float().mean()) for k in ("val", "test")}
                 row = {"ensemble": " + ".join(f"{n}/{lb}" for n, lb in combo), "seed": seed, "weights": w,
                        "val_accuracy": acc["val"], "test_accuracy": acc["test"],
-                       "fit_seconds": round(sum(next(r["fit_seconds"] for r in results if r["member"] == n
-                                                     and r["variant"] == lb and r["seed"] == seed)
-                                                for n, lb in combo), 3)}
+                       "fit_seconds": round(sum(fit[(n, lb, seed)] for n, lb in combo), 3)}
                 ensembles.append(row)
                 print(json.dumps(row), flush=True)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

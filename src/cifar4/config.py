@@ -505,10 +505,8 @@ def from_flags(start: str | Path | None = None, flags: dict[str, Any] | None = N
     over, sets_over = flag_overrides(flags), parse_sets(sets or [])
     merged = merge(_lift_time_limit(base, merge(over, sets_over)), over)
     opts = parse_options(options or [], "--option")
-    if opts:
-        merged = merge(merged, {"model": {"options": opts}})
-    merged = merge(merged, sets_over)
-    merged = unset_gpu(merged, merge(merge(over, {"model": {"options": opts}} if opts else {}), sets_over))
+    explicit = merge(merge(over, {"model": {"options": opts}} if opts else {}), sets_over)
+    merged = unset_gpu(merge(merged, explicit), explicit)
     merged.setdefault("name", merged.get("model", {}).get("name", "cnn"))
     if name:
         merged["name"] = name

@@ -82,3 +82,24 @@ def test_affine_samples_the_grid_of_f_affine_grid():
                          mode="bilinear", padding_mode="border", align_corners=False)
     assert out.shape == x.shape and not torch.equal(out, x)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+def test_flip_folded_into_the_affine_grid_is_flip_after_affine():
+    """The session's augmentation mirrors inside the sampling grid: the same draws and, at a
+    power-of-two width, the same values as `flip` applied to the sampled batch; at other widths
+    the mirrored pixel centres differ by rounding only."""
+    for w, exact in ((32, True), (24, False)):
+        x = torch.rand(64, 3, 32, w).contiguous(memory_format=torch.channels_last)
+        folded = Augment(flip=True, rotation=15, shift=0.1)(x, torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        separate = flip(affine(x, 15.0, 0.1, g), g)
+        assert not torch.equal(separate, affine(x, 15.0, 0.1, torch.Generator().manual_seed(5)))
+        if exact:
+            assert torch.equal(folded, separate)
+        else:
+            torch.testing.assert_close(folded, separate, atol=1e-5, rtol=0)
+        assert folded.is_contiguous(memory_format=torch.channels_last)
+    # without rotation or shift (or with a crop between them) the flip stays a pass of its own
+    x = torch.rand(8, 3, 32, 32)
+    assert torch.equal(Augment(flip=True)(x, torch.Generator().manual_seed(1)),
+                       flip(x, torch.Generator().manual_seed(1)))

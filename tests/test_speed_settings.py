@@ -167,6 +167,33 @@ def test_a_time_budget_fits_the_steps_and_the_schedule(tiny, tmp_path, monkeypat
     assert m["epochs_planned"] == m["epochs"]
 
 
+def test_the_epoch_where_a_run_ends_is_planned_again_within_it(tiny, tmp_path, monkeypatch):
+    """A host that slows down in the last epoch: the trainer notices at its next plan (every
+    REPLAN_EVERY steps of that epoch), not at the epoch's end, and the run ends there."""
+    import time
+
+    from cifar4.training.budget import REPLAN_EVERY
+    from cifar4.training.callbacks import Callback
+
+    class TimeRunsOut(Callback):
+        epoch = 0
+
+        def on_epoch_begin(self, trainer, epoch):
+            self.epoch = epoch
+
+        def on_batch_end(self, trainer, step, logs):
+            if self.epoch == 2 and step == 5:  # the deadline is suddenly behind us
+                trainer.budget.deadline = time.perf_counter() - 1000
+
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"batch_size": 4, "time_limit": 600}})})
+    m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False, callbacks=[TimeRunsOut()]).metrics
+    spe, plans = m["steps_per_epoch"], m["time_limit"]["plans"]
+    assert spe > 2 * REPLAN_EVERY
+    assert m["steps"] == spe + REPLAN_EVERY == plans[-1]["total_steps"] == plans[-1]["after_steps"]
+    assert m["epochs"] == 2 and plans[-2]["total_steps"] == 2 * spe  # the limit fitted until then
+
+
 def test_a_budget_spent_before_training_is_a_clear_error(tiny, tmp_path):
     import time
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_budget": 1}})})

@@ -26,7 +26,7 @@ from ..device import autocast, synchronize, to_device
 from ..errors import ConfigError
 from ..models.layers import matmul_weight_grads
 from . import distributed, precision
-from .budget import PLAN_AFTER, Budget
+from .budget import PLAN_AFTER, REPLAN_EVERY, Budget
 from .callbacks import Callback, History
 from .evaluate import evaluate
 
@@ -222,13 +222,14 @@ class Trainer:
     def _plan(self, step_seconds: float, val_images: int, announce: bool) -> None:
         """Fit the number of steps (and so the schedule) to the time budget."""
         assert self.budget is not None
-        x = self._x_val[:min(len(self._x_val), 256)]
-        t = time.perf_counter()
-        evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self.device,
-                 precision=self.precision, tta=0)
-        image_seconds = (time.perf_counter() - t) / max(1, len(x))
         if self._val_seconds is not None:  # measured on the whole validation split
             image_seconds = self._val_seconds / max(1, val_images)
+        else:  # before the first validation: timed on a few of its images
+            x = self._x_val[:min(len(self._x_val), 256)]
+            t = time.perf_counter()
+            evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self.device,
+                     precision=self.precision, tta=0)
+            image_seconds = (time.perf_counter() - t) / max(1, len(x))
         self.total_steps = self.budget.steps(self.steps_done, step_seconds, image_seconds, val_images,
                                              self.steps_per_epoch)
         self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))
@@ -269,14 +270,23 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         step = 0
-        t_first = 0.0
+        synchronize(self.device)
+        t_ref, ref_step = time.perf_counter(), 0  # the steps of this epoch are timed from here
         while step < self.steps_per_epoch and self.steps_done < self.total_steps:
             if self.budget is not None and self.steps_done == 1:
                 synchronize(self.device)
-                t_first = time.perf_counter()  # the first step warms up; time the next ones
+                t_ref, ref_step = time.perf_counter(), step  # the first step warms up; time the next ones
             if self.budget is not None and self.steps_done == PLAN_AFTER and not self.budget.plans:
                 synchronize(self.device)  # (a GPU's steps run after their launch)
-                self._plan((time.perf_counter() - t_first) / (PLAN_AFTER - 1), len(self._x_val), announce=True)
+                self._plan((time.perf_counter() - t_ref) / (step - ref_step), len(self._x_val), announce=True)
+                if self.steps_done >= self.total_steps:
+                    break
+            elif (self.budget is not None and self.budget.plans and step > ref_step and step % REPLAN_EVERY == 0
+                  and self.total_steps - self.steps_done <= self.steps_per_epoch - step):
+                # the run ends in this epoch: plan again on its steps so far, so that a host that
+                # slows down now still ends in time (the epoch's end would be too late to notice)
+                synchronize(self.device)
+                self._plan((time.perf_counter() - t_ref) / (step - ref_step), len(self._x_val), announce=False)
                 if self.steps_done >= self.total_steps:
                     break
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]

@@ -194,6 +194,22 @@ def test_the_epoch_where_a_run_ends_is_planned_again_within_it(tiny, tmp_path, m
     assert m["epochs"] == 2 and plans[-2]["total_steps"] == 2 * spe  # the limit fitted until then
 
 
+def test_plans_before_the_first_validation_time_the_inference_once(tiny, tmp_path, monkeypatch):
+    """A one-epoch run under a limit is planned after 4 steps and again every REPLAN_EVERY
+    steps; the inference pass those plans need is timed once, then validation counts."""
+    from cifar4.training import train as trainmod
+
+    calls: list[int] = []
+    real = trainmod.evaluate
+    monkeypatch.setattr(trainmod, "evaluate", lambda model, x, *a, **k: calls.append(len(x)) or real(model, x, *a, **k))
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"batch_size": 4, "epochs": 1,
+                                                                               "time_limit": 600}})})
+    m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False).metrics
+    assert len(m["time_limit"]["plans"]) >= 3 and m["steps"] == m["steps_per_epoch"]  # plans at 4, 16, 32, ...
+    assert calls == [min(256, m["split"]["val"]), m["split"]["val"]]  # one probe, then the validation
+
+
 def test_a_budget_spent_before_training_is_a_clear_error(tiny, tmp_path):
     import time
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_budget": 1}})})

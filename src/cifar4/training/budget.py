@@ -12,7 +12,8 @@ steps (its warm-up stays the same fraction), so a short budget still ends with a
 learning rate. The plan is made again after every epoch with the epoch's measured time, and
 every REPLAN_EVERY steps of the epoch where the run ends, so a machine that slows down (another
 process on the cores) is followed: on a busy 2-core Xeon, whose step time swung by a third from
-one epoch to the next, plans made only at epochs' ends overran 180 and 360 s budgets by 2.7-2.8 s.
+one epoch to the next, plans made only at epochs' ends overran 180 and 360 s budgets by 3.5 and
+2.8 s (the whole command).
 """
 
 from __future__ import annotations

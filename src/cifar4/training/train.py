@@ -118,6 +118,7 @@ class Trainer:
         self.steps_done = 0
         self._epoch_steps = 0
         self._val_seconds: float | None = None
+        self._probe_seconds: float | None = None  # per image, before the first validation
         self._x_val = torch.zeros(0)
         # On a GPU, augmentation draws its random numbers there (a host-side draw copied up would
         # make every step wait); seeded from the data generator, so a seed still fixes the run.
@@ -224,12 +225,14 @@ class Trainer:
         assert self.budget is not None
         if self._val_seconds is not None:  # measured on the whole validation split
             image_seconds = self._val_seconds / max(1, val_images)
-        else:  # before the first validation: timed on a few of its images
-            x = self._x_val[:min(len(self._x_val), 256)]
-            t = time.perf_counter()
-            evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self.device,
-                     precision=self.precision, tta=0)
-            image_seconds = (time.perf_counter() - t) / max(1, len(x))
+        else:  # before the first validation: timed once on a few of its images
+            if self._probe_seconds is None:
+                x = self._x_val[:min(len(self._x_val), 256)]
+                t = time.perf_counter()
+                evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self.device,
+                         precision=self.precision, tta=0)
+                self._probe_seconds = (time.perf_counter() - t) / max(1, len(x))
+            image_seconds = self._probe_seconds
         self.total_steps = self.budget.steps(self.steps_done, step_seconds, image_seconds, val_images,
                                              self.steps_per_epoch)
         self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))

@@ -254,6 +254,17 @@ def test_feature_cache_is_keyed_incremental_and_exact(tiny):
     assert features.features(m2, tiny, np.arange(4), ("plain",), dev, "fp32").status == "miss"
 
 
+def test_pending_counts_the_image_views_the_cache_lacks(tiny):
+    m = models.build("transfer", weights="none", resolution=32)
+    dev = torch.device("cpu")
+    assert features.pending(m, tiny, np.arange(60), ("plain", "flip"), "fp32") == 120
+    features.features(m, tiny, np.arange(40), ("plain",), dev, "fp32")
+    assert features.pending(m, tiny, np.arange(60), ("plain", "flip"), "fp32") == 20 + 60
+    assert features.pending(m, tiny, np.arange(40), ("plain",), "fp32") == 0
+    assert features.pending(m, tiny, np.arange(40), ("plain",), "bf16") == 40  # another precision's file
+    assert features.extraction_seconds(m, tiny.X[:64], dev, "fp32") > 0
+
+
 def test_damaged_cache_file_is_recomputed(tiny):
     m = models.build("transfer", weights="none", resolution=32)
     dev = torch.device("cpu")
@@ -293,6 +304,31 @@ def test_head_training_on_cached_features_then_evaluate_agrees(tiny, tmp_path, c
     r2 = pipeline.train(_exp(), tiny, runs_root=tmp_path / "runs", progress=False)
     assert r2.metrics["features"]["cache"] == "hit"
     assert r2.history == [{**h, "seconds": r2.history[i]["seconds"]} for i, h in enumerate(r.history)]
+
+
+def test_a_time_limit_counts_the_features_still_to_extract(tiny, tmp_path, monkeypatch):
+    """Under a time limit a frozen-backbone candidate is timed with the extraction of the features
+    the cache lacks (none once cached) and its head's steps; where the extraction would not fit,
+    the first fallback that fits runs instead (here: the same features without the mirror view)."""
+    exp = _exp(train={"time_limit": 600, "epochs": 2},
+               fallbacks=[{"augment": {"flip": False}, "train": {"tta": 0}},
+                          {"model": {"options": {"resolution": 48}}}])
+    r = pipeline.train(exp, tiny, runs_root=tmp_path / "a", progress=False)
+    tried = r.metrics["fallback"]["tried"]
+    assert r.metrics["fallback"]["used"] is None and len(tried) == 1  # it fits: the experiment runs
+    assert tried[0]["extraction_seconds"] > 0 and r.metrics["features"]["extracted"] == 2 * len(tiny)
+    r = pipeline.train(exp, tiny, runs_root=tmp_path / "b", progress=False)
+    assert r.metrics["fallback"]["tried"][0]["extraction_seconds"] == 0  # all cached
+    # a machine extracting one image view a second: the two views of 240 images (480 s) would not
+    # fit a 400 s limit, one view (240 s) would; the head's epochs count as before
+    monkeypatch.setattr(pipeline, "extraction_seconds", lambda *a: 1.0)
+    other = type(tiny)(tiny.X[::-1].copy(), tiny.Y[::-1].copy(), source="reversed")
+    r = pipeline.train(_exp(train={"time_limit": 400, "epochs": 2}, fallbacks=exp.fallbacks), other,
+                       runs_root=tmp_path / "c", progress=False)
+    fb = r.metrics["fallback"]
+    assert fb["used"] == 0 and [t["extraction_seconds"] for t in fb["tried"]] == [480.0, 240.0]
+    assert fb["tried"][0]["epochs_fit"] < config.FALLBACK_FITS * 2 <= fb["tried"][1]["epochs_fit"]
+    assert r.metrics["features"]["views"] == ["plain"] and r.metrics["features"]["extracted"] == len(tiny)
 
 
 def _save(ds, tmp_path) -> Path:

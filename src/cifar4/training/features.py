@@ -36,7 +36,7 @@ from .. import io as cio
 from .. import locks
 from ..data import Dataset, cache_dir
 from ..data.transforms import Augment, BatchAugment, FeatureInput, Normalization, ViewSample
-from ..device import autocast, bf16_is_fast, to_device
+from ..device import autocast, bf16_is_fast, synchronize, to_device
 from ..errors import DataError
 from ..models.base import inference_batch
 from .evaluate import predict_logits
@@ -76,6 +76,18 @@ class CacheFile:
             return empty
         return feats, done
 
+    def done(self) -> np.ndarray:
+        """Which rows the file holds (bool (n,)), without reading the features."""
+        if self.path.is_file():
+            try:
+                with np.load(self.path, allow_pickle=False) as z:
+                    done = z["done"]
+                if done.shape == (self.n,) and done.dtype == bool:
+                    return done
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                pass
+        return np.zeros(self.n, bool)
+
     def write(self, feats: np.ndarray, done: np.ndarray) -> None:
         cio.write_with(self.path, lambda f: np.savez(f, features=feats, done=done))
 
@@ -110,6 +122,29 @@ def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: s
         if progress is not None:
             progress.advance(task, len(x))
     return out
+
+
+def pending(model, ds: Dataset, rows: np.ndarray, views: tuple[str, ...], precision: str) -> int:
+    """Image views of `rows` that the cache does not hold yet: what `features` would extract
+    now (a time limit counts them before choosing what to train)."""
+    digest, rows = model.backbone_digest(), np.unique(rows)
+    return sum(int((~cache_file(model, ds, v, precision, digest).done()[rows]).sum()) for v in views)
+
+
+EXTRACTION_PROBE = 4  # inference batches timed for the extraction rate (after one untimed)
+
+
+def extraction_seconds(model, X: np.ndarray, device: torch.device, precision: str) -> float:
+    """Seconds per image view of `extract` on this machine: one batch to warm up, then
+    EXTRACTION_PROBE batches timed (about a second at 224 px on 2 AVX2 cores)."""
+    batch = inference_batch(model, CHUNK, device)
+    extract(model, X[:batch], False, device, precision)
+    x = X[batch:batch * (1 + EXTRACTION_PROBE)]
+    synchronize(device)
+    t = time.perf_counter()
+    extract(model, x, False, device, precision)
+    synchronize(device)
+    return (time.perf_counter() - t) / max(1, len(x))
 
 
 @dataclass
@@ -213,6 +248,12 @@ def feature_precision(asked: str, device: torch.device) -> str:
     return asked if asked != "auto" else ("bf16" if bf16_is_fast(device) else "fp32")
 
 
+def feature_views(exp: Experiment) -> tuple[str, ...]:
+    """The views a frozen-backbone run needs: the image, and its mirror when the experiment
+    flips or asks for flip test-time augmentation."""
+    return ("plain", "flip") if exp.augment.flip or exp.train.tta >= 1 else ("plain",)
+
+
 class CachedFeatures:
     """Transfer mode (b): the frozen backbone's features of every split, from the feature
     cache (computed there once), as inputs for training and evaluating the head alone. Views:
@@ -225,7 +266,7 @@ class CachedFeatures:
         # the backbone's precision: a saved run's recorded one, or the rule for extraction
         self.precision = precision or feature_precision(exp.train.precision, device)
         self.flip_train = exp.augment.flip
-        views = ("plain", "flip") if exp.augment.flip or exp.train.tta >= 1 else ("plain",)
+        views = feature_views(exp)
         rows = np.concatenate([idx["train"], idx["val"], idx["test"]])
         to_device(model, device)
         self.fs = features(model, ds, rows, views, device, self.precision, progress)

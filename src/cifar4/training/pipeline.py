@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,13 +28,14 @@ from ..data.split import Split, split_indices
 from ..data.transforms import Augment, FeatureInput, Normalization, tta_views
 from ..device import autocast, keep_freed_memory, pick_device, synchronize, to_device
 from ..errors import Cifar4Error, ConfigError, RunError
+from ..models.base import FrozenBackbone
 from ..models.layers import matmul_weight_grads
 from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import distributed
 from .budget import Budget
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .evaluate import accuracy_lines, predict_logits, summarize
-from .features import CachedFeatures
+from .features import CachedFeatures, extraction_seconds, feature_precision, feature_views, pending
 from .precision import PROBE_BATCH, step_times
 from .precision import choose as choose_precision
 from .tensorboard import TensorBoard
@@ -180,22 +181,25 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
             elif continuing and (sub / "state" / "last.json").exists():
                 done.append(resume(sub, ds, progress).run_dir)
             else:
-                if i == len(members) and exp.train.time_limit:
-                    m = _last_member_limit(m, exp.train.time_limit - (time.perf_counter() - t0))
+                if exp.train.time_limit:
+                    m = _member_limit(m, exp.train.time_limit - (time.perf_counter() - t0), len(members) - i)
                 done.append(train(m, ds, run_dir=sub, overwrite=True, progress=progress).run_dir)
         return make_ensemble(done, out=folder, weights=exp.ensemble.weights, data=ds, name=exp.name,
                              overwrite=True, device=exp.train.device, experiment=exp, started=t0)
 
 
 ENSEMBLE_SECONDS = 6.0    # combining the members (their saved predictions) and writing the run
-MIN_MEMBER_SECONDS = 30.0  # the last member's limit when the others overran the ensemble's
+MIN_MEMBER_SECONDS = 30.0  # a member's limit when the others overran the ensemble's; kept for each later one
 
 
-def _last_member_limit(member: Experiment, left: float) -> Experiment:
-    """The last member of an ensemble with a time limit: limited to what is left of it (less
-    the combining), or to its own limit if that is shorter. Where the earlier members left
-    almost nothing, it still trains a short run (MIN_MEMBER_SECONDS) so the ensemble ends."""
-    limit = max(MIN_MEMBER_SECONDS, left - ENSEMBLE_SECONDS)
+def _member_limit(member: Experiment, left: float, later: int) -> Experiment:
+    """A member of an ensemble with a time limit: limited to what is left of it, less the
+    combining and MIN_MEMBER_SECONDS for each of the `later` members, or to its own limit if
+    that is shorter. The last member so gets all that is left; an earlier one may not take it
+    all (under its limit a frozen-backbone member whose features would not fit takes a lighter
+    fallback, as `best`'s transfer-224 does on an AVX2-only CPU). Where the earlier members left
+    almost nothing, a member still trains a short run (MIN_MEMBER_SECONDS) so the ensemble ends."""
+    limit = max(MIN_MEMBER_SECONDS, left - ENSEMBLE_SECONDS - MIN_MEMBER_SECONDS * later)
     if member.train.time_limit:
         limit = min(limit, member.train.time_limit)
     return member.model_copy(update={"train": member.train.model_copy(update={"time_limit": round(limit, 1)})})
@@ -369,20 +373,33 @@ def _fit_to_limit(run: _Fit, started: float,
     for i, cand in enumerate(candidates[:-1]):
         def optimizer(m: torch.nn.Module, c: cfgmod.TrainConfig = cand.train) -> torch.optim.Optimizer:
             return make_optimizer(m, c)
+        extraction = 0.0
         with torch.random.fork_rng(devices=[]):
-            model = to_device(models.build(cand.model.name, num_classes=run.ds.num_classes,
-                                           **cand.model.options), run.device)
-            choice = choose_precision(cand.train.precision, run.device, model, cand.train, x[:PROBE_BATCH],
+            torch.manual_seed(cand.train.seed)  # as _prepare builds it (a random backbone's cache key)
+            model = models.build(cand.model.name, num_classes=run.ds.num_classes, **cand.model.options)
+            net, xin, frozen = model, x, models.cached_features_only(model)
+            if frozen:  # a frozen backbone: its head trains on features
+                _initialise(model, run.ds, run.norm, run.idx["train"])  # as _prepare: its weights key the cache
+                to_device(model, run.device)
+                extraction = _extraction_seconds(run, cand, model)  # those not cached yet come first
+                backbone = cast(FrozenBackbone, model)
+                net, xin = backbone.head, torch.randn(len(x), backbone.num_features, device=run.device)
+            to_device(net, run.device)
+            choice = choose_precision(cand.train.precision, run.device, net, cand.train, xin[:PROBE_BATCH],
                                       optimizer)
-            matmul_weight_grads(model, choice.matmul_weight_grads)
-            step = min(step_times(model, x[:cand.train.batch_size], run.device, choice.precision, optimizer,
+            matmul_weight_grads(net, choice.matmul_weight_grads)
+            step = min(step_times(net, xin[:cand.train.batch_size], run.device, choice.precision, optimizer,
                                   steps=2)[1:])
-            image = _forward_seconds(model, x[:INFER_PROBE], run.device, choice.precision)
+            image = _forward_seconds(net, xin[:INFER_PROBE], run.device, choice.precision)
         spe = math.ceil(n["train"] / cand.train.batch_size)
-        plan = Budget.starting(cand.train.time_limit, started, _eval_images(run, cand), cand.train.epochs)
+        # the features still to extract come first: as if the command had started that much earlier
+        plan = Budget.starting(cand.train.time_limit, started - extraction, _eval_images(run, cand),
+                               cand.train.epochs)
         epochs = plan.steps(0, step, image, n["val"], spe) / spe
         tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": round(step, 4),
                       "image_seconds": round(image, 6), "epochs_fit": round(epochs, 2)})
+        if frozen:
+            tried[-1]["extraction_seconds"] = round(extraction, 1)
         if epochs >= cfgmod.FALLBACK_FITS * exp.train.epochs:  # the experiment's epochs, nearly
             used = i
             break
@@ -397,6 +414,20 @@ def _fit_to_limit(run: _Fit, started: float,
 
 
 INFER_PROBE = 128  # images of the forward pass timed for a fallback's evaluation cost
+
+
+def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> float:
+    """Seconds a frozen-backbone candidate would spend extracting the features that the cache
+    does not hold yet (none where it holds them all): the rows of every split in each view it
+    needs, at the rate timed here on a few batches. On a 2-core AVX2-only EPYC (fp32) the
+    backbone at 224 px extracts about 55 image views a second, at 160 px about 130: `best`'s
+    48,000 views at 224 px would take 15 minutes there."""
+    prec = feature_precision(exp.train.precision, run.device)
+    rows = np.concatenate([run.idx[k] for k in ("train", "val", "test")])
+    todo = pending(model, run.ds, rows, feature_views(exp), prec)
+    if not todo:
+        return 0.0
+    return todo * extraction_seconds(model, run.ds.X[rows[:256]], run.device, prec)
 
 
 @torch.no_grad()
@@ -429,10 +460,17 @@ def _prepare(exp: Experiment, ds: Dataset, folder: Path) -> _Fit:
     norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])
     generator = seed_everything(exp.train.seed)
     model = models.build(exp.model.name, num_classes=ds.num_classes, **exp.model.options)
-    models.load_pretrained(model)  # a transfer backbone's ImageNet weights
-    models.init_from_data(model, norm.apply(torch.from_numpy(ds.X[idx["train"][:5000]])))
+    _initialise(model, ds, norm, idx["train"])
     y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
     return _Fit(exp, ds, folder, sp, idx, device, norm, model, y, generator)
+
+
+def _initialise(model: torch.nn.Module, ds: Dataset, norm: Normalization, train_rows: np.ndarray) -> None:
+    """A built model's starting weights: a transfer backbone's ImageNet weights, and what the
+    model takes from the first training images (the fast nets' whitening, a random backbone's
+    batch-norm statistics)."""
+    models.load_pretrained(model)
+    models.init_from_data(model, norm.apply(torch.from_numpy(ds.X[train_rows[:5000]])))
 
 
 def _callbacks(exp: Experiment, folder: Path, bar: ProgressBar | None) -> list[Callback]:

@@ -319,14 +319,15 @@ def test_a_time_limit_counts_the_features_still_to_extract(tiny, tmp_path, monke
     assert tried[0]["extraction_seconds"] > 0 and r.metrics["features"]["extracted"] == 2 * len(tiny)
     r = pipeline.train(exp, tiny, runs_root=tmp_path / "b", progress=False)
     assert r.metrics["fallback"]["tried"][0]["extraction_seconds"] == 0  # all cached
-    # a machine extracting one image view a second: the two views of 240 images (480 s) would not
-    # fit a 400 s limit, one view (240 s) would; the head's epochs count as before
+    # a machine extracting one image view a second: the two views of 240 images (480 s, 576 with the
+    # margin for what the probe leaves out) would not fit a 400 s limit, one view would
     monkeypatch.setattr(pipeline, "extraction_seconds", lambda *a: 1.0)
     other = type(tiny)(tiny.X[::-1].copy(), tiny.Y[::-1].copy(), source="reversed")
     r = pipeline.train(_exp(train={"time_limit": 400, "epochs": 2}, fallbacks=exp.fallbacks), other,
                        runs_root=tmp_path / "c", progress=False)
     fb = r.metrics["fallback"]
-    assert fb["used"] == 0 and [t["extraction_seconds"] for t in fb["tried"]] == [480.0, 240.0]
+    assert fb["used"] == 0 and [t["extraction_seconds"] for t in fb["tried"]] == \
+        [round(n * pipeline.EXTRACTION_MARGIN, 1) for n in (480, 240)]
     assert fb["tried"][0]["epochs_fit"] < config.FALLBACK_FITS * 2 <= fb["tried"][1]["epochs_fit"]
     assert r.metrics["features"]["views"] == ["plain"] and r.metrics["features"]["extracted"] == len(tiny)
 

@@ -135,11 +135,13 @@ EXTRACTION_PROBE = 4  # inference batches timed for the extraction rate (after o
 
 
 def extraction_seconds(model, X: np.ndarray, device: torch.device, precision: str) -> float:
-    """Seconds per image view of `extract` on this machine: one batch to warm up, then
-    EXTRACTION_PROBE batches timed (about a second at 224 px on 2 AVX2 cores)."""
+    """Seconds per image view of `extract` on this machine, from the first images of `X`: one
+    batch to warm up, then EXTRACTION_PROBE batches timed (a CPU's batches are 8-25 images:
+    about a second at 224 px on 2 AVX2 cores; a GPU's 512)."""
     batch = inference_batch(model, CHUNK, device)
-    extract(model, X[:batch], False, device, precision)
-    x = X[batch:batch * (1 + EXTRACTION_PROBE)]
+    warm = min(batch, max(1, len(X) // (1 + EXTRACTION_PROBE)))  # (fewer images than that many batches)
+    extract(model, X[:warm], False, device, precision)
+    x = X[warm:warm + batch * EXTRACTION_PROBE]
     synchronize(device)
     t = time.perf_counter()
     extract(model, x, False, device, precision)

@@ -56,6 +56,12 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
         out["members"] = [{k: mm.get(k) for k in ("experiment", "weight", "val_accuracy", "test_accuracy",
                                                  "fit_seconds", "feature_seconds", "total_seconds")}
                           for mm in m["members"]]
+        # what each member's time limit chose (its fallback, the features it extracted)
+        for mm, sub in zip(out["members"], sorted((Path(m["run_dir"]) / "members").iterdir()), strict=False):
+            own = json.loads((sub / "metrics.json").read_text())
+            mm["fallback"], mm["features"] = own.get("fallback"), own.get("features", {}).get("views")
+    elif m.get("fallback"):
+        out["fallback"] = m["fallback"]
     return out
 
 

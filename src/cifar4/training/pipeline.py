@@ -408,7 +408,9 @@ def _fit_to_limit(run: _Fit, started: float,
     if log is not None and used:
         t = tried[0]
         log(f"{exp.name}: its {exp.train.epochs} epochs do not fit its {exp.train.time_limit:g} s time limit "
-            f"here ({t['epochs_fit']:.1f} would, at {1000 * t['step_seconds']:.0f} ms per step): "
+            f"here ({t['epochs_fit']:.1f} would, at {1000 * t['step_seconds']:.0f} ms per step"
+            + (f", after {t['extraction_seconds']:.0f} s extracting features" if t.get("extraction_seconds") else "")
+            + "): "
             f"fallbacks[{used - 1}] instead ({_differences(exp, chosen)})")
     return chosen, record
 

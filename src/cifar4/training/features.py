@@ -76,18 +76,6 @@ class CacheFile:
             return empty
         return feats, done
 
-    def done(self) -> np.ndarray:
-        """Which rows the file holds (bool (n,)), without reading the features."""
-        if self.path.is_file():
-            try:
-                with np.load(self.path, allow_pickle=False) as z:
-                    done = z["done"]
-                if done.shape == (self.n,) and done.dtype == bool:
-                    return done
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                pass
-        return np.zeros(self.n, bool)
-
     def write(self, feats: np.ndarray, done: np.ndarray) -> None:
         cio.write_with(self.path, lambda f: np.savez(f, features=feats, done=done))
 
@@ -128,7 +116,7 @@ def pending(model, ds: Dataset, rows: np.ndarray, views: tuple[str, ...], precis
     """Image views of `rows` that the cache does not hold yet: what `features` would extract
     now (a time limit counts them before choosing what to train)."""
     digest, rows = model.backbone_digest(), np.unique(rows)
-    return sum(int((~cache_file(model, ds, v, precision, digest).done()[rows]).sum()) for v in views)
+    return sum(int((~cache_file(model, ds, v, precision, digest).read()[1][rows]).sum()) for v in views)
 
 
 EXTRACTION_PROBE = 4  # inference batches timed for the extraction rate (after one untimed)

@@ -279,17 +279,15 @@ class Trainer:
             if self.budget is not None and self.steps_done == 1:
                 synchronize(self.device)
                 t_ref, ref_step = time.perf_counter(), step  # the first step warms up; time the next ones
-            if self.budget is not None and self.steps_done == PLAN_AFTER and not self.budget.plans:
+            b = self.budget
+            first = b is not None and self.steps_done == PLAN_AFTER and not b.plans
+            # in the epoch where the run ends, plan again on its steps so far, so that a host that
+            # slows down now still ends in time (the epoch's end would be too late to notice)
+            again = (b is not None and bool(b.plans) and step > ref_step and step % REPLAN_EVERY == 0
+                     and self.total_steps - self.steps_done <= self.steps_per_epoch - step)
+            if first or again:
                 synchronize(self.device)  # (a GPU's steps run after their launch)
-                self._plan((time.perf_counter() - t_ref) / (step - ref_step), len(self._x_val), announce=True)
-                if self.steps_done >= self.total_steps:
-                    break
-            elif (self.budget is not None and self.budget.plans and step > ref_step and step % REPLAN_EVERY == 0
-                  and self.total_steps - self.steps_done <= self.steps_per_epoch - step):
-                # the run ends in this epoch: plan again on its steps so far, so that a host that
-                # slows down now still ends in time (the epoch's end would be too late to notice)
-                synchronize(self.device)
-                self._plan((time.perf_counter() - t_ref) / (step - ref_step), len(self._x_val), announce=False)
+                self._plan((time.perf_counter() - t_ref) / (step - ref_step), len(self._x_val), announce=first)
                 if self.steps_done >= self.total_steps:
                     break
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]

@@ -152,3 +152,28 @@ def test_resume_continues_to_the_same_result(tiny, tmp_path):
     assert resumed.metrics["resumed_from_epoch"] == 1
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k])
+
+
+def test_the_gpu_warm_up_leaves_the_run_as_it_was(tiny, tmp_path, monkeypatch):
+    """The warm-up a GPU does before the fit (a copy's steps and a validation pass), done here
+    on the CPU: the run's numbers and weights are those of a run without it, dropout,
+    augmentation, weight decay and the epoch's partial last batch included."""
+    from cifar4.training.train import Trainer
+    e = config.from_dict({"name": "w", "model": {"name": "mlp-deep", "options": {"dropout": 0.2}},
+                          "train": {"epochs": 2, "batch_size": 48, "optimizer": "sgd", "momentum": 0.9,
+                                    "weight_decay": 5e-4, "seed": 3},
+                          "augment": {"flip": True, "translate": 2}})
+    plain = pipeline.train(e, tiny, runs_root=tmp_path / "plain", progress=False)
+    assert plain.metrics["warmup_seconds"] == 0.0  # a CPU does none
+    calls = []
+
+    def warm(self, *args):
+        calls.append([len(a) for a in args])
+        return self._warm(*args)
+    monkeypatch.setattr(Trainer, "warm_up", warm)
+    warmed = pipeline.train(e, tiny, runs_root=tmp_path / "warmed", progress=False)
+    assert calls and warmed.metrics["warmup_seconds"] > 0
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(warmed.history) == strip(plain.history)
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, warmed.model.state_dict()[k])

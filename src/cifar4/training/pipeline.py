@@ -321,13 +321,16 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
             raise ConfigError(f"{b.kind} {b.seconds:g} s is spent before training starts "
                               f"({spent:.1f} s to start, load the data and build the model); expected more "
                               f"than {spent:.0f} s")
+    # a GPU loads its kernels on first use: done before the fit's clock (counted in total_seconds)
+    warmup_seconds = run.trainer.warm_up(run.x["train"], run.y["train"], run.x["val"], run.y["val"])
     rows, fit_seconds = _fit(run)
     if not main:
         return Result(folder, {}, rows, run.model)
     t_eval = time.perf_counter()
     res, precision, preds = _evaluate_splits(run)
     eval_seconds = time.perf_counter() - t_eval
-    metrics = _metrics(run, rows, res, precision, fit_seconds, eval_seconds, resume_state, started_at)
+    metrics = _metrics(run, rows, res, precision, (warmup_seconds, fit_seconds), eval_seconds, resume_state,
+                       started_at)
     if fallback is not None:
         metrics["fallback"] = fallback
     if gpu is not None:
@@ -571,10 +574,11 @@ def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str, dict[str, tuple[n
     return res, prec, preds
 
 
-def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, fit_seconds: float,
+def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, fit: tuple[float, float],
              eval_seconds: float, resume_state: tuple[dict, dict] | None, started: str) -> dict[str, Any]:
     exp, idx, sp = run.exp, run.idx, run.split
     assert run.trainer is not None
+    warmup_seconds, fit_seconds = fit
     train_seconds = sum(r["seconds"] for r in rows)
     trainable, non_trainable = models.count_params(run.model)
     steps_per_epoch = -(-len(idx["train"]) // exp.train.batch_size)
@@ -594,6 +598,7 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
         "train_seconds": round(train_seconds, 3),
         "seconds_per_epoch": round(train_seconds / max(len(rows), 1), 3),
         "fit_seconds": round(fit_seconds, 3),  # wall time of fit: steps, validation, callbacks
+        "warmup_seconds": round(warmup_seconds, 3),  # before the fit, a GPU's kernels loaded (0 on a CPU)
         "eval_seconds": round(eval_seconds, 3),
         "epochs": len(rows),
         "epochs_planned": run.trainer.epochs,  # the experiment's, or what the time budget allowed

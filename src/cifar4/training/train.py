@@ -10,6 +10,7 @@ seeded global generator (initialisation, dropout), so a seed fixes the run on a 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -258,14 +259,76 @@ class Trainer:
             self.log(f"{measured} -> its {b.max_epochs} epochs do not fit: {fitted} "
                      f"(--time-limit 0 lifts the limit)")
 
+    def warm_up(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                y_val: torch.Tensor) -> float:
+        """On a GPU, before the fit: two training steps and one validation pass of a throwaway
+        copy of the model, in the batch shapes the fit will meet (a full batch, the epoch's last
+        partial one, the validation's batches), so that CUDA's lazy kernel loading and cuDNN's
+        first choices happen here rather than inside the fit (airbench's timing does the same).
+        The model, optimizer, schedule and random generators are left as they were. Seconds
+        spent; 0 on a CPU, which loads nothing lazily."""
+        return self._warm(x_train, y_train, x_val, y_val) if self.device.type == "cuda" else 0.0
+
+    def _warm(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+              y_val: torch.Tensor) -> float:
+        t = time.perf_counter()
+        n, bs = len(x_train), self.cfg.batch_size
+        rows = torch.arange(min(n, bs))
+        x, y = self.norm.apply(x_train[rows].to(self.device)), y_train[rows].to(self.device)
+        if x.ndim == 4:  # as _prepare stores images: NHWC
+            x = x.permute(0, 2, 3, 1)
+        model = copy.deepcopy(self.model).train()
+        optimizer = make_optimizer(model, self.cfg)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # dropout draws from the global generators
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(0)
+            for size in dict.fromkeys((len(rows), n % bs or len(rows))):
+                self._step(model, model, optimizer, self._decay(optimizer), x[:size], y[:size], gen)
+            evaluate(model, x_val, y_val, self.norm, device=self.device, precision=self.precision, tta=0)
+        del model, optimizer
+        synchronize(self.device)
+        return time.perf_counter() - t
+
+    def _decay(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict, list[torch.Tensor]]]:
+        """Decoupled weight decay: kernels only (not biases or BN), each at its group's rate."""
+        if not self.cfg.weight_decay:
+            return []
+        return [(g, [p for p in g["params"] if p.ndim > 1]) for g in optimizer.param_groups]
+
+    def _step(self, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
+              decay: list[tuple[dict, list[torch.Tensor]]], xb: torch.Tensor, yb: torch.Tensor,
+              generator: torch.Generator, share: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch as stored (NHWC images or features), augmented whole;
+        `share`: under torchrun, on this rank's share of it. (loss, logits, labels stepped on)."""
+        cfg = self.cfg
+        if xb.ndim == 4:
+            xb = xb.permute(0, 3, 1, 2)
+        if self.augment.active:
+            xb = self.augment(xb, generator)
+        if share and self.world.size > 1:  # this rank's share of the global batch
+            xb, yb = xb[self.world.rank::self.world.size], yb[self.world.rank::self.world.size]
+        with self._autocast():
+            logits = forward(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+        if cfg.l2:
+            loss = loss + cfg.l2 * l2_penalty(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if decay:
+            with torch.no_grad():
+                for g, ps in decay:
+                    if ps:
+                        torch._foreach_mul_(ps, 1 - g["lr"] * cfg.weight_decay)
+        optimizer.step()
+        return loss, logits, yb
+
     def _train_epoch(self, x_store: torch.Tensor, y_store: torch.Tensor) -> tuple[float, float]:
         """One pass over the training set in a fresh random order (or what is left of the
         planned steps): (mean loss, accuracy)."""
         cfg, n = self.cfg, len(x_store)
         assert self.scheduler is not None
-        # decoupled weight decay: kernels only (not biases or BN), at their group's rate
-        decay = [(g, [p for p in g["params"] if p.ndim > 1]) for g in self.optimizer.param_groups] \
-            if cfg.weight_decay else []
+        decay = self._decay(self.optimizer)
         batch_logs = any(cb.wants_batch_logs for cb in self.callbacks)  # else: no host sync per step
         self.model.train()
         order = torch.randperm(n, generator=self.generator).to(self.device)
@@ -291,27 +354,8 @@ class Trainer:
                 if self.steps_done >= self.total_steps:
                     break
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = x_store[idx]
-            if xb.ndim == 4:
-                xb = xb.permute(0, 3, 1, 2)
-            if self.augment.active:
-                xb = self.augment(xb, self.aug_generator)
-            yb = y_store[idx]
-            if self.world.size > 1:  # this rank's share of the global batch
-                xb, yb = xb[self.world.rank::self.world.size], yb[self.world.rank::self.world.size]
-            with self._autocast():
-                logits = self.forward(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-            if cfg.l2:
-                loss = loss + cfg.l2 * l2_penalty(self.model)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if decay:
-                with torch.no_grad():
-                    for g, ps in decay:
-                        if ps:
-                            torch._foreach_mul_(ps, 1 - g["lr"] * cfg.weight_decay)
-            self.optimizer.step()
+            loss, logits, yb = self._step(self.model, self.forward, self.optimizer, decay, x_store[idx],
+                                          y_store[idx], self.aug_generator, share=True)
             self.scheduler.step()
             with torch.no_grad():
                 loss_sum += loss.detach() * len(yb)

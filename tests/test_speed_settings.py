@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -170,7 +171,6 @@ def test_a_time_budget_fits_the_steps_and_the_schedule(tiny, tmp_path, monkeypat
 def test_the_epoch_where_a_run_ends_is_planned_again_within_it(tiny, tmp_path, monkeypatch):
     """A host that slows down in the last epoch: the trainer notices at its next plan (every
     REPLAN_EVERY steps of that epoch), not at the epoch's end, and the run ends there."""
-    import time
 
     from cifar4.training.budget import REPLAN_EVERY
     from cifar4.training.callbacks import Callback
@@ -211,10 +211,20 @@ def test_plans_before_the_first_validation_time_the_inference_once(tiny, tmp_pat
 
 
 def test_a_budget_spent_before_training_is_a_clear_error(tiny, tmp_path):
-    import time
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_budget": 1}})})
     with pytest.raises(ConfigError, match="time budget 1 s"):
         pipeline.train(exp, tiny, runs_root=tmp_path, progress=False, started=time.perf_counter() - 5)
+
+
+def test_a_time_limit_spent_before_training_ends_the_run_with_one_epoch(tiny, tmp_path, monkeypatch):
+    """A limit is a ceiling (an ensemble member's share, after a slow feature extraction on a
+    busy host, found it spent): the run ends with one epoch instead of an error after minutes."""
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": 4, "time_limit": 2}})})
+    m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False, started=time.perf_counter() - 5).metrics
+    assert m["epochs"] == 1 and m["steps"] == m["steps_per_epoch"]
+    assert m["time_limit"]["max_epochs"] == 1 and m["time_limit"]["spent_before_training"] >= 5
+    assert m["test_accuracy"] is not None
 
 
 def test_a_time_limit_that_fits_keeps_the_epochs_and_their_numbers(tiny, tmp_path, monkeypatch):

@@ -296,7 +296,7 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         bar.console.print(f"{exp.name}: {exp.model.name} on {len(run.idx['train'])} images "
                           f"({run.split.kind} split), {exp.train.epochs} epochs, {run.device.type}; "
                           f"run directory {folder}", highlight=False, soft_wrap=True)
-    fallback = None
+    fallback, limit_spent = None, None
     if resume_state is None and exp.fallbacks and exp.train.time_limit and exp.train.time_budget is None \
             and distributed.world().size == 1:  # (torchrun's ranks would have to agree: as written)
         exp, fallback = _fit_to_limit(run, t_start, None if bar is None else
@@ -317,10 +317,18 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, _eval_images(run),
                                              max_epochs=None if budget is not None else exp.train.epochs)
         spent, b = time.perf_counter() - t_start, run.trainer.budget
-        if spent >= b.seconds:
+        if spent >= b.seconds and b.max_epochs is None:
             raise ConfigError(f"{b.kind} {b.seconds:g} s is spent before training starts "
                               f"({spent:.1f} s to start, load the data and build the model); expected more "
                               f"than {spent:.0f} s")
+        if spent >= b.seconds:  # a limit is a ceiling: one epoch rather than a run lost to a slow start
+            limit_spent = {"seconds": b.seconds, "spent_before_training": round(spent, 1), "max_epochs": 1,
+                           "plans": []}
+            run.trainer.budget = None
+            run.trainer.total_steps = math.ceil(len(run.idx["train"]) / exp.train.batch_size)
+            if run.trainer.log is not None:
+                run.trainer.log(f"{exp.name}: its time limit of {b.seconds:g} s was spent before training "
+                                f"({spent:.1f} s: start, data, features) -> one epoch, to end the run")
     # a GPU loads its kernels on first use: done before the fit's clock (counted in total_seconds)
     warmup_seconds = run.trainer.warm_up(run.x["train"], run.y["train"], run.x["val"], run.y["val"])
     rows, fit_seconds = _fit(run)
@@ -333,6 +341,8 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
                        started_at)
     if fallback is not None:
         metrics["fallback"] = fallback
+    if limit_spent is not None:
+        metrics["time_limit"] = limit_spent
     if gpu is not None:
         metrics["gpu"] = gpu
     _write_artifacts(run, rows, res, precision, metrics)

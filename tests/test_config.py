@@ -100,3 +100,23 @@ def test_resume_refuses_other_flags():
     config.check_resume_flags({"epochs": None, "option": []})
     with pytest.raises(ConfigError, match="cannot be combined with --batch-size"):
         config.check_resume_flags({"epochs": None, "batch_size": 32})
+
+
+def test_model_options_are_built_once_per_process_and_bad_ones_always_refused(monkeypatch):
+    """An experiment's model is checked by building it on the meta device; a command checks its
+    experiment, members, fallbacks and GPU variant many times, so each name and options build
+    once. A bad option is refused every time it is met."""
+    from cifar4 import models
+    monkeypatch.setattr(config, "_BUILT", set())
+    built = []
+    real = models.build
+    monkeypatch.setattr(models, "build", lambda name, **kw: built.append(name) or real(name, **kw))
+    config.load("transfer")
+    first = len(built)
+    assert first >= 1
+    config.load("transfer")
+    config.load("fast-long")  # its transfer member: the same options again
+    assert built.count("transfer") == first
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="widths"):
+            config.from_dict({"name": "x", "model": {"name": "fast", "options": {"widths": [8]}}})

@@ -48,13 +48,15 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
     out = {"preset": preset, "seed": seed, "split_seed": split_seed, "cold": cache is not None and cold,
            "time_budget": budget, "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
            "whole_command_seconds": round(whole, 2), "total_seconds": m["total_seconds"],
-           "fit_seconds": m.get("fit_seconds"), "eval_seconds": m.get("eval_seconds"),
+           "fit_seconds": m.get("fit_seconds"), "warmup_seconds": m.get("warmup_seconds"),
+           "eval_seconds": m.get("eval_seconds"),
            "epochs": m.get("epochs"), "precision": m.get("precision"), "cpu": m["machine"]["cpu"],
            "run_dir": m["run_dir"]}
     if m.get("members"):
         out["feature_seconds"] = m.get("feature_seconds")
         out["members"] = [{k: mm.get(k) for k in ("experiment", "weight", "val_accuracy", "test_accuracy",
-                                                 "fit_seconds", "feature_seconds", "total_seconds")}
+                                                 "fit_seconds", "warmup_seconds", "feature_seconds",
+                                                 "total_seconds")}
                           for mm in m["members"]]
         # what each member's time limit chose (its fallback, the features it extracted)
         for mm, sub in zip(out["members"], sorted((Path(m["run_dir"]) / "members").iterdir()), strict=False):

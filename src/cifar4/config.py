@@ -294,9 +294,10 @@ _BUILT: set[str] = set()  # model names and options that built (a process checks
 
 def _check_build(name: str, options: dict[str, Any]) -> None:
     """Option values checked by building the model on the meta device (no memory), once per
-    name and options in a process: a transfer backbone takes 0.1-0.3 s to build even there,
-    and one command checks an experiment, its members, fallbacks and GPU variant dozens of
-    times (45 EfficientNet builds, 4.4 s of a cached `fast-long`'s 30 s profile on an H200)."""
+    name and options in a process: a transfer backbone took 0.34 s to build even there (a
+    2-core Xeon), and one command checks an experiment, its members, fallbacks and GPU variant
+    dozens of times (45 EfficientNet builds, 4.4 s of a cached `fast-long`'s 30 s profile on
+    an H200)."""
     key = json.dumps([name, options], sort_keys=True, default=repr)
     if key in _BUILT:
         return

@@ -283,8 +283,9 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):  # dropout draws from the global generators
             gen = torch.Generator(device=self.device)
             gen.manual_seed(0)
-            for size in dict.fromkeys((len(rows), n % bs or len(rows))):
-                self._step(model, model, optimizer, self._decay(optimizer), x[:size], y[:size], gen)
+            for size in dict.fromkeys((len(rows), n % bs or len(rows))):  # (under torchrun, its share)
+                self._step(model, model, optimizer, self._decay(optimizer), x[:size], y[:size], gen,
+                           share=True)
             evaluate(model, x_val, y_val, self.norm, device=self.device, precision=self.precision, tta=0)
         del model, optimizer
         synchronize(self.device)

@@ -265,6 +265,38 @@ def test_pending_counts_the_image_views_the_cache_lacks(tiny):
     assert features.extraction_seconds(m, tiny.X[:64], dev, "fp32") > 0
 
 
+def test_the_extraction_rate_is_the_median_batch_and_ignores_a_hiccup(monkeypatch):
+    """The rate a time limit plans with: batches timed one by one for at least PROBE_SECONDS
+    (at least EXTRACTION_PROBE of them), the median batch's; one slow batch (another process
+    on the cores, a collection) does not double it, as it did a four-batch mean."""
+    import time
+    calls: list[int] = []
+    slow = {3}  # which calls are slow: the warm-up is call 1, so this is the second timed batch
+
+    def extract(model, X, flip, device, precision, progress=None, task=None):
+        calls.append(len(X))
+        time.sleep(0.5 if len(calls) in slow else 0.02)
+        return np.zeros((len(X), 4), np.float16)
+
+    class Backbone:
+        max_batch = 10  # a CPU's batch
+
+    def probe() -> float:
+        calls.clear()
+        return features.extraction_seconds(Backbone(), np.zeros((1000, 8, 8, 3), np.uint8),
+                                           torch.device("cpu"), "fp32")
+
+    monkeypatch.setattr(features, "extract", extract)
+    monkeypatch.setattr(features, "PROBE_SECONDS", 0.2)
+    rate = probe()
+    assert 0.02 / 10 <= rate < 0.03 / 10  # not (3 x 0.02 + 0.5) / 40
+    assert calls[0] == 10 and len(calls) - 1 == features.EXTRACTION_PROBE  # 0.56 s timed: past 0.2 s
+    slow.clear()
+    monkeypatch.setattr(features, "PROBE_SECONDS", 0.4)
+    probe()
+    assert len(calls) - 1 >= 0.4 / 0.025  # 0.02 s a batch: timed until 0.4 s have passed
+
+
 def test_damaged_cache_file_is_recomputed(tiny):
     m = models.build("transfer", weights="none", resolution=32)
     dev = torch.device("cpu")

@@ -238,6 +238,24 @@ def test_a_time_limit_that_fits_keeps_the_epochs_and_their_numbers(tiny, tmp_pat
     assert b["test_accuracy"] == a["test_accuracy"] and b["val_loss"] == a["val_loss"]  # the same run
 
 
+def test_a_time_limit_keeps_its_epochs_while_early_plans_fall_a_little_short():
+    """The first plans rest on the slowest steps: a limit keeps its epochs while the shortfall
+    is within a tolerance that shrinks as the run goes on, so a run that fits in the end is the
+    unlimited run (its schedule not cut and restored). Late, or by much, it cuts; a --time-budget
+    (a target, not a ceiling) follows every plan."""
+    from cifar4.training.budget import LIMIT_TOLERANCE, Budget
+
+    def plan(max_epochs, done, fits):  # 10 steps a second, 100 a epoch; time for `fits` more steps
+        b = Budget.starting(1.0, time.perf_counter(), eval_images=0, max_epochs=max_epochs)
+        b.deadline = time.perf_counter() + (fits * 0.1 + 2.5) / (1 - 0.03)  # (WRITE_SECONDS, SAFETY)
+        return b.steps(done, 0.1, 0.0, 0, 100)
+
+    assert plan(6, 4, 596 * (1 - LIMIT_TOLERANCE / 2)) == 600  # early, a little short: all 6 epochs
+    assert plan(6, 4, 596 * (1 - 2 * LIMIT_TOLERANCE)) < 600 - 0.2 * 596  # early, far short: cut
+    assert plan(6, 500, 100 * (1 - LIMIT_TOLERANCE / 2)) < 600  # in the last epoch: cut to what fits
+    assert plan(None, 4, 596 * (1 - LIMIT_TOLERANCE / 2)) < 600  # a budget follows the plan
+
+
 def test_a_time_limit_that_does_not_fit_shortens_the_run(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": 5000, "time_limit": 6}})})

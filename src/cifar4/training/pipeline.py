@@ -406,9 +406,9 @@ def _fit_to_limit(run: _Fit, started: float,
             image = _forward_seconds(net, xin[:INFER_PROBE], run.device, choice.precision)
         spe = math.ceil(n["train"] / cand.train.batch_size)
         # the features still to extract come first: as if the command had started that much earlier
-        plan = Budget.starting(cand.train.time_limit, started - extraction, _eval_images(run, cand),
-                               cand.train.epochs)
-        epochs = plan.steps(0, step, image, n["val"], spe) / spe
+        # (the plan as a budget makes it: what fits, without a limit's tolerance for early plans)
+        plan = Budget.starting(cand.train.time_limit, started - extraction, _eval_images(run, cand))
+        epochs = min(plan.steps(0, step, image, n["val"], spe), cand.train.epochs * spe) / spe
         tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": round(step, 4),
                       "image_seconds": round(image, 6), "epochs_fit": round(epochs, 2)})
         if frozen:

@@ -128,9 +128,9 @@ def extraction_seconds(model, X: np.ndarray, device: torch.device, precision: st
     """Seconds per image view of `extract` on this machine, from the first images of `X`: one
     batch to warm up, then batches timed one by one (at least EXTRACTION_PROBE, and for at
     least PROBE_SECONDS, up to PROBE_MAX_IMAGES: a CPU's batches are 8-25 images, 0.05-0.15 s
-    each; a GPU's 512), the median batch's time per image. Four batches in one timing (0.2 s on a 2-core Xeon at
-    160 px) read 5.9 ms a view once where the extraction then ran at 3.1: a fresh `fast-long`
-    took its lighter fallback for nothing."""
+    each; a GPU's 512), the median batch's time per image. Four batches in one timing (0.2 s
+    on a 2-core Xeon at 160 px) read 5.9 ms a view once where the extraction then ran at 3.1:
+    a fresh `fast-long` took its lighter fallback for nothing."""
     batch = inference_batch(model, CHUNK, device)
     warm = min(batch, max(1, len(X) // (1 + EXTRACTION_PROBE)))  # (fewer images than that many batches)
     extract(model, X[:warm], False, device, precision)

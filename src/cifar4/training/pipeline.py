@@ -434,7 +434,7 @@ INFER_PROBE = 128  # images of the forward pass timed for a fallback's evaluatio
 def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> float:
     """Seconds a frozen-backbone candidate would spend extracting the features that the cache
     does not hold yet (none where it holds them all): the rows of every split in each view it
-    needs, at the rate timed here on a few batches. On a 2-core AVX2-only EPYC (fp32) the
+    needs, at the rate timed here (features.extraction_seconds). On a 2-core AVX2-only EPYC (fp32) the
     backbone at 224 px extracts about 55 image views a second, at 160 px about 130: `best`'s
     48,000 views at 224 px would take 15 minutes there."""
     prec = feature_precision(exp.train.precision, run.device)
@@ -445,8 +445,9 @@ def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> f
     return EXTRACTION_MARGIN * todo * extraction_seconds(model, run.ds.X, run.device, prec)
 
 
-# the whole extraction against its few timed batches: 398 s against 345 s expected at 160 px on the
-# AVX2-only EPYC (mirrored views, copies to the host and the cache's saves are not in the probe)
+# the whole extraction against its timed batches: 398 s against 345 s expected at 160 px on the
+# AVX2-only EPYC (mirrored views, copies to the host and the cache's saves are not in the probe);
+# on a 2-core AMX Xeon 186 s against 258 s at 160 px, 363 s against 300 s at 224 px
 EXTRACTION_MARGIN = 1.2
 
 

@@ -211,15 +211,19 @@ class Trainer:
         if self.scheduler is None:  # the schedule follows total_steps (a time budget changes it)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lambda step: lr_factor(cfg.schedule, cfg.warmup, self.total_steps)(step))
-        x_store = self.norm.apply(x_train.to(self.device))
-        if x_store.ndim == 4:  # images: NHWC storage (features are stored as they come)
-            x_store = x_store.permute(0, 2, 3, 1)
+        x_store = self._stored(x_train)
         if not self.precision:
             sample = x_store[:precision.PROBE_BATCH]
             if sample.ndim == 3 and self.augment.active:  # feature views (N, views, dim): one view
                 sample = sample[:, 0]
             self._choose_precision(sample.permute(0, 3, 1, 2) if sample.ndim == 4 else sample)
         return x_store, y_train.to(self.device)
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs as the fit keeps them on the device: normalized once, images as NHWC (a
+        batch's NCHW view is then channels_last); features as they come."""
+        x = self.norm.apply(x.to(self.device))
+        return x.permute(0, 2, 3, 1) if x.ndim == 4 else x
 
     def _plan(self, step_seconds: float, val_images: int, announce: bool) -> None:
         """Fit the number of steps (and so the schedule) to the time budget."""
@@ -274,9 +278,7 @@ class Trainer:
         t = time.perf_counter()
         n, bs = len(x_train), self.cfg.batch_size
         rows = torch.arange(min(n, bs))
-        x, y = self.norm.apply(x_train[rows].to(self.device)), y_train[rows].to(self.device)
-        if x.ndim == 4:  # as _prepare stores images: NHWC
-            x = x.permute(0, 2, 3, 1)
+        x, y = self._stored(x_train[rows]), y_train[rows].to(self.device)
         model = copy.deepcopy(self.model).train()
         optimizer = make_optimizer(model, self.cfg)
         devices = [self.device] if self.device.type == "cuda" else []

@@ -46,3 +46,44 @@ def test_unknown_split_and_official_without_is_test(tiny):
 
 def test_real_session_split_sizes(real):
     assert make_split(real).sizes() == {"train": 16800, "val": 3600, "test": 3600}
+
+
+def test_a_split_is_kept_and_a_new_process_reads_it_without_scikit_learn(tiny_npz, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from cifar4.data import load
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    ds = load(tiny_npz)
+    made = make_split(ds, "stratified", 3)
+    kept = list((tmp_path / "cache" / "splits").glob("stratified-seed3-*.npz"))
+    assert len(kept) == 1
+    code = ("import sys, numpy as np; from cifar4.data import load; from cifar4.data.split import make_split; "
+            f"sp = make_split(load({str(tiny_npz)!r}), 'stratified', 3); "
+            f"np.savez({str(tmp_path / 'read.npz')!r}, train=sp.train, val=sp.val, test=sp.test); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    read = np.load(tmp_path / "read.npz")
+    for part in ("train", "val", "test"):
+        assert np.array_equal(read[part], getattr(made, part))
+    # another seed, kind or label set is another file
+    make_split(ds, "stratified", 4)
+    make_split(ds, "session", 3)
+    assert len(list((tmp_path / "cache" / "splits").glob("*.npz"))) == 3
+
+
+def test_a_damaged_or_foreign_kept_split_is_made_again(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    made = make_split(tiny, "session", 5)
+    (path,) = (tmp_path / "splits").glob("*.npz")
+    for bad in (b"not a zip file", None):
+        if bad is None:  # rows that are not this dataset's (out of range, repeated)
+            np.savez(path, train=np.array([0, 0, 1]), val=np.array([len(tiny) + 5]), test=np.array([2]))
+        else:
+            path.write_bytes(bad)
+        again = make_split(tiny, "session", 5)
+        assert np.array_equal(again.train, made.train) and np.array_equal(again.test, made.test)
+        assert np.array_equal(np.load(path)["val"], made.val)  # written again, whole
+    monkeypatch.setenv("CIFAR4_CACHE", str(path))  # a file where the folder should be: nothing kept
+    assert np.array_equal(make_split(tiny, "stratified", 5).train, make_split(tiny, "stratified", 5).train)

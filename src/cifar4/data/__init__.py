@@ -33,6 +33,13 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("cifar4", appauthor=False))
 
 
+def work_cache() -> Path:
+    """Where cifar4 keeps what it computes once per machine and reuses (frozen-backbone
+    features, precision choices, splits): $CIFAR4_CACHE, else the per-user cache folder."""
+    root = os.environ.get("CIFAR4_CACHE")
+    return Path(root).expanduser() if root else cache_dir()
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """Images X (N,32,32,3) uint8 RGB, labels Y (N,) int64 in 0..len(classes)-1, optional

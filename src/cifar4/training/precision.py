@@ -36,7 +36,7 @@ from torch import nn
 from .. import io as cio
 from .. import locks
 from ..config import TrainConfig
-from ..data import cache_dir
+from ..data import work_cache
 from ..device import autocast, bf16_is_fast, cpu_features, cpu_name, synchronize, to_device
 from ..models.layers import matmul_weight_grads
 
@@ -58,8 +58,7 @@ class Choice:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("CIFAR4_CACHE")
-    return (Path(root).expanduser() if root else cache_dir()) / "precision.json"
+    return work_cache() / "precision.json"
 
 
 def _key(model: nn.Module, batch: int) -> str:

@@ -177,3 +177,19 @@ def test_the_gpu_warm_up_leaves_the_run_as_it_was(tiny, tmp_path, monkeypatch):
     assert strip(warmed.history) == strip(plain.history)
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, warmed.model.state_dict()[k])
+
+
+def test_the_confusion_matrix_counts_true_classes_by_row_as_scikit_learn_does():
+    import numpy as np
+    from sklearn.metrics import confusion_matrix
+
+    from cifar4.training.evaluate import summarize
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (500,), generator=g)
+    logits = torch.randn(500, 4, generator=g)
+    logits[:100, 3] += 5.0  # many predicted as the last class, whatever their label
+    out = summarize(logits, y, ("a", "b", "c", "d"))
+    want = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), labels=[0, 1, 2, 3])
+    assert out["confusion"] == want.tolist()
+    assert out["per_class_accuracy"]["b"] == pytest.approx(want[1, 1] / want[1].sum())
+    assert np.array(out["confusion"]).sum() == 500

@@ -440,3 +440,16 @@ def test_transfer_benchmark_script_runs(tiny_npz, tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())
     assert [r["cache"] for r in rows] == ["miss", "hit"] and rows[0]["options"]["resolution"] == 32
     assert "transfer | 2 |" in out.stdout
+
+
+def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny):
+    """On a GPU the last batch is filled up to a whole one (one kernel choice per shape): the
+    images' own features come out as unpadded (up to the kernels' rounding), the filler's not at all."""
+    from cifar4.training.features import extract
+    net = models.build("transfer", resolution=32)
+    X = tiny.X[:37]  # the CPU's batches of 16: 16 + 16 + 5
+    plain = extract(net, X, False, torch.device("cpu"), "fp32", pad=False)
+    padded = extract(net, X, False, torch.device("cpu"), "fp32", pad=True)
+    assert padded.shape == plain.shape == (37, net.num_features)
+    assert np.allclose(padded.astype(np.float32), plain.astype(np.float32), rtol=1e-2, atol=1e-3)
+    assert np.array_equal(padded[:32], plain[:32])  # the whole batches are the same computation

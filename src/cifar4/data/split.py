@@ -8,9 +8,9 @@ images as the test set and draws a stratified 15% validation set from the rest.
 
 A split, once made, is kept in <cache>/splits/ ($CIFAR4_CACHE or the user cache folder), keyed
 on what it depends on (kind, seed, the labels, is_test, scikit-learn's version): a later run
-reads its rows there and does not import scikit-learn (1.2 s of a 13 s `fast-long` on a GPU, on
-a 16-core Xeon; 0.75 s on a 2-core one). A missing, damaged or unwritable file only means the
-split is made again.
+reads its rows there and does not import scikit-learn (1.2 s of a 13 s `fast-long` on an H100
+machine, whose host is a 16-core Xeon; 0.75 s on a 2-core Xeon). A missing, damaged or
+unwritable file only means the split is made again.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def _median_ms(step, steps: int) -> float:
 
 
 def _keep_fp32(conv: nn.Conv2d, fp32: bool) -> None:
-    """Make `conv` run outside autocast, in fp32 (or undo it)."""
+    """Make `conv` run outside autocast, in fp32, handing bf16 on to the next layer as autocast
+    would (or undo it)."""
     if "forward" in conv.__dict__:
         del conv.forward
     if fp32:
@@ -51,7 +52,7 @@ def _keep_fp32(conv: nn.Conv2d, fp32: bool) -> None:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cpu", enabled=False):
-                return plain(x.float())
+                return plain(x.float()).to(torch.bfloat16)
         conv.forward = forward  # type: ignore[method-assign]
 
 

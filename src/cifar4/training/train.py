@@ -286,8 +286,7 @@ class Trainer:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(0)
             for size in dict.fromkeys((len(rows), n % bs or len(rows))):  # (under torchrun, its share)
-                self._step(model, model, optimizer, self._decay(optimizer), x[:size], y[:size], gen,
-                           share=True)
+                self._step(model, model, optimizer, self._decay(optimizer), x[:size], y[:size], gen)
             evaluate(model, x_val, y_val, self.norm, device=self.device, precision=self.precision, tta=0)
         del model, optimizer
         synchronize(self.device)
@@ -301,15 +300,15 @@ class Trainer:
 
     def _step(self, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
               decay: list[tuple[dict, list[torch.Tensor]]], xb: torch.Tensor, yb: torch.Tensor,
-              generator: torch.Generator, share: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch as stored (NHWC images or features), augmented whole;
-        `share`: under torchrun, on this rank's share of it. (loss, logits, labels stepped on)."""
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch as stored (NHWC images or features), augmented whole,
+        then under torchrun on this rank's share of it. (loss, logits, labels stepped on)."""
         cfg = self.cfg
         if xb.ndim == 4:
             xb = xb.permute(0, 3, 1, 2)
         if self.augment.active:
             xb = self.augment(xb, generator)
-        if share and self.world.size > 1:  # this rank's share of the global batch
+        if self.world.size > 1:  # this rank's share of the global batch
             xb, yb = xb[self.world.rank::self.world.size], yb[self.world.rank::self.world.size]
         with self._autocast():
             logits = forward(xb)
@@ -358,7 +357,7 @@ class Trainer:
                     break
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             loss, logits, yb = self._step(self.model, self.forward, self.optimizer, decay, x_store[idx],
-                                          y_store[idx], self.aug_generator, share=True)
+                                          y_store[idx], self.aug_generator)
             self.scheduler.step()
             with torch.no_grad():
                 loss_sum += loss.detach() * len(yb)

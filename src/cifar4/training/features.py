@@ -61,18 +61,28 @@ class CacheFile:
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """(features float16 (n, dim), done bool (n,)); empty when absent or unusable (a
         damaged cache file is recomputed, never trusted)."""
-        empty = np.zeros((self.n, self.dim), np.float16), np.zeros(self.n, bool)
+        got = self._load(("features", "done"))
+        if got is None or got["features"].shape != (self.n, self.dim) or got["features"].dtype != np.float16:
+            return np.zeros((self.n, self.dim), np.float16), np.zeros(self.n, bool)
+        return got["features"], got["done"]
+
+    def done(self) -> np.ndarray:
+        """Which rows the file holds (bool (n,)), reading that array alone: the features are
+        61 MB a view at 160 px (0.15 s a file on a 2-core Xeon, against under a millisecond)."""
+        got = self._load(("done",))
+        return np.zeros(self.n, bool) if got is None else got["done"]
+
+    def _load(self, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+        """The named arrays, with a usable done mask, or None (absent, damaged, another shape)."""
         if not self.path.is_file():
-            return empty
+            return None
         try:
             with np.load(self.path, allow_pickle=False) as z:
-                feats, done = z["features"], z["done"]
+                got = {k: z[k] for k in keys}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            return empty
-        if feats.shape != (self.n, self.dim) or feats.dtype != np.float16 or done.shape != (self.n,) \
-                or done.dtype != bool:
-            return empty
-        return feats, done
+            return None
+        done = got["done"]
+        return got if done.shape == (self.n,) and done.dtype == bool else None
 
     def write(self, feats: np.ndarray, done: np.ndarray) -> None:
         cio.write_with(self.path, lambda f: np.savez(f, features=feats, done=done))
@@ -125,7 +135,7 @@ def pending(model, ds: Dataset, rows: np.ndarray, views: tuple[str, ...], precis
     """Image views of `rows` that the cache does not hold yet: what `features` would extract
     now (a time limit counts them before choosing what to train)."""
     digest, rows = model.backbone_digest(), np.unique(rows)
-    return sum(int((~cache_file(model, ds, v, precision, digest).read()[1][rows]).sum()) for v in views)
+    return sum(int((~cache_file(model, ds, v, precision, digest).done()[rows]).sum()) for v in views)
 
 
 EXTRACTION_PROBE = 4       # inference batches timed at least for the extraction rate (after one untimed)

@@ -446,10 +446,16 @@ def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny
     """On a GPU the last batch is filled up to a whole one (one kernel choice per shape): the
     images' own features come out as unpadded (up to the kernels' rounding), the filler's not at all."""
     from cifar4.training.features import extract
-    net = models.build("transfer", resolution=32)
-    X = tiny.X[:37]  # the CPU's batches of 16: 16 + 16 + 5
+    net = models.build("transfer", resolution=160)
+    X = tiny.X[:37]  # the CPU's batches of 16 at 160 px: 16 + 16 + 5
+    seen: list[int] = []  # the batch sizes the backbone is given
+    prepare = net.prepare
+    net.prepare = lambda x: (seen.append(len(x)), prepare(x))[1]
     plain = extract(net, X, False, torch.device("cpu"), "fp32", pad=False)
+    assert seen == [16, 16, 5]
+    seen.clear()
     padded = extract(net, X, False, torch.device("cpu"), "fp32", pad=True)
+    assert seen == [16, 16, 16]
     assert padded.shape == plain.shape == (37, net.num_features)
     assert np.allclose(padded.astype(np.float32), plain.astype(np.float32), rtol=1e-2, atol=1e-3)
     assert np.array_equal(padded[:32], plain[:32])  # the whole batches are the same computation

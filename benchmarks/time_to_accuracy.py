@@ -10,6 +10,13 @@ summary table: final test accuracy (mean +- std over seeds), training seconds, s
 
     python benchmarks/time_to_accuracy.py fast fast-long --seeds 0 1 2
     python benchmarks/time_to_accuracy.py cnn --seeds 0 --peer ../shared/bench/keras_seed.py
+    python benchmarks/time_to_accuracy.py cnn-augmented --epochs 5 --rounds 3 --peer ../shared/bench/keras_seed.py
+
+With --rounds N the peer and cifar4 take turns N times (the peer first in odd rounds, cifar4's
+runs first in even ones), and the summary gains the speed-up of each round (peer seconds over
+cifar4's mean seconds in that round) and their median: on a shared 2-core host one pair can
+differ from the next by 15 %, and a host slows down after sustained load, so whoever runs
+second in a pair is penalised; alternating spreads both over the two sides.
 """
 
 from __future__ import annotations
@@ -121,6 +128,39 @@ def run_peer(peer: str, name: str, epochs: int | None, data: str) -> dict | None
             "curve": p["curve"]}
 
 
+def speedups(results: list[dict]) -> dict[str, list[float]]:
+    """Per experiment, the peer's seconds over cifar4's mean seconds, round by round (a round
+    holds one peer run and the cifar4 runs after it)."""
+    out: dict[str, list[float]] = {}
+    peers = {(r["experiment"].split(":", 1)[1], r.get("round", 1)): r["train_seconds"]
+             for r in results if r["experiment"].startswith("keras:")}
+    ours: dict[tuple[str, int], list[float]] = {}
+    for r in results:
+        if not r["experiment"].startswith("keras:"):
+            ours.setdefault((r["experiment"], r.get("round", 1)), []).append(r["train_seconds"])
+    for (name, round_), secs in sorted(ours.items(), key=lambda kv: kv[0][1]):
+        peer = peers.get((PEER_NAMES.get(name, ""), round_))
+        if peer:
+            out.setdefault(name, []).append(peer / statistics.mean(secs))
+    return out
+
+
+def print_speedups(results: list[dict]) -> None:
+    for name, ratios in speedups(results).items():
+        rounds = " / ".join(f"{x:.2f}x" for x in ratios)
+        print(f"{name} against the peer, round by round: {rounds}; median {statistics.median(ratios):.2f}x, "
+              f"lowest {min(ratios):.2f}x")
+
+
+def _peer_round(peer: str, name: str, epochs: int | None, data: str, round_: int) -> list[dict]:
+    p = run_peer(peer, name, epochs, data)
+    if not p:
+        return []
+    p["round"] = round_
+    print(json.dumps({k: v for k, v in p.items() if k != "curve"}), flush=True)
+    return [p]
+
+
 def fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
@@ -136,23 +176,31 @@ def main() -> None:
                     help="override any experiment key, as cifar4 train --set")
     ap.add_argument("--data", default=None)
     ap.add_argument("--peer", default=None, help="path of keras_seed.py, to run the Keras peer too")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --peer: alternate the peer and cifar4's runs this many times")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error(f"--rounds {a.rounds}: expected a whole number >= 1")
     ds = cifar4.load_dataset(a.data)
     results = []
     with tempfile.TemporaryDirectory(prefix="cifar4-bench-") as tmp:
         for name in a.experiments:
-            if a.peer:
-                p = run_peer(a.peer, name, a.epochs, ds.source)
-                if p:
-                    print(json.dumps({k: v for k, v in p.items() if k != "curve"}), flush=True)
-                    results.append(p)
-            for split_seed in a.split_seeds:
-                for seed in a.seeds:
-                    r = run_one(name, ds, seed, split_seed, a.epochs, Path(tmp), a.split, a.sets)
-                    print(json.dumps({k: v for k, v in r.items() if k not in ("curve", "machine", "versions")}),
-                          flush=True)
-                    results.append(r)
+            for round_ in range(1, (a.rounds if a.peer else 1) + 1):
+                # rounds alternate who goes first (peer, cifar4, cifar4, peer, ...): a host that
+                # slows down under sustained load then slows both sides alike
+                first_peer = round_ % 2 == 1
+                if a.peer and first_peer:
+                    results += _peer_round(a.peer, name, a.epochs, ds.source, round_)
+                for split_seed in a.split_seeds:
+                    for seed in a.seeds:
+                        r = run_one(name, ds, seed, split_seed, a.epochs, Path(tmp), a.split, a.sets)
+                        r["round"] = round_
+                        print(json.dumps({k: v for k, v in r.items() if k not in ("curve", "machine", "versions")}),
+                              flush=True)
+                        results.append(r)
+                if a.peer and not first_peer:
+                    results += _peer_round(a.peer, name, a.epochs, ds.source, round_)
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
     print()
@@ -170,6 +218,8 @@ def main() -> None:
         inf = [r["inference_images_per_s"] for r in rs if r["inference_images_per_s"]]
         print(" | ".join([name, str(len(rs)), str(rs[0]["epochs"]), acc, f"{secs:.1f}", *tts,
                           f"{tr:.0f}", fmt(statistics.mean(inf) if inf else None, ".0f")]))
+    if a.peer:
+        print_speedups(results)
     if results and "machine" in results[-1]:
         m = results[-1]["machine"]
         print(f"\nmachine: {m['cpu']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, "

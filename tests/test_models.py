@@ -45,6 +45,31 @@ def test_cnn_pools_before_its_relu_with_the_same_values_and_gradients():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_cpu_training_pool_scatters_the_librarys_gradient_exactly(dtype, relu):
+    """MaxPooling2D's training path on a CPU (its backward a max_unpool2d scatter, the ReLU
+    fused) gives the library's values and gradients bit for bit, ties and clipped zeros
+    included, on even and odd maps, and keeps channels_last."""
+    from cifar4.models.layers import MaxPooling2D
+
+    torch.manual_seed(0)
+    for shape in ((4, 8, 30, 30), (4, 16, 13, 13)):
+        x = ((torch.randn(*shape) * 2).round() / 2).to(dtype).contiguous(memory_format=torch.channels_last)
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        layer = MaxPooling2D(activation="relu" if relu else None)
+        got = layer(a)
+        assert got.grad_fn is not None and "_PoolScatterGrad" in type(got.grad_fn).__name__
+        want = torch.nn.functional.max_pool2d(b, 2)
+        want = torch.relu(want) if relu else want
+        g = torch.randn_like(want)
+        (ga,), (gb,) = torch.autograd.grad(got, a, g), torch.autograd.grad(want, b, g)
+        assert torch.equal(got, want) and torch.equal(ga, gb)
+        assert ga.is_contiguous(memory_format=torch.channels_last)  # else the next backward op copies
+    with torch.no_grad():  # inference (and ONNX export) takes the library's pooling
+        assert MaxPooling2D()(x).grad_fn is None
+
+
 def test_mlp20_param_breakdown():
     rows = models.summary(models.build("mlp-20")).rows
     assert [r[2] for r in rows] == [0, 0, 3072 * 20 + 20, 21 * 4]

@@ -42,18 +42,49 @@ class Conv2D(nn.Conv2d):
         return F.relu(x) if self.activation == "relu" else x
 
 
+class _PoolScatterGrad(torch.autograd.Function):
+    """Max pooling over windows that do not overlap (stride = window), then optionally a ReLU,
+    whose backward hands each window's gradient to its maximum with `max_unpool2d` instead of
+    max pooling's own backward: the same gradient (each input position belongs to one window,
+    so scattering equals accumulating), and on the 2-core Zen 4 EPYC 0.57-0.60 ms instead of
+    0.77-0.78 for the session CNN's first pool (bf16, channels_last, batch 100); its augmented
+    training step 1.5 and 5.4 % faster in two runs of alternating blocks. The ReLU runs in place
+    on the pooled map; its backward is F.relu's own op, which keeps channels_last (a masked_fill
+    there returned NCHW, and the copies after it made the step 25 % slower)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, window: int, relu: bool) -> torch.Tensor:
+        out, indices = F.max_pool2d(x, window, return_indices=True)
+        if relu:
+            out.clamp_min_(0)
+        ctx.save_for_backward(indices, out if relu else None)
+        ctx.window, ctx.size = window, x.shape[-2:]
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        indices, out = ctx.saved_tensors
+        if out is not None:  # the ReLU's gradient: F.relu's own backward (keeps channels_last)
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        return F.max_unpool2d(grad, indices, ctx.window, output_size=ctx.size), None, None
+
+
 class MaxPooling2D(nn.MaxPool2d):
     """Keras MaxPooling2D, with an optional ReLU applied after the pooling. Max pooling commutes
     with ReLU (both are monotone), so a Conv2D's ReLU can move behind the pool that follows it
     and run on a map 4x smaller: the same values, and the same gradients but at exact ties.
     Measured on the 2-core EPYC (bf16, batch 100): the session CNN's forward and backward
-    15.6 -> 14.3 ms."""
+    15.6 -> 14.3 ms. Training on a CPU takes _PoolScatterGrad (the same values and gradients,
+    a faster backward); elsewhere, and without gradients, the library's pooling."""
 
     def __init__(self, pool_size: int = 2, activation: str | None = None):
         super().__init__(pool_size)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled() and x.ndim == 4:
+            return _PoolScatterGrad.apply(x, self.kernel_size, self.activation == "relu")
         x = super().forward(x)
         return F.relu(x) if self.activation == "relu" else x
 

@@ -8,11 +8,16 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from .errors import RunError
+
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # a damaged or foreign .npz
 
 
 def _umask() -> int:
@@ -77,3 +82,13 @@ def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> 
     """Atomically write whatever `writer(fileobj)` writes (np.savez, fig.savefig, ...)."""
     with atomic_open(path, "wb") as f:
         writer(f)
+
+
+def read_npz(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The named arrays of an .npz file (no pickles), or None where it is absent, unreadable or
+    lacks one of them: for caches, which are made again rather than trusted."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except NPZ_ERRORS:
+        return None

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import time
-import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -228,7 +227,7 @@ def read_predictions(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] |
         with np.load(path, allow_pickle=False) as z:
             parts = {k[:-5] for k in z.files if k.endswith("_rows")}
             out = {k: (z[f"{k}_rows"], z[f"{k}_logits"]) for k in parts}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except cio.NPZ_ERRORS as e:
         raise RunError(f"'{path}' is unreadable ({e}); expected the run's saved predictions") from None
     for k, (rows, logits) in out.items():
         if rows.ndim != 1 or logits.ndim != 2 or len(rows) != len(logits):

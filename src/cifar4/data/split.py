@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -85,11 +84,10 @@ def _sklearn_version() -> str:
 def _read(path: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """A kept split's (train, val, test) rows, or None where the file is absent or is not one
     (each part integer rows in 0..n-1, together every row at most once)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            parts = (z["train"], z["val"], z["test"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    got = cio.read_npz(path, ("train", "val", "test"))
+    if got is None:
         return None
+    parts = (got["train"], got["val"], got["test"])
     rows = np.concatenate(parts)
     if any(p.ndim != 1 or p.dtype.kind not in "iu" for p in parts) or \
             (len(rows) and (rows.min() < 0 or rows.max() >= n)) or len(np.unique(rows)) != len(rows):

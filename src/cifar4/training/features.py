@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,12 +73,8 @@ class CacheFile:
 
     def _load(self, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
         """The named arrays, with a usable done mask, or None (absent, damaged, another shape)."""
-        if not self.path.is_file():
-            return None
-        try:
-            with np.load(self.path, allow_pickle=False) as z:
-                got = {k: z[k] for k in keys}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        got = cio.read_npz(self.path, keys) if self.path.is_file() else None
+        if got is None:
             return None
         done = got["done"]
         return got if done.shape == (self.n,) and done.dtype == bool else None

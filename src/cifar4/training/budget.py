@@ -78,9 +78,9 @@ class Budget:
             cap = self.max_epochs * steps_per_epoch
             # Early plans rest on few steps, and the first ones are the slowest (a fast-long
             # member on a 2-core Xeon, under cProfile, planned 381, then 357 of its 396 steps,
-            # then all 396: the cut-and-restored schedule made another run of the same seed). A limit keeps
-            # its epochs while the shortfall is within a tolerance that shrinks to nothing as
-            # the run goes on; the plans of the last epoch still cut it to the deadline.
+            # then all 396: the cut-and-restored schedule made another run of the same seed).
+            # A limit keeps its epochs while the shortfall is within a tolerance that shrinks to
+            # nothing as the run goes on; the plans of the last epoch still cut it to the deadline.
             if total >= cap * (1 - LIMIT_TOLERANCE * (1 - done / cap) ** 2):
                 total = cap
             total = max(done, 1, min(total, cap))

@@ -265,6 +265,64 @@ def test_a_time_limit_that_does_not_fit_shortens_the_run(tiny, tmp_path, monkeyp
     assert lr_factor("linear", 0.2, total)(total) == 0.0  # the schedule still ends where training does
 
 
+def test_a_budget_cuts_the_test_time_views_that_would_take_too_much_of_it():
+    """At its first plan a budget keeps the most test-time views whose final evaluation takes at
+    most EVAL_SHARE of the time left (the fewest where none does), and plans with their cost; a
+    time limit's views are the experiment's."""
+    from cifar4.training.budget import EVAL_SHARE, SAFETY, WRITE_SECONDS, Budget
+
+    views = {2: 6000, 1: 2000, 0: 1000}
+
+    def first_plan(image_seconds, limit=False):
+        b = Budget.starting(1.0, time.perf_counter(), 6000 if limit else views, max_epochs=6 if limit else None)
+        b.deadline = time.perf_counter() + (100 + WRITE_SECONDS) / (1 - SAFETY)  # 100 s left to train and evaluate
+        b.steps(4, 0.01, image_seconds, 0, 100)
+        return b
+
+    share = EVAL_SHARE * 100 * 0.99  # (the clock moves a little between the deadline and the plan)
+    b = first_plan(share / 6000)
+    assert b.tta == 2 and not b.views_cut() and b.plans[0]["tta"] == 2
+    b = first_plan(share / 2000)  # six views too slow, two fit
+    assert b.tta == 1 and b.views_cut() and b.eval_images == 2000
+    assert b.plans[0]["final_eval_seconds"] == pytest.approx(share, rel=0.01)
+    b = first_plan(10 * share / 1000)  # none fits: the fewest
+    assert b.tta == 0 and b.summary()["tta"] == 0
+    more = b.steps(50, 0.01, 10 * share / 1000, 0, 100)  # later plans keep the choice
+    assert b.tta == 0 and len(b.plans) == 2 and "tta" not in b.plans[1] and more >= 50
+    b = first_plan(share / 1000 * 10, limit=True)  # a limit: the experiment's views, whatever they cost
+    assert b.tta is None and b.eval_images == 6000 and "tta" not in b.summary()
+
+
+@pytest.mark.parametrize("share, tta", [(0.0, 0), (1e9, 2)])
+def test_a_budget_run_is_evaluated_and_recorded_with_the_views_it_chose(tiny, tmp_path, monkeypatch, share, tta):
+    """The views a budget chose are the run's: its final numbers, metrics.json, config.toml (so
+    that `cifar4 evaluate` gives the same numbers) and, for a run interrupted after the choice,
+    the resumed run's."""
+    from cifar4.training import budget as budgetmod
+    from cifar4.training.evaluate_run import evaluate_run
+    from conftest import DieAt, Died
+
+    monkeypatch.setattr(budgetmod, "EVAL_SHARE", share)
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_budget": 8, "tta": 2}})})
+    m = pipeline.train(exp, tiny, runs_root=tmp_path / "a", progress=False).metrics
+    assert m["tta"] == m["time_budget"]["tta"] == m["time_budget"]["plans"][0]["tta"] == tta
+    folder = next((tmp_path / "a").iterdir())
+    assert config.read_toml(folder / "config.toml")["train"]["tta"] == tta
+    again = evaluate_run(folder, tiny)
+    assert again["tta"] == tta and again["val"]["accuracy"] == m["val_accuracy"]
+    assert again["val"]["loss"] == pytest.approx(m["val_loss"], rel=1e-6)
+
+    orig = pipeline._callbacks
+    monkeypatch.setattr(pipeline, "_callbacks", lambda *a, **k: orig(*a, **k) + [DieAt(2)])
+    with pytest.raises(Died):
+        pipeline.train(exp, tiny, run_dir=tmp_path / "part", progress=False)
+    monkeypatch.setattr(pipeline, "_callbacks", orig)
+    assert config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == 2  # the experiment's, until the end
+    resumed = pipeline.resume(tmp_path / "part", tiny, progress=False).metrics
+    assert resumed["tta"] == tta and config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == tta
+
+
 def test_epochs_given_lift_a_presets_time_limit():
     assert config.load("fast").train.time_limit == 87
     assert config.load("fast", {"train": {"epochs": 9}}).train.time_limit == 0

@@ -14,6 +14,11 @@ every REPLAN_EVERY steps of the epoch where the run ends, so a machine that slow
 process on the cores) is followed: on a busy 2-core Xeon, whose step time swung by a third from
 one epoch to the next, plans made only at epochs' ends overran 180 and 360 s budgets by 3.5 and
 2.8 s (the whole command).
+
+A budget (not a limit: there the views belong to the experiment) also chooses the final
+evaluation's test-time views, at its first plan: the experiment's, or fewer where they would
+take more than EVAL_SHARE of the time left, since a short run gains more from the training
+time they cost than from the views.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ REPLAN_EVERY = 16         # steps between plans in the epoch where the run ends
 WRITE_SECONDS = 2.5       # weights, figures, predictions and summary (measured 1.5-2 s on 2 cores)
 SAFETY = 0.03             # of the remaining time kept in reserve for timing noise
 LIMIT_TOLERANCE = 0.15    # a time limit's first plan keeps its epochs if 85 % of them fit (see Budget.steps)
+# The final evaluation's share of the time left at a budget's first plan above which the
+# test-time views are cut (six -> the image and its mirror -> the image alone). Chosen on
+# validation accuracy, `fast` at budgets of 30, 60 and 90 s, seeds 0-2, each budget run with six,
+# two and one view (2-core Zen 4 EPYC; BENCHMARKS.md, thirteenth session): at 30 s six views
+# would take 0.42 of the time and two 0.18, and one view won (val 0.855 against 0.848 and
+# 0.812); at 60 s six would take 0.18 and two 0.08, and two won (0.910 against 0.907 and 0.900);
+# at 90 s six would take 0.12-0.13, and six and two tied (0.922; one 0.915)
+EVAL_SHARE = 0.15
 
 
 def process_age() -> float:
@@ -50,16 +63,22 @@ class Budget:
 
     seconds: float
     deadline: float
-    eval_images: int                    # image-views of the final evaluation
+    eval_images: int                    # image-views of the final evaluation (at `tta`)
     max_epochs: int | None = None       # a time limit (train.time_limit): never more than these
     plans: list[dict[str, Any]] = field(default_factory=list)
+    views: dict[int, int] = field(default_factory=dict)  # image-views per test-time level it may choose
+    tta: int | None = None              # the level chosen (None: no choice made)
 
     @classmethod
-    def starting(cls, seconds: float, started: float, eval_images: int,
+    def starting(cls, seconds: float, started: float, eval_images: int | dict[int, int],
                  max_epochs: int | None = None) -> Budget:
-        """`started`: the perf_counter time the command started. `max_epochs`: a limit rather
-        than a budget: the run keeps its epochs where they fit and is shortened where not."""
-        return cls(seconds, started + seconds, eval_images, max_epochs)
+        """`started`: the perf_counter time the command started. `eval_images`: the final
+        evaluation's image-views, or for a budget those of each test-time level it may choose
+        from (the experiment's level the highest). `max_epochs`: a limit rather than a budget:
+        the run keeps its epochs where they fit and is shortened where not."""
+        views = eval_images if isinstance(eval_images, dict) else {}
+        n = views[max(views)] if views else int(eval_images)  # type: ignore[arg-type]
+        return cls(seconds, started + seconds, n, max_epochs, views=dict(views))
 
     @property
     def kind(self) -> str:
@@ -69,6 +88,8 @@ class Budget:
               steps_per_epoch: int) -> int:
         """The total number of training steps that fits, given `done` already taken."""
         now = time.perf_counter()
+        if not self.plans and self.views:
+            self._choose_views(now, image_seconds)
         final_eval = self.eval_images * image_seconds
         left = (self.deadline - now) * (1 - SAFETY) - final_eval - WRITE_SECONDS
         per_step = step_seconds + val_images * image_seconds / steps_per_epoch
@@ -84,13 +105,30 @@ class Budget:
             if total >= cap * (1 - LIMIT_TOLERANCE * (1 - done / cap) ** 2):
                 total = cap
             total = max(done, 1, min(total, cap))
-        self.plans.append({"after_steps": done, "seconds_left": round(self.deadline - now, 2),
-                           "step_seconds": round(step_seconds, 4),
-                           "final_eval_seconds": round(final_eval, 2), "total_steps": total})
+        plan = {"after_steps": done, "seconds_left": round(self.deadline - now, 2),
+                "step_seconds": round(step_seconds, 4), "final_eval_seconds": round(final_eval, 2),
+                "total_steps": total}
+        if not self.plans and self.tta is not None:
+            plan["tta"] = self.tta
+        self.plans.append(plan)
         return total
+
+    def _choose_views(self, now: float, image_seconds: float) -> None:
+        """The most test-time views whose final evaluation takes at most EVAL_SHARE of the time
+        left (the fewest where none does)."""
+        left = (self.deadline - now) * (1 - SAFETY) - WRITE_SECONDS
+        levels = sorted(self.views, reverse=True)
+        self.tta = next((lv for lv in levels if self.views[lv] * image_seconds <= EVAL_SHARE * left), levels[-1])
+        self.eval_images = self.views[self.tta]
+
+    def views_cut(self) -> bool:
+        """Whether the budget chose fewer test-time views than the experiment's."""
+        return self.tta is not None and bool(self.views) and self.tta < max(self.views)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"seconds": self.seconds, "plans": self.plans}
+        if self.tta is not None:
+            out["tta"] = self.tta  # the final evaluation's test-time level it chose
         if self.max_epochs is not None:
             out["max_epochs"] = self.max_epochs
         return out

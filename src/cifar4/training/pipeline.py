@@ -314,7 +314,9 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         _restore(run, resume_state)
     elif exp.train.time_budget is not None or exp.train.time_limit:  # a resumed run keeps its planned steps
         budget = exp.train.time_budget  # a budget replaces a limit
-        run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, _eval_images(run),
+        views = {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}  # a budget may cut them
+        run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start,
+                                             views if budget is not None else _eval_images(run),
                                              max_epochs=None if budget is not None else exp.train.epochs)
         spent, b = time.perf_counter() - t_start, run.trainer.budget
         if spent >= b.seconds and b.max_epochs is None:
@@ -334,6 +336,12 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     rows, fit_seconds = _fit(run)
     if not main:
         return Result(folder, {}, rows, run.model)
+    if run.trainer.eval_tta is not None and run.trainer.eval_tta != exp.train.tta:
+        # the budget cut the final evaluation's views: the run's config says what it was evaluated
+        # with, so that `evaluate`, `export` and `serve` use the same views
+        exp = exp.model_copy(update={"train": exp.train.model_copy(update={"tta": run.trainer.eval_tta})})
+        run.exp = exp
+        cio.write_text(folder / "config.toml", exp.to_toml())
     t_eval = time.perf_counter()
     res, precision, preds = _evaluate_splits(run)
     eval_seconds = time.perf_counter() - t_eval
@@ -359,9 +367,10 @@ def _on_gpu(exp: Experiment) -> bool:
     return pick_device(exp.train.device).type == "cuda"
 
 
-def _eval_images(run: _Fit, exp: Experiment | None = None) -> int:
-    """Image views the final evaluation takes (its train subset, val and test with their views)."""
-    views = len(tta_views(torch.zeros(1, 3, 4, 4), (exp or run.exp).train.tta))
+def _eval_images(run: _Fit, exp: Experiment | None = None, tta: int | None = None) -> int:
+    """Image views the final evaluation takes (its train subset, val and test with their views),
+    at the experiment's test-time level or at `tta`."""
+    views = len(tta_views(torch.zeros(1, 3, 4, 4), (exp or run.exp).train.tta if tta is None else tta))
     parts = ("val", "test") if run.test else ("val",)
     return len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
 

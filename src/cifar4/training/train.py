@@ -27,7 +27,7 @@ from ..device import autocast, synchronize, to_device
 from ..errors import ConfigError
 from ..models.layers import matmul_weight_grads
 from . import distributed, precision
-from .budget import PLAN_AFTER, REPLAN_EVERY, Budget
+from .budget import EVAL_SHARE, PLAN_AFTER, REPLAN_EVERY, Budget
 from .callbacks import Callback, History
 from .evaluate import evaluate
 
@@ -111,6 +111,7 @@ class Trainer:
     restored_epoch: int | None = None
     start_epoch: int = 0
     budget: Budget | None = None  # --time-budget: the number of steps is fitted to it
+    eval_tta: int | None = None  # the final evaluation's test-time level a budget chose (None: the experiment's)
     log: Callable[[str], None] | None = None  # where the trainer says what it chose
 
     def __post_init__(self) -> None:
@@ -240,6 +241,8 @@ class Trainer:
             image_seconds = self._probe_seconds
         self.total_steps = self.budget.steps(self.steps_done, step_seconds, image_seconds, val_images,
                                              self.steps_per_epoch)
+        if self.budget.tta is not None:
+            self.eval_tta = self.budget.tta
         self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))
         if announce:
             self._announce(step_seconds)
@@ -253,6 +256,9 @@ class Trainer:
         measured = (f"{b.kind} {b.seconds:g} s: {plan['seconds_left']:.1f} s left after {self.steps_done} "
                     f"steps of {1000 * step_seconds:.0f} ms; final evaluation about "
                     f"{plan['final_eval_seconds']:.1f} s")
+        if b.views_cut():
+            measured += (f" with test-time level {b.tta} instead of {max(b.views)} (its views would "
+                         f"take more than {EVAL_SHARE:.0%} of the time left)")
         fitted = (f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs), "
                   f"the {self.cfg.schedule} schedule fitted to them")
         if b.max_epochs is None:
@@ -384,7 +390,7 @@ class Trainer:
             "aug_generator": self.aug_generator.get_state() if self.aug_generator is not self.generator else None,
             "torch_rng": torch.get_rng_state(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
-            "steps": {"done": self.steps_done, "total": self.total_steps},
+            "steps": {"done": self.steps_done, "total": self.total_steps, "tta": self.eval_tta},
         }
 
     def load_state_dict(self, state: dict[str, Any], epoch: int, total_steps: int) -> None:
@@ -399,6 +405,8 @@ class Trainer:
                     st[k] = torch.empty_like(p).copy_(v)
         steps = state.get("steps") or {"done": 0, "total": total_steps}  # states saved before budgets
         self.steps_done, self.total_steps = int(steps["done"]), int(steps["total"])
+        tta = steps.get("tta")  # a budget's choice of views, made before the run stopped
+        self.eval_tta = None if tta is None else int(tta)
         if not self.steps_done:
             self.steps_done = epoch * math.ceil(total_steps / max(1, self.cfg.epochs))
         cfg = self.cfg

@@ -314,9 +314,10 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
         _restore(run, resume_state)
     elif exp.train.time_budget is not None or exp.train.time_limit:  # a resumed run keeps its planned steps
         budget = exp.train.time_budget  # a budget replaces a limit
-        views = {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}  # a budget may cut them
-        run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start,
-                                             views if budget is not None else _eval_images(run),
+        # a budget may cut the final evaluation's test-time views, so it is given each level's cost
+        images = _eval_images(run) if budget is None else \
+            {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}
+        run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, images,
                                              max_epochs=None if budget is not None else exp.train.epochs)
         spent, b = time.perf_counter() - t_start, run.trainer.budget
         if spent >= b.seconds and b.max_epochs is None:

@@ -88,6 +88,12 @@ def test_a_cpu_without_bf16_arithmetic_takes_fp32_untimed(tmp_path, monkeypatch)
     assert (choice.precision, choice.seconds, choice.matmul_weight_grads) == ("fp32", {}, False)
     assert "no bf16 arithmetic" in choice.reason and precision.cpu_features() in choice.reason
     assert not (tmp_path / "precision.json").exists()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert precision.choose("auto", torch.device("cpu"), models.build("cnn"), config.TrainConfig(),
+                            torch.rand(4, 3, 32, 32)).reason.startswith("this CPU (")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an AVX-512 CPU held below it: the reason says so
+    assert precision.choose("auto", torch.device("cpu"), models.build("cnn"), config.TrainConfig(),
+                            torch.rand(4, 3, 32, 32)).reason.startswith("oneDNN, held to AVX2 by ONEDNN_MAX_CPU_ISA")
     assert precision.choose("bf16", torch.device("cpu"), models.build("cnn"), config.TrainConfig(),
                             torch.rand(4, 3, 32, 32)).precision == "bf16"  # --precision still rules
 

@@ -85,9 +85,12 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
         return Choice("bf16" if bf16 else "fp32", "this GPU " + ("supports" if bf16 else "lacks") + " bf16", {})
     if sample is None or not any(p.requires_grad for p in model.parameters()):
         return Choice("fp32", "nothing to measure", {})
-    if not bf16_is_fast(device):  # no AVX-512 (an AVX2-only CPU): oneDNN would emulate bf16
-        return Choice("fp32", f"this CPU ({cpu_name()}: {cpu_features()}) has no bf16 arithmetic, so "
-                      "bf16 would be emulated, many times slower (not timed)", {})
+    if not bf16_is_fast(device):  # no AVX-512 (an AVX2-only CPU, or oneDNN held below it): bf16 emulated
+        cpu = f"{cpu_name()}: {cpu_features()}"
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        who = f"oneDNN, held to {isa} by ONEDNN_MAX_CPU_ISA on this CPU ({cpu})," if isa else f"this CPU ({cpu})"
+        return Choice("fp32", f"{who} has no bf16 arithmetic, so bf16 would be emulated, many times slower "
+                      "(not timed)", {})
     batch = min(PROBE_BATCH, cfg.batch_size, len(sample))
     key = _key(model, batch)
     path = cache_path()

@@ -76,9 +76,9 @@ class Budget:
         evaluation's image-views, or for a budget those of each test-time level it may choose
         from (the experiment's level the highest). `max_epochs`: a limit rather than a budget:
         the run keeps its epochs where they fit and is shortened where not."""
-        views = eval_images if isinstance(eval_images, dict) else {}
-        n = views[max(views)] if views else int(eval_images)  # type: ignore[arg-type]
-        return cls(seconds, started + seconds, n, max_epochs, views=dict(views))
+        if isinstance(eval_images, dict):
+            return cls(seconds, started + seconds, eval_images[max(eval_images)], max_epochs, views=dict(eval_images))
+        return cls(seconds, started + seconds, eval_images, max_epochs)
 
     @property
     def kind(self) -> str:

@@ -73,7 +73,7 @@ class CacheFile:
 
     def _load(self, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
         """The named arrays, with a usable done mask, or None (absent, damaged, another shape)."""
-        got = cio.read_npz(self.path, keys) if self.path.is_file() else None
+        got = cio.read_npz(self.path, keys)
         if got is None:
             return None
         done = got["done"]

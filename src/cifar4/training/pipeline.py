@@ -313,25 +313,7 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     if resume_state is not None:
         _restore(run, resume_state)
     elif exp.train.time_budget is not None or exp.train.time_limit:  # a resumed run keeps its planned steps
-        budget = exp.train.time_budget  # a budget replaces a limit
-        # a budget may cut the final evaluation's test-time views, so it is given each level's cost
-        images = _eval_images(run) if budget is None else \
-            {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}
-        run.trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, images,
-                                             max_epochs=None if budget is not None else exp.train.epochs)
-        spent, b = time.perf_counter() - t_start, run.trainer.budget
-        if spent >= b.seconds and b.max_epochs is None:
-            raise ConfigError(f"{b.kind} {b.seconds:g} s is spent before training starts "
-                              f"({spent:.1f} s to start, load the data and build the model); expected more "
-                              f"than {spent:.0f} s")
-        if spent >= b.seconds:  # a limit is a ceiling: one epoch rather than a run lost to a slow start
-            limit_spent = {"seconds": b.seconds, "spent_before_training": round(spent, 1), "max_epochs": 1,
-                           "plans": []}
-            run.trainer.budget = None
-            run.trainer.total_steps = math.ceil(len(run.idx["train"]) / exp.train.batch_size)
-            if run.trainer.log is not None:
-                run.trainer.log(f"{exp.name}: its time limit of {b.seconds:g} s was spent before training "
-                                f"({spent:.1f} s: start, data, features) -> one epoch, to end the run")
+        limit_spent = _start_budget(run, exp, t_start)
     # a GPU loads its kernels on first use: done before the fit's clock (counted in total_seconds)
     warmup_seconds = run.trainer.warm_up(run.x["train"], run.y["train"], run.x["val"], run.y["val"])
     rows, fit_seconds = _fit(run)
@@ -361,6 +343,33 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
     shutil.rmtree(folder / "state", ignore_errors=True)
     return Result(folder, metrics, rows, run.model)
+
+
+def _start_budget(run: _Fit, exp: Experiment, t_start: float) -> dict[str, Any] | None:
+    """Give the trainer the time budget (or limit) of `exp` (what runs), counted from `t_start`.
+    A budget spent before training is a ConfigError; a limit spent then ends the run with one
+    epoch, and the metrics' `time_limit` entry saying so is returned."""
+    trainer = run.trainer
+    assert trainer is not None
+    budget = exp.train.time_budget  # a budget replaces a limit
+    # a budget may cut the final evaluation's test-time views, so it is given each level's cost
+    images = _eval_images(run) if budget is None else \
+        {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}
+    b = trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, images,
+                                         max_epochs=None if budget is not None else exp.train.epochs)
+    spent = time.perf_counter() - t_start
+    if spent < b.seconds:
+        return None
+    if b.max_epochs is None:
+        raise ConfigError(f"{b.kind} {b.seconds:g} s is spent before training starts "
+                          f"({spent:.1f} s to start, load the data and build the model); expected more "
+                          f"than {spent:.0f} s")
+    # a limit is a ceiling: one epoch rather than a run lost to a slow start
+    trainer.train_epochs(1, math.ceil(len(run.idx["train"]) / exp.train.batch_size))
+    if trainer.log is not None:
+        trainer.log(f"{exp.name}: its time limit of {b.seconds:g} s was spent before training "
+                    f"({spent:.1f} s: start, data, features) -> one epoch, to end the run")
+    return {"seconds": b.seconds, "spent_before_training": round(spent, 1), "max_epochs": 1, "plans": []}
 
 
 def _on_gpu(exp: Experiment) -> bool:

@@ -148,6 +148,12 @@ class Trainer:
         if self.cfg.precision != "auto" or self.device.type != "cpu":
             self._choose_precision(None)
 
+    def train_epochs(self, epochs: int, steps_per_epoch: int) -> None:
+        """Train exactly `epochs` epochs of `steps_per_epoch` steps, the schedule fitted to them,
+        whatever budget was set (a time limit spent before training ends the run this way)."""
+        self.budget = None
+        self.total_steps = epochs * steps_per_epoch
+
     def _choose_precision(self, sample: torch.Tensor | None) -> None:
         cfg = self.cfg
         choice = precision.choose(cfg.precision, self.device, self.model, cfg, sample,

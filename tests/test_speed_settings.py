@@ -329,6 +329,29 @@ def test_a_budget_run_is_evaluated_and_recorded_with_the_views_it_chose(tiny, tm
     assert resumed["tta"] == tta and config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == tta
 
 
+def test_seeds_under_a_budget_start_from_the_first_seeds_views(tiny, tmp_path, monkeypatch):
+    """`--seeds` with `--time-budget`: the first seed's budget chooses the views, the later seeds
+    start from that choice (their own budget may only cut further), so the summary's mean is
+    over runs evaluated alike; the summary lists each run's level."""
+    from cifar4.lab.seeds import train_seeds
+    from cifar4.training import budget as budgetmod
+
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(budgetmod, "EVAL_SHARE", 0.0)  # the first seed cuts to one view
+    orig = pipeline.train
+
+    def then_views_are_free(*a, **k):  # after the first run, a budget would keep all six
+        r = orig(*a, **k)
+        monkeypatch.setattr(budgetmod, "EVAL_SHARE", 1e9)
+        return r
+
+    monkeypatch.setattr(pipeline, "train", then_views_are_free)
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_budget": 8, "tta": 2}})})
+    res = train_seeds(exp, tiny, [0, 1], tmp_path / "runs", progress=False)
+    assert [r.metrics["tta"] for r in res.runs] == res.summary["tta"] == [0, 0]
+    assert config.read_toml(res.runs[1].run_dir / "config.toml")["train"]["tta"] == 0
+
+
 def test_epochs_given_lift_a_presets_time_limit():
     assert config.load("fast").train.time_limit == 87
     assert config.load("fast", {"train": {"epochs": 9}}).train.time_limit == 0

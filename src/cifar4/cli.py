@@ -184,6 +184,9 @@ def _train_seeds(exp: Any, ds: Any, runs_dir: Path, quiet: bool, as_json: bool, 
     out.print(t)
     out.print(f"test accuracy {sm['test_accuracy']['mean']:.4f} +- {sm['test_accuracy']['std']:.4f} "
               f"(mean +- sample std over {len(res.runs)} seeds); runs: {', '.join(sm['runs'])}; summary: {res.path}")
+    if len(set(sm["tta"])) > 1:
+        out.print(f"note: the time budget evaluated the runs with different test-time views (tta "
+                  f"{' / '.join(map(str, sm['tta']))} by seed): their accuracies are not measured alike")
 
 
 def _metrics_table(m: dict[str, Any]) -> None:

@@ -1,7 +1,11 @@
 """One experiment over several seeds (`cifar4 train --seeds 0 1 2`, or `train.seeds = [...]` in
 an experiment): one run per seed, then the mean and standard deviation of every accuracy and
 loss, printed and written next to the runs as `<experiment>-seeds-<stamp>.json`. That is how an
-accuracy should be stated: one seed's number is one draw."""
+accuracy should be stated: one seed's number is one draw.
+
+Under a time budget each run may evaluate with fewer test-time views than the experiment's (the
+budget's choice): the later seeds start from the first seed's choice, so that the runs are
+evaluated alike, and the summary's `tta` lists each run's level."""
 
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ def summarize(exp_name: str, results: list[pipeline.Result]) -> dict[str, Any]:
     """Mean and sample standard deviation of every accuracy, loss and timing over the runs."""
     ms = [r.metrics for r in results]
     out: dict[str, Any] = {"experiment": exp_name, "seeds": [m["seed"] for m in ms],
-                           "runs": [str(r.run_dir) for r in results], "split": ms[0]["split"]}
+                           "runs": [str(r.run_dir) for r in results], "split": ms[0]["split"],
+                           "tta": [m.get("tta") for m in ms]}
     for k in SUMMARY_KEYS:
         vals = [m[k] for m in ms if m.get(k) is not None]
         if vals:
@@ -52,11 +57,15 @@ def train_seeds(exp: Experiment, ds: Dataset, seeds: list[int], runs_root: str |
     """Train `exp` once per seed (each its own run folder), then write the summary."""
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {seeds} repeats a seed; expected distinct seeds")
-    results = []
+    results: list[pipeline.Result] = []
     for s in seeds:
         d = exp.to_dict()
         d["train"]["seed"], d["train"]["seeds"] = s, None
         d["name"] = exp.name
+        if results and exp.train.time_budget and "tta" in results[0].metrics:
+            # the first seed's budget chose its views: the others start there (a slower run may
+            # still cut further, and then says so in its metrics and in the summary's `tta`)
+            d["train"]["tta"] = results[0].metrics["tta"]
         one = Experiment.model_validate(d)
         results.append(pipeline.train(one, ds, runs_root=runs_root, run_name=f"{exp.name}-seed{s}",
                                       progress=progress, tensorboard=tensorboard))

@@ -50,7 +50,8 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
            "whole_command_seconds": round(whole, 2), "total_seconds": m["total_seconds"],
            "fit_seconds": m.get("fit_seconds"), "warmup_seconds": m.get("warmup_seconds"),
            "eval_seconds": m.get("eval_seconds"),
-           "epochs": m.get("epochs"), "precision": m.get("precision"), "cpu": m["machine"]["cpu"],
+           "epochs": m.get("epochs"), "precision": m.get("precision"), "tta": m.get("tta"),
+           "cpu": m["machine"]["cpu"],
            "run_dir": m["run_dir"]}
     if m.get("members"):
         out["feature_seconds"] = m.get("feature_seconds")

@@ -174,9 +174,10 @@ def test_a_time_budget_fits_the_steps_and_the_schedule(tiny, tmp_path, monkeypat
     assert m["epochs_planned"] == m["epochs"]
 
 
-def test_the_epoch_where_a_run_ends_is_planned_again_within_it(tiny, tmp_path, monkeypatch):
-    """A host that slows down in the last epoch: the trainer notices at its next plan (every
-    REPLAN_EVERY steps of that epoch), not at the epoch's end, and the run ends there."""
+@pytest.mark.parametrize("epochs", [2, 4])
+def test_a_run_that_falls_behind_within_an_epoch_is_planned_again_there(tiny, tmp_path, monkeypatch, epochs):
+    """A host that slows down in the second epoch, the last (2) or not (4): the trainer notices
+    at its next check (every REPLAN_EVERY steps), not at the epoch's end, and the run ends there."""
 
     from cifar4.training.budget import REPLAN_EVERY
     from cifar4.training.callbacks import Callback
@@ -192,12 +193,13 @@ def test_the_epoch_where_a_run_ends_is_planned_again_within_it(tiny, tmp_path, m
                 trainer.budget.deadline = time.perf_counter() - 1000
 
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
-    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"batch_size": 4, "time_limit": 600}})})
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"batch_size": 4, "time_limit": 600,
+                                                                               "epochs": epochs}})})
     m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False, callbacks=[TimeRunsOut()]).metrics
     spe, plans = m["steps_per_epoch"], m["time_limit"]["plans"]
     assert spe > 2 * REPLAN_EVERY
     assert m["steps"] == spe + REPLAN_EVERY == plans[-1]["total_steps"] == plans[-1]["after_steps"]
-    assert m["epochs"] == 2 and plans[-2]["total_steps"] == 2 * spe  # the limit fitted until then
+    assert m["epochs"] == 2 and plans[-2]["total_steps"] == epochs * spe  # the limit fitted until then
 
 
 def test_plans_before_the_first_validation_time_the_inference_once(tiny, tmp_path, monkeypatch):
@@ -235,12 +237,14 @@ def test_a_time_limit_spent_before_training_ends_the_run_with_one_epoch(tiny, tm
 
 def test_a_time_limit_that_fits_keeps_the_epochs_and_their_numbers(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
-    plain = config.from_dict({"name": "f", **SMALL_FAST})
-    limited = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"time_limit": 600}})})
+    # three epochs of small batches: the checks between plans run in the middle epoch too
+    small = config.merge(SMALL_FAST, {"train": {"epochs": 3, "batch_size": 4}})
+    plain = config.from_dict({"name": "f", **small})
+    limited = config.from_dict({"name": "f", **config.merge(small, {"train": {"time_limit": 600}})})
     a = pipeline.train(plain, tiny, runs_root=tmp_path / "a", progress=False).metrics
     b = pipeline.train(limited, tiny, runs_root=tmp_path / "b", progress=False).metrics
-    assert "time_limit" not in a and b["time_limit"]["max_epochs"] == 2 and b["time_limit"]["plans"]
-    assert b["epochs"] == a["epochs"] == 2 and b["steps"] == a["steps"]
+    assert "time_limit" not in a and b["time_limit"]["max_epochs"] == 3 and b["time_limit"]["plans"]
+    assert b["epochs"] == a["epochs"] == 3 and b["steps"] == a["steps"] == 3 * a["steps_per_epoch"]
     assert b["test_accuracy"] == a["test_accuracy"] and b["val_loss"] == a["val_loss"]  # the same run
 
 

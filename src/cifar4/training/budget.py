@@ -13,7 +13,10 @@ learning rate. The plan is made again after every epoch with the epoch's measure
 every REPLAN_EVERY steps of the epoch where the run ends, so a machine that slows down (another
 process on the cores) is followed: on a busy 2-core Xeon, whose step time swung by a third from
 one epoch to the next, plans made only at epochs' ends overran 180 and 360 s budgets by 3.5 and
-2.8 s (the whole command).
+2.8 s (the whole command). In the epochs between the first and the last, every REPLAN_EVERY
+steps a check (`fit`, a plan not recorded) asks whether the steps left still fit, and plans
+again where they do not: a host that slowed to a third for a minute in the epoch before the
+last took `fast`'s 87 s limit to 125 s.
 
 A budget (not a limit: there the views belong to the experiment) also chooses the final
 evaluation's test-time views, at its first plan: the experiment's, or fewer where they would
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLAN_AFTER = 4            # training steps timed before the first plan (the first one warms up)
-REPLAN_EVERY = 16         # steps between plans in the epoch where the run ends
+REPLAN_EVERY = 16         # steps between plans in the epoch where the run ends (checks before it)
 WRITE_SECONDS = 2.5       # weights, figures, predictions and summary (measured 1.5-2 s on 2 cores)
 SAFETY = 0.03             # of the remaining time kept in reserve for timing noise
 LIMIT_TOLERANCE = 0.15    # a time limit's first plan keeps its epochs if 85 % of them fit (see Budget.steps)
@@ -86,10 +89,24 @@ class Budget:
 
     def steps(self, done: int, step_seconds: float, image_seconds: float, val_images: int,
               steps_per_epoch: int) -> int:
-        """The total number of training steps that fits, given `done` already taken."""
+        """The total number of training steps that fits, given `done` already taken; recorded
+        as a plan."""
         now = time.perf_counter()
         if not self.plans and self.views:
             self._choose_views(now, image_seconds)
+        total = self.fit(done, step_seconds, image_seconds, val_images, steps_per_epoch, now)
+        plan = {"after_steps": done, "seconds_left": round(self.deadline - now, 2),
+                "step_seconds": round(step_seconds, 4),
+                "final_eval_seconds": round(self.eval_images * image_seconds, 2), "total_steps": total}
+        if not self.plans and self.tta is not None:
+            plan["tta"] = self.tta
+        self.plans.append(plan)
+        return total
+
+    def fit(self, done: int, step_seconds: float, image_seconds: float, val_images: int,
+            steps_per_epoch: int, now: float | None = None) -> int:
+        """What `steps` would plan now, without recording it (a check between plans)."""
+        now = time.perf_counter() if now is None else now
         final_eval = self.eval_images * image_seconds
         left = (self.deadline - now) * (1 - SAFETY) - final_eval - WRITE_SECONDS
         per_step = step_seconds + val_images * image_seconds / steps_per_epoch
@@ -105,12 +122,6 @@ class Budget:
             if total >= cap * (1 - LIMIT_TOLERANCE * (1 - done / cap) ** 2):
                 total = cap
             total = max(done, 1, min(total, cap))
-        plan = {"after_steps": done, "seconds_left": round(self.deadline - now, 2),
-                "step_seconds": round(step_seconds, 4), "final_eval_seconds": round(final_eval, 2),
-                "total_steps": total}
-        if not self.plans and self.tta is not None:
-            plan["tta"] = self.tta
-        self.plans.append(plan)
         return total
 
     def _choose_views(self, now: float, image_seconds: float) -> None:

@@ -232,20 +232,23 @@ class Trainer:
         x = self.norm.apply(x.to(self.device))
         return x.permute(0, 2, 3, 1) if x.ndim == 4 else x
 
+    def _image_seconds(self) -> float:
+        """Seconds of one inference pass per image: from the last validation, or before the
+        first one timed once on a few of its images."""
+        if self._val_seconds is not None:  # measured on the whole validation split
+            return self._val_seconds / max(1, len(self._x_val))
+        if self._probe_seconds is None:
+            x = self._x_val[:min(len(self._x_val), 256)]
+            t = time.perf_counter()
+            evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self.device,
+                     precision=self.precision, tta=0)
+            self._probe_seconds = (time.perf_counter() - t) / max(1, len(x))
+        return self._probe_seconds
+
     def _plan(self, step_seconds: float, val_images: int, announce: bool) -> None:
         """Fit the number of steps (and so the schedule) to the time budget."""
         assert self.budget is not None
-        if self._val_seconds is not None:  # measured on the whole validation split
-            image_seconds = self._val_seconds / max(1, val_images)
-        else:  # before the first validation: timed once on a few of its images
-            if self._probe_seconds is None:
-                x = self._x_val[:min(len(self._x_val), 256)]
-                t = time.perf_counter()
-                evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self.device,
-                         precision=self.precision, tta=0)
-                self._probe_seconds = (time.perf_counter() - t) / max(1, len(x))
-            image_seconds = self._probe_seconds
-        self.total_steps = self.budget.steps(self.steps_done, step_seconds, image_seconds, val_images,
+        self.total_steps = self.budget.steps(self.steps_done, step_seconds, self._image_seconds(), val_images,
                                              self.steps_per_epoch)
         if self.budget.tta is not None:
             self.eval_tta = self.budget.tta
@@ -358,10 +361,18 @@ class Trainer:
                 t_ref, ref_step = time.perf_counter(), step  # the first step warms up; time the next ones
             b = self.budget
             first = b is not None and self.steps_done == PLAN_AFTER and not b.plans
-            # in the epoch where the run ends, plan again on its steps so far, so that a host that
-            # slows down now still ends in time (the epoch's end would be too late to notice)
-            again = (b is not None and bool(b.plans) and step > ref_step and step % REPLAN_EVERY == 0
-                     and self.total_steps - self.steps_done <= self.steps_per_epoch - step)
+            again = False
+            if b is not None and b.plans and step > ref_step and step % REPLAN_EVERY == 0:
+                # In the epoch where the run ends, plan again on its steps so far, so that a host
+                # that slows down now still ends in time (the epoch's end would be too late to
+                # notice). After the first epoch (whose first steps are the slowest), an earlier
+                # epoch is planned again where a plan now would cut the run: a host slowed to a
+                # third in the epoch before the last overran `fast`'s 87 s limit by 38 s. (That
+                # check reads the clock without draining a GPU's queue of launched steps.)
+                again = self.total_steps - self.steps_done <= self.steps_per_epoch - step or (
+                    self.steps_done > self.steps_per_epoch
+                    and b.fit(self.steps_done, (time.perf_counter() - t_ref) / (step - ref_step),
+                              self._image_seconds(), len(self._x_val), self.steps_per_epoch) < self.total_steps)
             if first or again:
                 synchronize(self.device)  # (a GPU's steps run after their launch)
                 self._plan((time.perf_counter() - t_ref) / (step - ref_step), len(self._x_val), announce=first)

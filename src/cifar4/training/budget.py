@@ -107,8 +107,7 @@ class Budget:
             steps_per_epoch: int, now: float | None = None) -> int:
         """What `steps` would plan now, without recording it (a check between plans)."""
         now = time.perf_counter() if now is None else now
-        final_eval = self.eval_images * image_seconds
-        left = (self.deadline - now) * (1 - SAFETY) - final_eval - WRITE_SECONDS
+        left = self._left(now) - self.eval_images * image_seconds
         per_step = step_seconds + val_images * image_seconds / steps_per_epoch
         more = max(0, math.floor(left / per_step)) if per_step > 0 else 0
         total = max(done, done + more, 1)
@@ -127,10 +126,15 @@ class Budget:
     def _choose_views(self, now: float, image_seconds: float) -> None:
         """The most test-time views whose final evaluation takes at most EVAL_SHARE of the time
         left (the fewest where none does)."""
-        left = (self.deadline - now) * (1 - SAFETY) - WRITE_SECONDS
         levels = sorted(self.views, reverse=True)
-        self.tta = next((lv for lv in levels if self.views[lv] * image_seconds <= EVAL_SHARE * left), levels[-1])
+        share = EVAL_SHARE * self._left(now)
+        self.tta = next((lv for lv in levels if self.views[lv] * image_seconds <= share), levels[-1])
         self.eval_images = self.views[self.tta]
+
+    def _left(self, now: float) -> float:
+        """Seconds left for training and the final evaluation: to the deadline, less the
+        reserve and the files' writing."""
+        return (self.deadline - now) * (1 - SAFETY) - WRITE_SECONDS
 
     def views_cut(self) -> bool:
         """Whether the budget chose fewer test-time views than the experiment's."""

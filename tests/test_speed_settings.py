@@ -117,6 +117,36 @@ def test_a_fast_net_is_also_timed_with_matmul_weight_gradients(tmp_path, monkeyp
     assert again.cached and again.matmul_weight_grads == choice.matmul_weight_grads
 
 
+def test_the_matmul_variant_can_be_asked_for_and_repeats_a_run_without_the_cache(tiny, tmp_path, monkeypatch):
+    from cifar4.models import layers
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("measured"))
+    choice = precision.choose(precision.MATMUL, torch.device("cpu"), models.build("fast", widths=[16, 64, 64]),
+                              config.TrainConfig(batch_size=16), torch.rand(16, 3, 32, 32))
+    assert (choice.precision, choice.seconds, choice.matmul_weight_grads, choice.reason) == \
+        ("bf16", {}, True, "as asked")
+    assert not precision.choose("bf16", torch.device("cpu"), models.build("fast", widths=[16, 64, 64]),
+                                config.TrainConfig(batch_size=16)).matmul_weight_grads
+    calls: list[int] = []
+    plain = layers._MatmulWeightGrad.apply
+    monkeypatch.setattr(layers._MatmulWeightGrad, "apply", lambda *a: calls.append(1) or plain(*a))
+    spec = {**SMALL_FAST, "model": {"name": "fast", "options": {"widths": [16, 64, 64]}}}
+    runs = {}
+    for asked in (precision.MATMUL, "bf16", precision.MATMUL):
+        exp = config.from_dict({"name": "f", **spec, "train": {**spec["train"], "precision": asked}})
+        del calls[:]
+        r = pipeline.train(exp, tiny, runs_root=tmp_path / f"r{len(runs)}", progress=False)
+        runs[len(runs)] = r
+        assert r.metrics["precision"] == "bf16"
+        assert r.metrics["precision_choice"]["asked"] == asked
+        assert r.metrics["precision_choice"]["matmul_weight_grads"] == (asked == precision.MATMUL)
+        assert bool(calls) == (asked == precision.MATMUL)  # the matmul weight gradients ran, or did not
+    assert not (tmp_path / "cache" / "precision.json").exists()
+    assert runs[0].history == [{**h, "seconds": runs[0].history[i]["seconds"]} for i, h in enumerate(runs[2].history)]
+    with pytest.raises(ConfigError, match="bf16-matmul-wgrad"):
+        config.from_dict({"name": "f", **spec, "train": {**spec["train"], "precision": "bf16-matmul"}})
+
+
 def test_the_measurement_leaves_the_run_untouched(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
     model = models.build("cnn")

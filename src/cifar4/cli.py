@@ -100,7 +100,9 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (on a CPU: measured once per "
                                              "machine and model, the faster of bf16 and fp32; on a GPU: "
-                                             "bf16 where supported), fp32 or bf16."),
+                                             "bf16 where supported), fp32, bf16, or bf16-matmul-wgrad "
+                                             "(bf16 with the fast nets' small maps' weight gradients "
+                                             "as matmuls, a variant auto may choose)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", metavar="SECONDS",
                                                 help="Finish within SECONDS from the command's start to "
                                                      "metrics.json: the number of steps and the schedule "

@@ -90,7 +90,9 @@ class TrainConfig(_Strict):
     checkpoint_best: bool = False                        # ModelCheckpoint(save_best_only) on val_accuracy
     tta: int = Field(default=0, ge=0, le=2)              # test-time augmentation: 0 off, 1 (or true) flip,
                                                          # 2 flip and 1-pixel shifts (6 views)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 for conv nets where fast
+    precision: Literal["auto", "fp32", "bf16", "bf16-matmul-wgrad"] = "auto"  # auto: measured on a CPU
+    # (training/precision.py); bf16-matmul-wgrad: bf16 with the fast nets' small, wide maps'
+    # weight gradients as matmuls, the variant "auto" may choose, forced
     seed: int = 0
     seeds: list[int] | None = Field(default=None, min_length=1)  # one run per seed + a summary
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -264,8 +264,11 @@ def _extract_into(cf: CacheFile, feats: np.ndarray, done: np.ndarray, todo: np.n
 
 def feature_precision(asked: str, device: torch.device) -> str:
     """Precision of feature extraction (inference through the backbone): bf16 where the
-    hardware runs it natively (measured on the Xeon: 3x the fp32 images/s), unless asked."""
-    return asked if asked != "auto" else ("bf16" if bf16_is_fast(device) else "fp32")
+    hardware runs it natively (measured on the Xeon: 3x the fp32 images/s), unless asked (the
+    matmul weight-gradient variant of bf16 is bf16 here: extraction computes no gradients)."""
+    if asked == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return "bf16" if asked.startswith("bf16") else asked
 
 
 def feature_views(exp: Experiment) -> tuple[str, ...]:

@@ -14,7 +14,9 @@ cost the first run 25 s). A model with 3x3 convolutions (models/layers.Conv3x3: 
 is also timed in bf16 with the weight gradients of its small, wide maps taken as matmuls; that
 is kept where it wins by MARGIN (on the AMX Xeon, oneDNN's bf16 weight-gradient kernel is
 3-4x slower than its forward one for those maps). On a GPU, "auto" is bf16 where the GPU
-supports it (tensor cores). An explicit fp32 or bf16 (`--precision`) is used as given.
+supports it (tensor cores). An explicit fp32, bf16 or bf16-matmul-wgrad (`--precision`) is
+used as given, untimed: the last is the matmul variant that "auto" may choose, so a run that
+used it can be repeated without the cache (for models without such maps it is plain bf16).
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
     `sample`: model inputs (N, ...) to time steps on; without it, 'auto' keeps the rule.
     `optimizer`: makes the run's optimizer for a model (the trainer passes its own; default
     plain SGD)."""
+    if asked == MATMUL:
+        return Choice("bf16", "as asked", {}, matmul_weight_grads=True)
     if asked != "auto":
         return Choice(asked, "as asked", {})
     if device.type == "cuda":

@@ -38,6 +38,7 @@ from ..device import autocast, bf16_is_fast, synchronize, to_device
 from ..errors import DataError
 from ..models.base import inference_batch
 from .evaluate import predict_logits
+from .precision import arithmetic
 
 if TYPE_CHECKING:
     from ..config import Experiment
@@ -264,11 +265,10 @@ def _extract_into(cf: CacheFile, feats: np.ndarray, done: np.ndarray, todo: np.n
 
 def feature_precision(asked: str, device: torch.device) -> str:
     """Precision of feature extraction (inference through the backbone): bf16 where the
-    hardware runs it natively (measured on the Xeon: 3x the fp32 images/s), unless asked (the
-    matmul weight-gradient variant of bf16 is bf16 here: extraction computes no gradients)."""
+    hardware runs it natively (measured on the Xeon: 3x the fp32 images/s), unless asked."""
     if asked == "auto":
         return "bf16" if bf16_is_fast(device) else "fp32"
-    return "bf16" if asked.startswith("bf16") else asked
+    return arithmetic(asked)
 
 
 def feature_views(exp: Experiment) -> tuple[str, ...]:

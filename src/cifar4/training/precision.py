@@ -59,6 +59,12 @@ class Choice:
     matmul_weight_grads: bool = False  # bf16 steps take the small maps' weight gradients as matmuls
 
 
+def arithmetic(asked: str) -> str:
+    """The number format a precision setting computes in: the matmul variant is bf16 (it only
+    changes how training takes some weight gradients; inference and extraction have none)."""
+    return "bf16" if asked == MATMUL else asked
+
+
 def cache_path() -> Path:
     return work_cache() / "precision.json"
 
@@ -81,7 +87,7 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
     `optimizer`: makes the run's optimizer for a model (the trainer passes its own; default
     plain SGD)."""
     if asked == MATMUL:
-        return Choice("bf16", "as asked", {}, matmul_weight_grads=True)
+        return Choice(arithmetic(asked), "as asked", {}, matmul_weight_grads=True)
     if asked != "auto":
         return Choice(asked, "as asked", {})
     if device.type == "cuda":

@@ -120,3 +120,21 @@ def test_model_options_are_built_once_per_process_and_bad_ones_always_refused(mo
     for _ in range(2):
         with pytest.raises(ConfigError, match="widths"):
             config.from_dict({"name": "x", "model": {"name": "fast", "options": {"widths": [8]}}})
+
+
+def test_fast_long_trains_transfer_first_and_its_fast_member_runs_fasts_gpu_recipe():
+    """fast-long gives `transfer` the command's first minutes (a fresh machine extracts its
+    features), then fast-15 what is left up to its own 175 s; on a GPU fast-15 is `fast` as
+    measured there (the GPU figures stay true), apart from the limit and the CPU fallbacks."""
+    long = config.load("fast-long")
+    assert long.ensemble is not None and long.ensemble.members == ["transfer", "fast-15"]
+    f15, fast = config.load("fast-15"), config.load("fast")
+    assert f15.train.epochs > fast.train.epochs and f15.train.time_limit > fast.train.time_limit
+    assert f15.train.time_limit < long.train.time_limit
+    same = {"name": "x", "description": "", "fallbacks": []}
+    g15, g = f15.on_gpu().model_copy(update=same), fast.on_gpu().model_copy(update=same)
+    assert g15.train.model_copy(update={"time_limit": 0}) == g.train.model_copy(update={"time_limit": 0})
+    assert g15.model_copy(update={"train": g.train}) == g
+    # fewer channels, more epochs where the net's own do not fit (an AVX2-only CPU in fp32)
+    widths = [f15.fallback(i).model.options["widths"] for i in range(len(f15.fallbacks))]
+    assert widths == [[24, 64, 128], [16, 48, 96]]

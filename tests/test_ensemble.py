@@ -177,3 +177,17 @@ def test_the_lab_trains_resumes_and_reports_an_ensemble(tiny, tmp_path, monkeypa
     html = index.read_text()
     md = (tmp_path / "report" / "report.md").read_text()
     assert "pair" in html and "What a minute buys" in html and "frontier.png" in md
+
+
+def test_an_earlier_member_leaves_a_later_one_half_its_own_limit():
+    """fast-long: transfer first may take what fast-15 (175 s of its own) does not need, less
+    half of fast-15's limit; a later member without a limit of its own keeps the least (30 s)."""
+    first, later = config.load("transfer"), config.load("fast-15")
+    got = pipeline._member_limit(first, 355, [later]).train.time_limit
+    assert got == 355 - pipeline.ENSEMBLE_SECONDS - later.train.time_limit / 2
+    unlimited = later.model_copy(update={"train": later.train.model_copy(update={"time_limit": 0})})
+    assert pipeline._member_limit(first, 355, [unlimited]).train.time_limit == \
+        355 - pipeline.ENSEMBLE_SECONDS - pipeline.MIN_MEMBER_SECONDS
+    # the last member gets all that is left, up to its own limit
+    assert pipeline._member_limit(later, 100, []).train.time_limit == 100 - pipeline.ENSEMBLE_SECONDS
+    assert pipeline._member_limit(later, 400, []).train.time_limit == later.train.time_limit

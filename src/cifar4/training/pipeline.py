@@ -182,7 +182,7 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
                 done.append(resume(sub, ds, progress).run_dir)
             else:
                 if exp.train.time_limit:
-                    m = _member_limit(m, exp.train.time_limit - (time.perf_counter() - t0), len(members) - i)
+                    m = _member_limit(m, exp.train.time_limit - (time.perf_counter() - t0), members[i:])
                 done.append(train(m, ds, run_dir=sub, overwrite=True, progress=progress).run_dir)
         return make_ensemble(done, out=folder, weights=exp.ensemble.weights, data=ds, name=exp.name,
                              overwrite=True, device=exp.train.device, experiment=exp, started=t0)
@@ -192,14 +192,25 @@ ENSEMBLE_SECONDS = 6.0    # combining the members (their saved predictions) and 
 MIN_MEMBER_SECONDS = 30.0  # a member's limit when the others overran the ensemble's; kept for each later one
 
 
-def _member_limit(member: Experiment, left: float, later: int) -> Experiment:
+def reserved_seconds(member: Experiment) -> float:
+    """What an earlier member of an ensemble leaves for `member`: half its own time limit, at
+    least MIN_MEMBER_SECONDS. `fast-long`'s transfer member so leaves fast-15 (175 s) 87.5 s,
+    what `fast` had there before: on a fresh AVX2-only CPU (fp32) transfer, with 30 s left for
+    it, took 314 s of 355 to extract both views and fast-15 fitted 1.7 epochs of its lightest
+    fallback (the ensemble 0.938, against 0.953 for the next run); where transfer's features
+    would not fit the shorter limit it extracts the image alone (its fallback)."""
+    return max(MIN_MEMBER_SECONDS, member.train.time_limit / 2)
+
+
+def _member_limit(member: Experiment, left: float, later: list[Experiment]) -> Experiment:
     """A member of an ensemble with a time limit: limited to what is left of it, less the
-    combining and MIN_MEMBER_SECONDS for each of the `later` members, or to its own limit if
-    that is shorter. The last member so gets all that is left; an earlier one may not take it
-    all (under its limit a frozen-backbone member whose features would not fit takes a lighter
-    fallback, as `best`'s transfer-224 does on an AVX2-only CPU). Where the earlier members left
-    almost nothing, a member still trains a short run (MIN_MEMBER_SECONDS) so the ensemble ends."""
-    limit = max(MIN_MEMBER_SECONDS, left - ENSEMBLE_SECONDS - MIN_MEMBER_SECONDS * later)
+    combining and what each of the `later` members is reserved (reserved_seconds), or to its
+    own limit if that is shorter. The last member so gets all that is left; an earlier one may
+    not take it all (under its limit a frozen-backbone member whose features would not fit
+    takes a lighter fallback, as `best`'s transfer-224 does on an AVX2-only CPU). Where the
+    earlier members left almost nothing, a member still trains a short run (MIN_MEMBER_SECONDS)
+    so the ensemble ends."""
+    limit = max(MIN_MEMBER_SECONDS, left - ENSEMBLE_SECONDS - sum(reserved_seconds(m) for m in later))
     if member.train.time_limit:
         limit = min(limit, member.train.time_limit)
     return member.model_copy(update={"train": member.train.model_copy(update={"time_limit": round(limit, 1)})})

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,18 @@ def test_any_bytes_as_weights_is_a_checkpoint_error(tmp_path, blob):
     for p in _each_as(tmp_path, blob, ("w.safetensors", "w.pth")):
         with contextlib.suppress(CheckpointError):
             runs.read_weights(p)
+
+
+def test_a_damaged_pth_is_one_line_without_torchs_warning(tmp_path):
+    """torch warns about a pickle protocol it does not know before it fails: the user sees
+    the one-line CheckpointError alone."""
+    p = tmp_path / "w.pth"
+    p.write_bytes(b"\x80\xd7" + bytes(range(40)))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="w.pth"):
+            runs.read_weights(p)
+    assert [str(w.message) for w in said] == []
 
 
 def test_a_full_disk_leaves_the_old_file_intact_and_no_temporary(tmp_path, monkeypatch):

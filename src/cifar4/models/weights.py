@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -30,12 +31,18 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise CheckpointError(f"cannot read weights '{path}': {e.strerror or e}") from None
     if path.suffix in (".pth", ".pt"):
-        try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except _TORCH_LOAD_ERRORS as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"weights '{path}' are not a plain state dict loadable with "
-                                  f"weights_only=True ({first[:200]})") from None
+        # torch warns before it fails on some damaged files ("Detected pickle protocol 215 in the
+        # checkpoint..."): the one-line error says it all, so its warnings show only on success
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except _TORCH_LOAD_ERRORS as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"weights '{path}' are not a plain state dict loadable with "
+                                      f"weights_only=True ({first[:200]})") from None
+        for w in said:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

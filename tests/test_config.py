@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -138,3 +140,14 @@ def test_fast_long_trains_transfer_first_and_its_fast_member_runs_fasts_gpu_reci
     # fewer channels, more epochs where the net's own do not fit (an AVX2-only CPU in fp32)
     widths = [f15.fallback(i).model.options["widths"] for i in range(len(f15.fallbacks))]
     assert widths == [[24, 64, 128], [16, 48, 96]]
+
+
+def test_checking_experiments_does_not_import_torchs_compiler():
+    # a model checked on the meta device ran its initialisers as Python references, whose first
+    # use imported torch._dynamo: 2.0-2.4 s of every command, training or not (a 2-core Xeon)
+    code = ("import sys; from cifar4 import config\n"
+            "for n in ('fast', 'fast-long', 'best', 'cnn', 'mlp-deep', 'transfer-finetune', 'transfer-random'):\n"
+            "    config.load(n)\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

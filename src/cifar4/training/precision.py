@@ -10,7 +10,10 @@ oneDNN instruction-set limit and model, in <cache>/precision.json ($CIFAR4_CACHE
 cache folder), so each machine measures each model once. A CPU without AVX-512 (AVX2 only: no
 bf16 arithmetic at all, oneDNN would emulate it) is not timed: fp32, and the run says why (on a
 2-core AVX2 EPYC the emulated fast-net steps took 3.6 s against 0.29 s in fp32, and timing them
-cost the first run 25 s). A model with 3x3 convolutions (models/layers.Conv3x3: the fast nets)
+cost the first run 25 s). So is an AVX-512 CPU without bf16 instructions (neither AVX512-BF16
+nor AMX: Skylake, Cascade Lake), where oneDNN emulates bf16 at about half fp32's speed (a 2-core
+Cascade Lake Xeon: 241 ms against 116 ms a fast-net step; timing a tiny net's emulated steps
+took 6 s of a fresh run's first seconds there). A model with 3x3 convolutions (models/layers.Conv3x3: the fast nets)
 is also timed in bf16 with the weight gradients of its small, wide maps taken as matmuls; that
 is kept where it wins by MARGIN (on the AMX Xeon, oneDNN's bf16 weight-gradient kernel is
 3-4x slower than its forward one for those maps). On a GPU, "auto" is bf16 where the GPU
@@ -95,12 +98,12 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
         return Choice("bf16" if bf16 else "fp32", "this GPU " + ("supports" if bf16 else "lacks") + " bf16", {})
     if sample is None or not any(p.requires_grad for p in model.parameters()):
         return Choice("fp32", "nothing to measure", {})
-    if not bf16_is_fast(device):  # no AVX-512 (an AVX2-only CPU, or oneDNN held below it): bf16 emulated
+    if not bf16_is_fast(device):  # no bf16 instructions (AVX2 only, AVX-512 without them, or oneDNN held below)
         cpu = f"{cpu_name()}: {cpu_features()}"
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
         who = f"oneDNN, held to {isa} by ONEDNN_MAX_CPU_ISA on this CPU ({cpu})," if isa else f"this CPU ({cpu})"
-        return Choice("fp32", f"{who} has no bf16 arithmetic, so bf16 would be emulated, many times slower "
-                      "(not timed)", {})
+        return Choice("fp32", f"{who} has no bf16 arithmetic (neither AVX512-BF16 nor AMX), so bf16 "
+                      "would be emulated, slower than fp32 (not timed)", {})
     batch = min(PROBE_BATCH, cfg.batch_size, len(sample))
     key = _key(model, batch)
     path = cache_path()

@@ -459,3 +459,37 @@ def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny
     assert padded.shape == plain.shape == (37, net.num_features)
     assert np.allclose(padded.astype(np.float32), plain.astype(np.float32), rtol=1e-2, atol=1e-3)
     assert np.array_equal(padded[:32], plain[:32])  # the whole batches are the same computation
+
+
+def test_an_ensemble_member_that_cannot_fit_its_share_is_skipped(tiny, tmp_path, monkeypatch):
+    """Under the ensemble's limit, a frozen-backbone member whose lightest variant would not fit
+    one epoch (its features alone would take longer than its share) gives its time to the later
+    member instead of running over the limit; the run says so in metrics.json."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "head.toml").write_text(_exp(name="head", train={"epochs": 2}, fallbacks=[
+        {"augment": {"flip": False}, "train": {"tta": 0}}]).to_toml())
+    (tmp_path / "small.toml").write_text(config.from_dict(
+        {"name": "small", "model": {"name": "fast", "options": {"widths": [16, 32, 32]}},
+         "train": {"epochs": 2, "batch_size": 32, "time_limit": 200},
+         "fallbacks": [{"train": {"epochs": 1}}]}).to_toml())
+    exp = config.from_dict({"name": "both", "ensemble": {"members": ["head.toml", "small.toml"],
+                                                          "weights": [0.5, 0.5]},
+                            "train": {"time_limit": 400}})
+    monkeypatch.setattr(pipeline, "extraction_seconds", lambda *a: 10.0)  # 240 images: 2,400 s a view
+    res = pipeline.train(exp, tiny, run_dir=tmp_path / "both", progress=False)
+    m = res.metrics
+    (skip,) = m["skipped_members"]
+    assert (skip["member"], skip["experiment"]) == (1, "head")
+    assert [t["fallback"] for t in skip["tried"]] == [None, 0]  # the last variant timed too
+    assert skip["tried"][-1]["extraction_seconds"] == round(240 * 10.0 * pipeline.EXTRACTION_MARGIN, 1)
+    assert "lightest variant fits" in skip["reason"]
+    assert [p.name for p in (tmp_path / "both" / "members").iterdir()] == ["2-small"]
+    assert [mm["experiment"] for mm in m["members"]] == ["small"] and m["test_accuracy"] > 0
+    assert runs.read_metrics(tmp_path / "both")["skipped_members"] == m["skipped_members"]
+    assert main(["evaluate", str(tmp_path / "both"), "--data", str(_save(tiny, tmp_path)), "--json"]) == 0
+    # the last member is never skipped: alone under a limit it cannot fit, it runs its lightest variant
+    alone = config.from_dict({"name": "one", "ensemble": {"members": ["small.toml", "head.toml"]},
+                              "train": {"time_limit": 400}})
+    r = pipeline.train(alone, tiny, run_dir=tmp_path / "one", progress=False)
+    assert "skipped_members" not in r.metrics and len(r.metrics["members"]) == 2

@@ -30,8 +30,8 @@ class Ensemble(nn.Module):
     def __init__(self, num_classes: int = 4, members: Sequence[dict[str, Any]] = (),
                  weights: Sequence[float] | None = None):
         super().__init__()
-        if len(members) < 2:
-            raise ValueError("an ensemble needs at least two members; it is made from trained runs by "
+        if not members:  # (one is an ensemble experiment's run whose other members were skipped)
+            raise ValueError("an ensemble needs members; it is made from trained runs by "
                              "'cifar4 ensemble RUN RUN ...' or an experiment's [ensemble] table")
         weights = list(weights) if weights is not None else [1.0] * len(members)
         if len(weights) != len(members) or any(w < 0 for w in weights) or sum(weights) <= 0:

@@ -151,13 +151,15 @@ def parse_weights(weights: Sequence[float] | str | None, n: int) -> Sequence[flo
 def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, runs_root: str | Path = "runs",
                   weights: Sequence[float] | str | None = None, data: Dataset | str | Path | None = None,
                   name: str = "ensemble", overwrite: bool = False, device: str = "auto",
-                  experiment: Experiment | None = None, started: float | None = None) -> runs.Result:
+                  experiment: Experiment | None = None, started: float | None = None,
+                  extra: dict[str, Any] | None = None) -> runs.Result:
     """Combine finished runs into a new run folder (`out`, or runs_root/<name>-<stamp>).
     `experiment` and `started` (a perf_counter time): an ensemble experiment that trained the
-    members itself; its total_seconds then runs from `started`."""
+    members itself; its total_seconds then runs from `started`, and one member may be all that
+    is left (the others skipped under its time limit; `extra`: metrics.json keys saying so)."""
     t0 = time.perf_counter()
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    if len(members) < 2:
+    if len(members) < (1 if experiment is not None else 2):
         raise ConfigError(f"an ensemble needs at least two runs; got {len(members)}")
     if len({Path(m).resolve() for m in members}) != len(members):
         raise ConfigError("the same run is named twice; expected distinct member runs")
@@ -244,6 +246,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, 
             else round(member_seconds + (time.perf_counter() - t0), 3)
         summ = models.summary(model, "ensemble").text()
         cio.write_text(folder / "summary.txt", summ + "\n\n" + _text(metrics) + "\n")
+        metrics.update(extra or {})
         metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         cio.write_json(folder / "metrics.json", metrics)  # last: its presence means finished
         return runs.Result(folder, metrics, [], model)

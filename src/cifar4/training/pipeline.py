@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from .. import config as cfgmod
 from .. import data as datamod
@@ -90,12 +91,14 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
           overwrite: bool = False, progress: bool = True, save_state: bool = True,
           callbacks: list[Callback] | None = None, run_name: str | None = None,
           evaluate_test: bool = True, tensorboard: str | Path | None = None,
-          started: float | None = None) -> Result:
+          started: float | None = None, skip_if_unfit: bool = False) -> Result:
     """Train one experiment (an Experiment, a built-in name or a TOML path) and write its run
     (`runs_root/<run_name or experiment>-<stamp>`, or exactly `run_dir`). `callbacks` are added
     after the built-in ones (history, progress, early stopping, ...). `started`: the
     time.perf_counter() value the command started at (train.time_budget counts from it; by
-    default from this call)."""
+    default from this call). `skip_if_unfit` (an ensemble's member with later ones): under a
+    time limit where not even its lightest variant fits one epoch, raise MemberUnfit instead
+    of training."""
     started = time.perf_counter() if started is None else started
     keep_freed_memory()  # each step reuses what the last one freed (device.py: measured 1.2-1.9x)
     if not isinstance(exp, Experiment):
@@ -117,7 +120,7 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
         try:
             result = _run(exp, ds, folder, progress, save_state, resume_state=None,
                           extra=[*(callbacks or []), *([tb] if tb else [])], evaluate_test=evaluate_test,
-                          started=started)
+                          started=started, skippable=skip_if_unfit)
         except BaseException:
             if tb is not None:
                 tb.close()
@@ -173,7 +176,7 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
             folder = runs.open_run(held, runs_root, run_name or exp.name, run_dir, overwrite)
             shutil.rmtree(folder / "members", ignore_errors=True)  # an overwritten ensemble's old members
         cio.write_text(folder / ENSEMBLE_FILE, exp.to_toml())  # config.toml comes with the result
-        done = []
+        done, skipped, weights = [], [], exp.ensemble.weights
         for i, m in enumerate(members, 1):
             sub = folder / "members" / f"{i}-{m.name}"
             if continuing and (sub / "metrics.json").exists():
@@ -183,9 +186,32 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
             else:
                 if exp.train.time_limit:
                     m = _member_limit(m, exp.train.time_limit - (time.perf_counter() - t0), members[i:])
-                done.append(train(m, ds, run_dir=sub, overwrite=True, progress=progress).run_dir)
-        return make_ensemble(done, out=folder, weights=exp.ensemble.weights, data=ds, name=exp.name,
-                             overwrite=True, device=exp.train.device, experiment=exp, started=t0)
+                try:
+                    done.append(train(m, ds, run_dir=sub, overwrite=True, progress=progress,
+                                      skip_if_unfit=bool(exp.train.time_limit) and i < len(members)).run_dir)
+                except MemberUnfit as e:  # its time goes to the later members
+                    shutil.rmtree(sub, ignore_errors=True)
+                    skipped.append({"member": i, "experiment": m.name, "reason": str(e), "tried": e.tried})
+                    if isinstance(weights, list):
+                        weights = [w for j, w in enumerate(weights, 1) if j != i]
+                    if progress:
+                        Console(stderr=True).print(f"{exp.name}: member {i} ({m.name}) skipped: {e}",
+                                                   highlight=False, soft_wrap=True)
+        return make_ensemble(done, out=folder, weights=weights, data=ds, name=exp.name, overwrite=True,
+                             device=exp.train.device, experiment=exp, started=t0,
+                             extra={"skipped_members": skipped} if skipped else None)
+
+
+class MemberUnfit(Exception):
+    """An ensemble's member whose lightest variant would not fit one epoch in its share of the
+    time limit (`tried`: each candidate's timing, as metrics.json's `fallback.tried`)."""
+
+    def __init__(self, message: str, tried: list[dict[str, Any]]):
+        super().__init__(message)
+        self.tried = tried
+
+
+MIN_MEMBER_EPOCHS = 1.0  # under this many epochs fitting, a member with later ones is skipped
 
 
 ENSEMBLE_SECONDS = 6.0    # combining the members (their saved predictions) and writing the run
@@ -288,7 +314,7 @@ class _Fit:
 
 def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state: bool,
          resume_state: tuple[dict, dict] | None, extra: list[Callback] | None = None,
-         evaluate_test: bool = True, started: float | None = None) -> Result:
+         evaluate_test: bool = True, started: float | None = None, skippable: bool = False) -> Result:
     """One run, step by step: data, model, trainer, fit, final evaluation, artifacts."""
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_start = time.perf_counter() if started is None else started
@@ -311,7 +337,8 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     if resume_state is None and exp.fallbacks and exp.train.time_limit and exp.train.time_budget is None \
             and distributed.world().size == 1:  # (torchrun's ranks would have to agree: as written)
         exp, fallback = _fit_to_limit(run, t_start, None if bar is None else
-                                      lambda msg: bar.console.print(msg, highlight=False, soft_wrap=True))
+                                      lambda msg: bar.console.print(msg, highlight=False, soft_wrap=True),
+                                      skippable)
         if fallback["used"] is not None:
             run = _prepare(exp, ds, folder)
             run.test = evaluate_test
@@ -396,8 +423,8 @@ def _eval_images(run: _Fit, exp: Experiment | None = None, tta: int | None = Non
     return len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
 
 
-def _fit_to_limit(run: _Fit, started: float,
-                  log: Callable[[str], None] | None) -> tuple[Experiment, dict[str, Any]]:
+def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
+                  skippable: bool = False) -> tuple[Experiment, dict[str, Any]]:
     """Under its time limit, the experiment where its epochs (nearly: FALLBACK_FITS of them) fit,
     else the first of its fallbacks that fits that many epochs (its own `epochs` may be more:
     a ceiling), else the last one. Each candidate before the last is timed here: a
@@ -405,7 +432,10 @@ def _fit_to_limit(run: _Fit, started: float,
     forward pass for the evaluation's cost; the limit's plan (Budget.steps) then says how many
     of its epochs would fit. On a 2-core AVX2 EPYC (fp32, no bf16 arithmetic) `fast`'s
     32-96-192 net fitted 1.6 of its 6 epochs (test 0.84); the 16-48-96 fallback fitted 3.8
-    (0.87)."""
+    (0.87). `skippable` (an ensemble's member with later ones): the last candidate is timed too,
+    and where it fits under MIN_MEMBER_EPOCHS, MemberUnfit is raised: on a 2-core Cascade Lake
+    Xeon with a third of its time stolen, `fast-long`'s transfer (267 s) timed its last fallback's
+    extraction at 1,459 s, ran it anyway, and the command took 635 s of its 355."""
     exp = run.exp
     candidates = [exp, *(exp.fallback(i) for i in range(len(exp.fallbacks)))]
     n = {k: len(run.idx[k]) for k in ("train", "val")}
@@ -413,7 +443,7 @@ def _fit_to_limit(run: _Fit, started: float,
     x = run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
     tried: list[dict[str, Any]] = []
     used = len(candidates) - 1
-    for i, cand in enumerate(candidates[:-1]):
+    for i, cand in enumerate(candidates if skippable else candidates[:-1]):
         def optimizer(m: torch.nn.Module, c: cfgmod.TrainConfig = cand.train) -> torch.optim.Optimizer:
             return make_optimizer(m, c)
         extraction = 0.0
@@ -446,6 +476,14 @@ def _fit_to_limit(run: _Fit, started: float,
         if epochs >= cfgmod.FALLBACK_FITS * exp.train.epochs:  # the experiment's epochs, nearly
             used = i
             break
+    else:
+        if skippable and tried[-1]["epochs_fit"] < MIN_MEMBER_EPOCHS:
+            t = tried[-1]
+            raise MemberUnfit(
+                f"not even its lightest variant fits one epoch in its {exp.train.time_limit:g} s "
+                f"({t['epochs_fit']:.2f} would"
+                + (f", after {t['extraction_seconds']:.0f} s extracting features" if t.get("extraction_seconds")
+                   else "") + ")", tried)
     chosen = candidates[used] if used else exp.model_copy(update={"fallbacks": []})  # what runs, as it runs
     record = {"used": None if used == 0 else used - 1, "tried": tried, "fits": cfgmod.FALLBACK_FITS}
     if log is not None and used:

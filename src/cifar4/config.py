@@ -313,8 +313,10 @@ class _ValuesSkipped(TorchFunctionMode):
     """Inside _check_build: the in-place operators that only set values (the initialisers'
     normal_, trunc_normal_'s erfinv_ and clamp_, ...) leave a meta tensor as it is. On the meta
     device torch runs them as Python references whose first use imports torch._dynamo: 2.0-2.4 s
-    of every command (measured on a 2-core Cascade Lake Xeon), for values a meta tensor does
-    not hold. Shapes, dtypes and every other operator are checked as before."""
+    (a 2-core Cascade Lake Xeon), for values a meta tensor does not hold. The commands that do
+    not train (predict, evaluate, serve, export, listings) save that; a training command still
+    imports it when torch builds its optimizer (Optimizer.add_param_group is wrapped by
+    torch._disable_dynamo). Shapes, dtypes and every other operator are checked as before."""
 
     VALUE_ONLY = frozenset({"normal_", "uniform_", "erfinv_", "clamp_", "clamp_min_", "clamp_max_",
                             "exponential_", "log_normal_", "cauchy_", "geometric_", "bernoulli_",

@@ -486,6 +486,9 @@ def test_an_ensemble_member_that_cannot_fit_its_share_is_skipped(tiny, tmp_path,
     assert "lightest variant fits" in skip["reason"]
     assert [p.name for p in (tmp_path / "both" / "members").iterdir()] == ["2-small"]
     assert [mm["experiment"] for mm in m["members"]] == ["small"] and m["test_accuracy"] > 0
+    # the skipped member's time went to the last one: all that is left of 400 s, not its own 200
+    limit = config.load(tmp_path / "both" / "members" / "2-small" / "config.toml").train.time_limit
+    assert 300 < limit <= 400 - pipeline.ENSEMBLE_SECONDS
     assert runs.read_metrics(tmp_path / "both")["skipped_members"] == m["skipped_members"]
     assert main(["evaluate", str(tmp_path / "both"), "--data", str(_save(tiny, tmp_path)), "--json"]) == 0
     # the last member is never skipped: alone under a limit it cannot fit, it runs its lightest variant

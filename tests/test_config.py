@@ -144,7 +144,8 @@ def test_fast_long_trains_transfer_first_and_its_fast_member_runs_fasts_gpu_reci
 
 def test_checking_experiments_does_not_import_torchs_compiler():
     # a model checked on the meta device ran its initialisers as Python references, whose first
-    # use imported torch._dynamo: 2.0-2.4 s of every command, training or not (a 2-core Xeon)
+    # use imported torch._dynamo: 2.0-2.4 s of every command (a 2-core Cascade Lake Xeon); the
+    # commands that do not train now save it (a training command imports it with its optimizer)
     code = ("import sys; from cifar4 import config\n"
             "for n in ('fast', 'fast-long', 'best', 'cnn', 'mlp-deep', 'transfer-finetune', 'transfer-random'):\n"
             "    config.load(n)\n"

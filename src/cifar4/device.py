@@ -91,9 +91,10 @@ def pick_device(name: str = "auto") -> torch.device:
 def bf16_is_fast(device: torch.device) -> bool:
     """bf16 pays off where the hardware has it natively: AVX512-BF16/AMX CPUs, Ampere+ GPUs.
     oneDNN also runs bf16 on AVX-512 CPUs without those instructions (Skylake, Cascade Lake),
-    emulated: on a 2-core Cascade Lake Xeon a fast-net training step took 241 ms in bf16
-    against 116 ms in fp32, `transfer-224`'s extraction 41-47 ms a view against 28-35, and
-    `transfer`'s 18-23 against 18-21; there, as on an AVX2-only CPU, it is not."""
+    emulated: on a 2-core Cascade Lake Xeon a fast-net training step at the precision probe's
+    batch of 128 took 241 ms in bf16 against 116 ms in fp32, `transfer-224`'s extraction
+    41-47 ms a view against 28-35, and `transfer`'s 18-23 against 18-21; there, as on an
+    AVX2-only CPU, it is not."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     try:

@@ -12,14 +12,15 @@ bf16 arithmetic at all, oneDNN would emulate it) is not timed: fp32, and the run
 2-core AVX2 EPYC the emulated fast-net steps took 3.6 s against 0.29 s in fp32, and timing them
 cost the first run 25 s). So is an AVX-512 CPU without bf16 instructions (neither AVX512-BF16
 nor AMX: Skylake, Cascade Lake), where oneDNN emulates bf16 at about half fp32's speed (a 2-core
-Cascade Lake Xeon: 241 ms against 116 ms a fast-net step; timing a tiny net's emulated steps
-took 6 s of a fresh run's first seconds there). A model with 3x3 convolutions (models/layers.Conv3x3: the fast nets)
-is also timed in bf16 with the weight gradients of its small, wide maps taken as matmuls; that
-is kept where it wins by MARGIN (on the AMX Xeon, oneDNN's bf16 weight-gradient kernel is
-3-4x slower than its forward one for those maps). On a GPU, "auto" is bf16 where the GPU
-supports it (tensor cores). An explicit fp32, bf16 or bf16-matmul-wgrad (`--precision`) is
-used as given, untimed: the last is the matmul variant that "auto" may choose, so a run that
-used it can be repeated without the cache (for models without such maps it is plain bf16).
+Cascade Lake Xeon: 241 ms against 116 ms a fast-net step at the probe's batch of 128; timing a
+tiny net's emulated steps took 6 s of a fresh run's first seconds there). A model with 3x3
+convolutions (models/layers.Conv3x3: the fast nets) is also timed in bf16 with the weight
+gradients of its small, wide maps taken as matmuls; that is kept where it wins by MARGIN (on the
+AMX Xeon, oneDNN's bf16 weight-gradient kernel is 3-4x slower than its forward one for those
+maps). On a GPU, "auto" is bf16 where the GPU supports it (tensor cores). An explicit fp32, bf16
+or bf16-matmul-wgrad (`--precision`) is used as given, untimed: the last is the matmul variant
+that "auto" may choose, so a run that used it can be repeated without the cache (for models
+without such maps it is plain bf16).
 """
 
 from __future__ import annotations

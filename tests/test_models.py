@@ -119,3 +119,32 @@ def test_fast_net_widths_option():
     assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
     with pytest.raises(ModelError):
         models.build("fast", widths=[16, 32])
+
+
+def test_cnn_training_skips_the_rows_and_columns_its_pools_drop():
+    """The session CNN's second pool drops the 13th row and column of its 13x13 map, and with
+    them everything that only the images' last two rows and columns reach: training computes
+    the first convolution on 30x30 (the same values and gradients as the whole image, which
+    the test above checks against the library's layers); inference and the summary see 32x32."""
+    from cifar4.models.seed import cnn, read_side
+
+    assert (read_side(32, 1), read_side(32, 2), read_side(32, 3)) == (32, 30, 30)
+    torch.manual_seed(0)
+    net = models.build("cnn").double()
+    seen: list[tuple[int, ...]] = []
+    net.conv2d_1.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    edited = x.clone()
+    edited[:, :, 30:, :] = 5.0
+    edited[:, :, :, 30:] = -5.0
+    train_out = net(x)
+    assert seen[-1] == (12, 12)  # 13x13 without the row and column the pool drops
+    torch.testing.assert_close(net(edited), train_out, rtol=0, atol=0)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), train_out.detach())
+    assert seen[-1] == (13, 13)
+    # batch norm's statistics would change without those rows: no crop there; nor with one block
+    bn = cnn(batchnorm=True)
+    assert [m.reads for m in bn.modules() if hasattr(m, "reads")] == [None, None]
+    assert [m.reads for m in cnn(filters=(8,)).modules() if hasattr(m, "reads")] == [None]

@@ -29,15 +29,24 @@ class Dense(nn.Linear):
 
 
 class Conv2D(nn.Conv2d):
-    """Keras Conv2D (padding 'valid' unless told) with an optional fused ReLU."""
+    """Keras Conv2D (padding 'valid' unless told) with an optional fused ReLU.
+
+    `reads=(side, used)`: when training on side x side images, the layers after this one use
+    only the outputs computed from the first `used` rows and columns (valid convolutions and
+    pools that drop an odd last row, as in the session CNN: 32 -> 30), so the rest is not
+    computed: the same values and gradients, fewer operations. Inference and summaries see the
+    whole image (their shapes stay Keras')."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, padding: str | int = 0,
-                 activation: str | None = "relu", bias: bool = True):
+                 activation: str | None = "relu", bias: bool = True, reads: tuple[int, int] | None = None):
         super().__init__(c_in, c_out, kernel_size, padding=padding, bias=bias)
         self.activation = activation
+        self.reads = reads
         _glorot(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.reads is not None and x.shape[-2:] == (self.reads[0],) * 2:
+            x = x[..., :self.reads[1], :self.reads[1]]
         x = super().forward(x)
         return F.relu(x) if self.activation == "relu" else x
 

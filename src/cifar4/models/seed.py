@@ -60,15 +60,34 @@ def mlp(num_classes: int = 4, hidden: Sequence[int] = (20,), dropout: float | Se
     return Named(layers)
 
 
+def read_side(side: int, blocks: int) -> int:
+    """How many of an image's first rows (and columns) a stack of `blocks` valid 3x3
+    convolutions, each followed by a 2x2 max pool, uses: a pool drops the last row of an odd
+    map, and with it whatever reached only that row. The session CNN on 32x32 images: 30."""
+    out = side
+    for _ in range(blocks):
+        out = (out - 2) // 2
+    for _ in range(blocks):
+        out = out * 2 + 2
+    return out
+
+
 def cnn(num_classes: int = 4, filters: Sequence[int] = (32, 64), dropout: float = 0.0,
         batchnorm: bool = False) -> nn.Module:
     layers: list[nn.Module] = []
     c_in, side = 3, 32
+    # Training computes only what reaches the Dense layer: the first convolution on 30x30, the
+    # second on 14x14 (not with batch norm, whose statistics would change without the dropped
+    # rows). On the 2-core AMX Xeon (model 167), batch 100: a step 6.20 -> 5.37 ms in bf16; with
+    # oneDNN held to the Zen 4's instructions 11.46 -> 10.20 ms in fp32, 20.13 -> 17.66 in bf16.
+    used = read_side(side, len(filters))
+    reads = (side, used) if used < side and not batchnorm else None
     for c in filters:
         if batchnorm:
             layers += [Conv2D(c_in, c, 3, activation=None), BatchNormalization2D(c), ReLU(), MaxPooling2D()]
         else:  # the conv's ReLU runs after the pool (the same values, 4x fewer: MaxPooling2D)
-            layers += [Conv2D(c_in, c, 3, activation=None), MaxPooling2D(activation="relu")]
+            layers += [Conv2D(c_in, c, 3, activation=None, reads=None if layers else reads),
+                       MaxPooling2D(activation="relu")]
         c_in, side = c, (side - 2) // 2
     layers.append(Flatten())
     if dropout > 0:

@@ -90,6 +90,8 @@ def test_bad_member_lists_are_one_line_errors(members, tiny, tmp_path):
     a, b = members[0].run_dir, members[1].run_dir
     with pytest.raises(ConfigError, match="at least two runs"):
         ens.make_ensemble([a], data=tiny, runs_root=tmp_path)
+    with pytest.raises(ConfigError, match="at least one run; got 0"):  # an ensemble experiment's
+        ens.make_ensemble([], data=tiny, runs_root=tmp_path, experiment=config.load("fast-long"))
     with pytest.raises(ConfigError, match="named twice"):
         ens.make_ensemble([a, a], data=tiny, runs_root=tmp_path)
     with pytest.raises(ConfigError, match="one weight per member"):

@@ -159,8 +159,9 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, 
     is left (the others skipped under its time limit; `extra`: metrics.json keys saying so)."""
     t0 = time.perf_counter()
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    if len(members) < (1 if experiment is not None else 2):
-        raise ConfigError(f"an ensemble needs at least two runs; got {len(members)}")
+    fewest = 1 if experiment is not None else 2  # an ensemble experiment's members may have been skipped
+    if len(members) < fewest:
+        raise ConfigError(f"an ensemble needs at least {('one run', 'two runs')[fewest - 1]}; got {len(members)}")
     if len({Path(m).resolve() for m in members}) != len(members):
         raise ConfigError("the same run is named twice; expected distinct member runs")
     ms = [_member(m) for m in members]

@@ -143,6 +143,7 @@ def test_cnn_training_skips_the_rows_and_columns_its_pools_drop():
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(net(x), train_out.detach())
+        torch.testing.assert_close(net(edited), net(x))  # the whole image: those pixels reach nothing
     assert seen[-1] == (13, 13)
     # batch norm's statistics would change without those rows: no crop there; nor with one block
     bn = cnn(batchnorm=True)

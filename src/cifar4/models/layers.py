@@ -34,8 +34,9 @@ class Conv2D(nn.Conv2d):
     `reads=(side, used)`: when training on side x side images, the layers after this one use
     only the outputs computed from the first `used` rows and columns (valid convolutions and
     pools that drop an odd last row, as in the session CNN: 32 -> 30), so the rest is not
-    computed: the same values and gradients, fewer operations. Inference and summaries see the
-    whole image (their shapes stay Keras')."""
+    computed: the same values and gradients (in fp32 up to rounding: the sums run in another
+    order), fewer operations. Inference and summaries see the whole image (their shapes stay
+    Keras')."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, padding: str | int = 0,
                  activation: str | None = "relu", bias: bool = True, reads: tuple[int, int] | None = None):

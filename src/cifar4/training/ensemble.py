@@ -159,9 +159,10 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, 
     is left (the others skipped under its time limit; `extra`: metrics.json keys saying so)."""
     t0 = time.perf_counter()
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    fewest = 1 if experiment is not None else 2  # an ensemble experiment's members may have been skipped
+    # an ensemble experiment's members may have been skipped: one is enough there
+    fewest, words = (1, "one run") if experiment is not None else (2, "two runs")
     if len(members) < fewest:
-        raise ConfigError(f"an ensemble needs at least {('one run', 'two runs')[fewest - 1]}; got {len(members)}")
+        raise ConfigError(f"an ensemble needs at least {words}; got {len(members)}")
     if len({Path(m).resolve() for m in members}) != len(members):
         raise ConfigError("the same run is named twice; expected distinct member runs")
     ms = [_member(m) for m in members]

@@ -5,6 +5,7 @@ and the three modes train from experiment files and the command line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from cifar4 import config, models, runs
 from cifar4.cli import main
-from cifar4.errors import CheckpointError, ConfigError
+from cifar4.errors import CheckpointError, ConfigError, RunError
 from cifar4.models.efficientnet import EfficientNetLite0, SameConv2d
 from cifar4.models.resnet import ResNet
 from cifar4.models.transfer import packaged_weights
@@ -484,13 +485,27 @@ def test_an_ensemble_member_that_cannot_fit_its_share_is_skipped(tiny, tmp_path,
     assert [t["fallback"] for t in skip["tried"]] == [None, 0]  # the last variant timed too
     assert skip["tried"][-1]["extraction_seconds"] == round(240 * 10.0 * pipeline.EXTRACTION_MARGIN, 1)
     assert "lightest variant fits" in skip["reason"]
-    assert [p.name for p in (tmp_path / "both" / "members").iterdir()] == ["2-small"]
+    assert sorted(p.name for p in (tmp_path / "both" / "members").iterdir()) == ["2-small", "skipped.json"]
+    assert json.loads((tmp_path / "both" / "members" / "skipped.json").read_text()) == m["skipped_members"]
     assert [mm["experiment"] for mm in m["members"]] == ["small"] and m["test_accuracy"] > 0
     # the skipped member's time went to the last one: all that is left of 400 s, not its own 200
     limit = config.load(tmp_path / "both" / "members" / "2-small" / "config.toml").train.time_limit
     assert 300 < limit <= 400 - pipeline.ENSEMBLE_SECONDS
     assert runs.read_metrics(tmp_path / "both")["skipped_members"] == m["skipped_members"]
     assert main(["evaluate", str(tmp_path / "both"), "--data", str(_save(tiny, tmp_path)), "--json"]) == 0
+    # interrupted before its last member saved an epoch, the run resumes without timing the
+    # skipped member again, even where it would fit now
+    (tmp_path / "both" / "metrics.json").unlink()
+    shutil.rmtree(tmp_path / "both" / "members" / "2-small")
+    monkeypatch.setattr(pipeline, "extraction_seconds", lambda *a: 1e-4)
+    again = pipeline.resume(tmp_path / "both", tiny, progress=False).metrics
+    assert again["skipped_members"] == m["skipped_members"]
+    assert [p.name for p in (tmp_path / "both" / "members").iterdir() if p.is_dir()] == ["2-small"]
+    assert [mm["experiment"] for mm in again["members"]] == ["small"]
+    (tmp_path / "both" / "metrics.json").unlink()
+    (tmp_path / "both" / "members" / "skipped.json").write_text("{")
+    with pytest.raises(RunError, match=r"skipped\.json' is unreadable .*expected the list of skipped members"):
+        pipeline.resume(tmp_path / "both", tiny, progress=False)
     # the last member is never skipped: alone under a limit it cannot fit, it runs its lightest variant
     alone = config.from_dict({"name": "one", "ensemble": {"members": ["small.toml", "head.toml"]},
                               "train": {"time_limit": 400}})

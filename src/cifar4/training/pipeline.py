@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import math
 import shutil
 import threading
@@ -151,6 +152,7 @@ def member_experiment(exp: Experiment, member: str) -> Experiment:
 
 
 ENSEMBLE_FILE = "experiment.toml"  # an ensemble run's experiment, written before its members train
+SKIPPED_FILE = "skipped.json"      # in <run>/members: the members skipped so far, for a resume
 
 
 def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir: str | Path | None,
@@ -176,10 +178,14 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
             folder = runs.open_run(held, runs_root, run_name or exp.name, run_dir, overwrite)
             shutil.rmtree(folder / "members", ignore_errors=True)  # an overwritten ensemble's old members
         cio.write_text(folder / ENSEMBLE_FILE, exp.to_toml())  # config.toml comes with the result
-        done, weights = [], exp.ensemble.weights
-        skipped: list[dict[str, Any]] = []
+        done: list[Path] = []
+        # a resumed ensemble skips again what it skipped before the interruption (the member's
+        # time already went to the later ones), rather than timing it again
+        skipped: list[dict[str, Any]] = _read_skipped(folder) if continuing else []
         for i, m in enumerate(members, 1):
             sub = folder / "members" / f"{i}-{m.name}"
+            if any(s["member"] == i for s in skipped):
+                continue
             if continuing and (sub / "metrics.json").exists():
                 done.append(sub)
             elif continuing and (sub / "state" / "last.json").exists():
@@ -194,14 +200,32 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
                 except MemberUnfit as e:  # its time goes to the later members
                     shutil.rmtree(sub, ignore_errors=True)
                     skipped.append({"member": i, "experiment": m.name, "reason": str(e), "tried": e.tried})
-                    if isinstance(weights, list):
-                        weights = [w for j, w in enumerate(weights, 1) if j != i]
+                    cio.write_json(folder / "members" / SKIPPED_FILE, skipped)
                     if progress:
                         Console(stderr=True).print(f"{exp.name}: member {i} ({m.name}) skipped: {e}",
                                                    highlight=False, soft_wrap=True)
+        weights = exp.ensemble.weights  # a skipped member's weight goes with it
+        if isinstance(weights, list):
+            weights = [w for j, w in enumerate(weights, 1) if all(s["member"] != j for s in skipped)]
         return make_ensemble(done, out=folder, weights=weights, data=ds, name=exp.name, overwrite=True,
                              device=exp.train.device, experiment=exp, started=t0,
                              extra={"skipped_members": skipped} if skipped else None)
+
+
+def _read_skipped(folder: Path) -> list[dict[str, Any]]:
+    """The members an interrupted ensemble run skipped (none if it skipped none)."""
+    path = folder / "members" / SKIPPED_FILE
+    if not path.exists():
+        return []
+    try:
+        skipped = json.loads(path.read_text())
+        if not (isinstance(skipped, list) and all(isinstance(s, dict) and isinstance(s.get("member"), int)
+                                                  for s in skipped)):
+            raise ValueError("not a list of members")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunError(f"'{path}' is unreadable ({e}); expected the list of skipped members this run "
+                       f"wrote (train the ensemble again with --overwrite)") from None
+    return skipped
 
 
 class MemberUnfit(Exception):

@@ -204,9 +204,9 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
                     if progress:
                         Console(stderr=True).print(f"{exp.name}: member {i} ({m.name}) skipped: {e}",
                                                    highlight=False, soft_wrap=True)
-        weights = exp.ensemble.weights  # a skipped member's weight goes with it
-        if isinstance(weights, list):
-            weights = [w for j, w in enumerate(weights, 1) if all(s["member"] != j for s in skipped)]
+        weights, gone = exp.ensemble.weights, {s["member"] for s in skipped}
+        if isinstance(weights, list):  # a skipped member's weight goes with it
+            weights = [w for j, w in enumerate(weights, 1) if j not in gone]
         return make_ensemble(done, out=folder, weights=weights, data=ds, name=exp.name, overwrite=True,
                              device=exp.train.device, experiment=exp, started=t0,
                              extra={"skipped_members": skipped} if skipped else None)

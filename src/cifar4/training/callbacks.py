@@ -187,6 +187,9 @@ class ProgressBar(Callback):
         return self.console.is_terminal  # the live bar; a log gets one line per epoch
 
     def on_train_begin(self, trainer):
+        kernels = getattr(trainer, "kernels", None)
+        if kernels is not None:
+            self.console.print(f"{self.title}pooling: {kernels.reason}", highlight=False, soft_wrap=True)
         choice = trainer.precision_choice
         if choice is not None and choice.reason and choice.reason != "as asked":
             self.console.print(f"{self.title}precision {choice.precision}: {choice.reason}"

@@ -734,6 +734,8 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
                                        "reason": choice.reason, "step_seconds": choice.seconds,
                                        "cached": choice.cached,
                                        "matmul_weight_grads": choice.matmul_weight_grads}
+    if run.trainer.kernels is not None:  # the session CNN's pools on a CPU: compiled or the library's
+        metrics["kernels"] = {"pool2x2": run.trainer.kernels.to_dict()}
     metrics["steps"] = run.trainer.steps_done
     if run.trainer.budget is not None:  # what a --time-budget or a time limit planned
         key = "time_limit" if run.trainer.budget.max_epochs is not None else "time_budget"

@@ -25,6 +25,7 @@ from ..config import TrainConfig
 from ..data.transforms import Augment, BatchAugment, InputTransform
 from ..device import autocast, synchronize, to_device
 from ..errors import ConfigError
+from ..models import native
 from ..models.layers import matmul_weight_grads
 from . import distributed, precision
 from .budget import EVAL_SHARE, PLAN_AFTER, REPLAN_EVERY, Budget
@@ -142,6 +143,9 @@ class Trainer:
             self.history = History()
             self.callbacks = [self.history, *self.callbacks]
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        # compiled CPU kernels the model uses (the session CNN's pools), built once per machine
+        # here, before any step is timed; None where it uses none
+        self.kernels: native.Status | None = native.prepare(self.model, self.device)
         # "auto" on a CPU is measured on the first training rows (in _prepare); else known now
         self.precision_choice: precision.Choice | None = None
         self.precision = ""

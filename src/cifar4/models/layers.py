@@ -115,6 +115,8 @@ class MaxPooling2D(nn.MaxPool2d):
     (_PoolByteIndices), else _PoolScatterGrad (the same values and gradients, both with a faster
     backward than the library's); elsewhere, and without gradients, the library's pooling."""
 
+    native_kernel = "pool2x2"  # what the trainer has models/native.py load before training
+
     def __init__(self, pool_size: int = 2, activation: str | None = None):
         super().__init__(pool_size)
         self.activation = activation

@@ -160,9 +160,9 @@ def ops() -> ModuleType | None:
 
 
 def wants(model: nn.Module) -> bool:
-    """Whether `model` has a layer that uses the kernels (the session CNN's pools)."""
-    from .layers import MaxPooling2D
-    return any(isinstance(m, MaxPooling2D) for m in model.modules())
+    """Whether `model` has a layer that uses the kernels (one whose class names a kernel in
+    `native_kernel`: layers.MaxPooling2D)."""
+    return any(getattr(m, "native_kernel", None) == "pool2x2" for m in model.modules())
 
 
 def prepare(model: nn.Module, device: torch.device) -> Status | None:

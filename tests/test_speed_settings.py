@@ -16,6 +16,7 @@ import torch
 
 from cifar4 import config, models
 from cifar4.errors import ConfigError
+from cifar4.models import native
 from cifar4.training import pipeline, precision
 from cifar4.training.train import lr_factor
 
@@ -187,6 +188,9 @@ def test_on_an_avx2_only_cpu_the_run_works_and_measures_there(bigger_npz, tmp_pa
         assert "isa=AVX2" in next(iter(json.loads((tmp_path / "cache" / "precision.json").read_text())))
     if choice["chosen"] == "bf16":
         assert choice["step_seconds"]["bf16"] < choice["step_seconds"]["fp32"]
+    if native._compiler() is not None:  # the CNN's pooling kernel, built for AVX2 (and cached apart)
+        assert m["kernels"]["pool2x2"]["compiled"], m["kernels"]
+        assert "-mno-avx512f" in "".join(f.read_text() for f in (tmp_path / "cache").glob("kernels/*/build.ninja"))
 
 
 def test_a_time_budget_fits_the_steps_and_the_schedule(tiny, tmp_path, monkeypatch):

@@ -188,7 +188,7 @@ class ProgressBar(Callback):
 
     def on_train_begin(self, trainer):
         kernels = getattr(trainer, "kernels", None)
-        if kernels is not None:
+        if kernels is not None and (kernels.build_seconds or not kernels.compiled):  # news only
             self.console.print(f"{self.title}pooling: {kernels.reason}", highlight=False, soft_wrap=True)
         choice = trainer.precision_choice
         if choice is not None and choice.reason and choice.reason != "as asked":

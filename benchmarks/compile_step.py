@@ -28,36 +28,24 @@ def child(name: str, mode: str, precision: str, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from cifar4 import config, models
-    from cifar4.data.transforms import Augment
     from cifar4.device import keep_freed_memory
-    from cifar4.training.train import make_optimizer
+    from common import step_setup
 
     keep_freed_memory()
-    exp = config.load(name)
-    torch.manual_seed(0)
-    model = models.build(exp.model.name, **exp.model.options).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, exp.train)
-    augment = Augment(**exp.augment.model_dump())
-    bs = exp.train.batch_size
-    x = torch.rand(20 * bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 4, (20 * bs,))
-    gen = torch.Generator().manual_seed(0)
+    s = step_setup(name)
 
     def loss_of(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(xb)
-        return F.cross_entropy(logits.float(), yb, label_smoothing=exp.train.label_smoothing)
+            logits = s.model(xb)
+        return F.cross_entropy(logits.float(), yb, label_smoothing=s.exp.train.label_smoothing)
 
     fn = torch.compile(loss_of) if mode != "eager" else loss_of
 
     def step(i: int) -> None:
-        rows = slice(i % 20 * bs, (i % 20 + 1) * bs)
-        xb = augment(x[rows], gen) if augment.active else x[rows]
-        loss = fn(xb, y[rows])
-        optimizer.zero_grad(set_to_none=True)
+        loss = fn(*s.batch(i))
+        s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        s.optimizer.step()
 
     t = time.perf_counter()
     step(0)
@@ -68,7 +56,7 @@ def child(name: str, mode: str, precision: str, steps: int) -> dict:
     for i in range(30, 30 + steps):
         step(i)
     ms = 1000 * (time.perf_counter() - t) / steps
-    return {"experiment": name, "mode": mode, "precision": precision, "batch": bs,
+    return {"experiment": name, "mode": mode, "precision": precision, "batch": s.batch_size,
             "first_step_s": round(first, 2), "ms_per_step": round(ms, 2), "torch": torch.__version__}
 
 

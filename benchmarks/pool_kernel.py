@@ -20,12 +20,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cifar4 import config, models
-from cifar4.data.transforms import Augment
 from cifar4.device import cpu_features, cpu_name, keep_freed_memory
 from cifar4.models import native
 from cifar4.models.layers import MaxPooling2D
-from cifar4.training.train import make_optimizer
+from common import step_setup
 
 
 def use_kernel(on: bool, status: native.Status) -> None:
@@ -70,24 +68,15 @@ def main() -> None:
             row["kernel" if on else "library"].append(median_ms(lambda x=x, g=g: torch.autograd.grad(pool(x), x, g)))
         print(json.dumps(row), flush=True)
 
-    exp = config.load(a.experiment)
-    torch.manual_seed(0)
-    model = models.build(exp.model.name, **exp.model.options).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, exp.train)
-    augment = Augment(**exp.augment.model_dump())
-    bs = exp.train.batch_size
-    x = torch.rand(20 * bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 4, (20 * bs,))
-    gen = torch.Generator().manual_seed(0)
+    s = step_setup(a.experiment)
 
     def step(i: int) -> None:
-        rows = slice(i % 20 * bs, (i % 20 + 1) * bs)
-        xb = augment(x[rows], gen) if augment.active else x[rows]
+        xb, yb = s.batch(i)
         with torch.autocast("cpu", torch.bfloat16):
-            loss = F.cross_entropy(model(xb).float(), y[rows])
-        optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(s.model(xb).float(), yb)
+        s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        s.optimizer.step()
 
     for i in range(30):
         step(i)

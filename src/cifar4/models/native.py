@@ -64,9 +64,10 @@ def key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_dir() -> Path:
+def build_dir(k: str | None = None) -> Path:
+    """Where this machine's build lives (`k`: key(), when the caller has it already)."""
     from ..data import work_cache
-    return work_cache() / "kernels" / f"pool2x2-{key()}"
+    return work_cache() / "kernels" / f"pool2x2-{k or key()}"
 
 
 def _flags() -> list[str]:
@@ -112,7 +113,8 @@ def _load(verbose: bool) -> Status:
     if sys.platform != "linux":
         return Status(False, f"the library's, since the compiled kernel is built on Linux only "
                              f"(this is {sys.platform})")
-    folder = build_dir()
+    k = key()
+    folder = build_dir(k)
     failed = folder / FAILED
     if failed.is_file():
         return Status(False, f"the library's, since building the compiled kernel failed before ({_first_line(failed)}; "
@@ -128,7 +130,7 @@ def _load(verbose: bool) -> Status:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load as build
-        build(name=f"cifar4_pool2x2_{key()}", sources=[str(SOURCE)], extra_cflags=_flags(),
+        build(name=f"cifar4_pool2x2_{k}", sources=[str(SOURCE)], extra_cflags=_flags(),
               extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False, verbose=verbose)
     except Exception as e:  # any failure of a compiler or linker: keep the reason, use the library
         last = _last_line(str(e)) or type(e).__name__

@@ -5,8 +5,8 @@ training on a CPU. The library's pooling writes an int64 index per output, and i
 (`max_unpool2d`) zero-fills the input's gradient and scatters into it; the kernel keeps one byte
 per output and writes the gradient in one pass, with the same values and gradients bit for bit.
 On the 2-core Zen 4 EPYC (bf16, batch 100, channels_last, timed alone): the first pool's forward
-0.22 ms against 0.46, its backward 0.08 against 0.48; the augmented CNN's training step 7.5 %
-faster (paired blocks in one process; BENCHMARKS.md, `benchmarks/pool_kernel.py`).
+0.22 ms against 0.46, its backward 0.08 against 0.48; the augmented CNN's training step 7.5-14.2 %
+faster (paired blocks in one process, the host slow or quick; BENCHMARKS.md, `benchmarks/pool_kernel.py`).
 
 It is built with torch.utils.cpp_extension (a C++ compiler with OpenMP, and ninja, a
 dependency) with -march=native, into <cache>/kernels/<key>/ ($CIFAR4_CACHE or the user cache

@@ -106,3 +106,24 @@ def test_console_script_exit_code_and_debug(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cifar4", "--debug", "data", "info", "--data",
                         str(tmp_path / "x.npz")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_version_and_completion(capsys):
+    from cifar4 import __version__
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"cifar4 {__version__}"
+    code, out, _ = run_cli(["--help"], capsys)
+    assert "--install-completion" in out and "--show-completion" in out
+
+
+def test_help_is_grouped_at_the_terminal_width_without_escapes(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _ = run_cli(["--help"], capsys)
+    panels = [p for p in ("Train", "Use a model", "Look at runs", "Data") if f"─ {p} ─" in out]
+    assert code == 0 and len(panels) == 4, out
+    assert out.index("─ Train ─") < out.index(" train ") < out.index("─ Use a model ─") < out.index(" predict ")
+    for cmd in (["--help"], ["train", "--help"], ["runs", "--help"], ["sweep", "--help"]):
+        text = run_cli(cmd, capsys)[1]
+        assert "\\[" not in text and "[default: runs]" in run_cli(["runs", "--help"], capsys)[1]
+        assert max(len(line) for line in text.splitlines()) == 100, cmd
+    assert "sweep table" in run_cli(["sweep", "--help"], capsys)[1]

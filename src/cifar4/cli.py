@@ -595,8 +595,8 @@ def list_experiments() -> None:
 # ---------------------------------------------------------------- lab / compare
 
 @command(TRAIN, "Run the practical session and its report.")
-def lab(experiments: Optional[list[str]] = typer.Argument(None, metavar="EXPERIMENT", help="Experiments to run (default: "
-                                                         "the whole session, see 'cifar4 experiments')."),
+def lab(experiments: Optional[list[str]] = typer.Argument(None, metavar="EXPERIMENT", help="Experiments to run "
+                                                         "(default: the whole session, see 'cifar4 experiments')."),
         quick: bool = typer.Option(False, "--quick", help="Same set on a data subset with a sixth of "
                                    "the epochs, transfer backbones at 96 px at most (minutes; its own folder)."),
         lab_dir: Optional[Path] = LabDirOpt,

@@ -32,8 +32,8 @@ def run_cli(args, capsys):
 
 def test_train_evaluate_predict_runs(tiny_npz, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(["train", "--data", str(tiny_npz), "--epochs", "3", "--batch-size", "32",
-                              "--json", "-q"], capsys)
+    code, out, err = run_cli(["train", "--data", str(tiny_npz), "--model", "cnn", "--epochs", "3",
+                              "--batch-size", "32", "--json", "-q"], capsys)
     assert code == 0, err
     m = json.loads(out)
     assert m["epochs"] == 3 and m["model"] == "cnn" and m["run_dir"].startswith("runs/cnn-")
@@ -63,12 +63,13 @@ def test_summary_models_experiments_data(tiny_npz, tmp_path, capsys):
 
 
 BAD = {
-    "zero epochs": ["train", "--epochs", "0"],
-    "negative batch": ["train", "--batch-size", "-5"],
-    "not a number": ["train", "--epochs", "many"],
+    "zero epochs": ["train", "-e", "cnn", "--epochs", "0"],
+    "negative batch": ["train", "-e", "cnn", "--batch-size", "-5"],
+    "not a number": ["train", "-e", "cnn", "--epochs", "many"],
+    "nothing to train": ["train", "--epochs", "3"],
     "unknown model": ["train", "--model", "vgg99"],
-    "unknown optimizer": ["train", "--optimizer", "lbfgs"],
-    "unknown split": ["train", "--split", "random"],
+    "unknown optimizer": ["train", "-e", "cnn", "--optimizer", "lbfgs"],
+    "unknown split": ["train", "-e", "cnn", "--split", "random"],
     "unknown flag": ["train", "--epoch", "3"],
     "preset and experiment": ["train", "--preset", "cnn", "--experiment", "cnn"],
     "missing experiment file": ["train", "--experiment", "nope.toml"],
@@ -224,3 +225,53 @@ def test_one_name_one_meaning_in_help(capsys, monkeypatch):
     assert all("-q" in helps[c] for c in ("predict", "sweep", "lab", "data fetch")) and "--progress" in helps["sweep"]
     for c in ("evaluate", "predict", "export", "ensemble", "serve", "compare"):
         assert " RUN " in helps[c] and "RUN_DIRS" not in helps[c] and "MEMBERS" not in helps[c], c
+
+
+def test_bare_train_shows_usage_and_examples_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["train"], capsys)
+    assert code == 0 and err == "" and out.startswith("Usage: cifar4 train") and "cifar4 train -e cnn" in out
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("COLUMNS", "200")
+    text = " ".join(run_cli(["train", "--help"], capsys)[1].replace("│", " ").split())
+    assert "--model NAME alone trains experiment NAME's recipe where one exists" in text
+
+
+def test_model_trains_the_experiment_of_that_name_and_says_so(tiny_npz, tmp_path, capsys):
+    import tomllib
+    from pathlib import Path
+
+    from cifar4 import config
+    common = ["--data", str(tiny_npz), "--epochs", "1", "--runs-dir", str(tmp_path), "-q", "--json"]
+
+    def config_of(out):
+        return tomllib.loads((Path(json.loads(out)["run_dir"]) / "config.toml").read_text())
+    code, out, err = run_cli(["train", "--model", "mlp-deep", *common], capsys)
+    assert code == 0 and "training experiment 'mlp-deep'" in err
+    assert config_of(out).get("description") == config.load("mlp-deep").description != ""
+    code, out, err = run_cli(["train", "--set", "model.name=mlp-deep", *common], capsys)
+    assert code == 0 and "training experiment" not in err and not config_of(out).get("description")
+
+
+def test_summary_shows_the_net_that_train_builds(capsys, tmp_path):
+    from cifar4 import config, models
+    for name in ("fast", "fast-15", "cnn"):
+        exp = config.from_flags(name)
+        n = sum(models.count_params(models.build(exp.model.name, **exp.model.options)))
+        code, out, _ = run_cli(["summary", name, "--out", str(tmp_path / "s.txt")], capsys)
+        assert code == 0 and f"Total params: {n:,}" in out
+        assert f"Total params: {n:,}" in (tmp_path / "s.txt").read_text()
+    bare = sum(models.count_params(models.build("fast")))
+    assert f"{bare:,}" not in run_cli(["summary", "fast"], capsys)[1]
+    assert "lighter nets" in run_cli(["summary", "fast"], capsys)[1]
+
+
+def test_every_function_in_the_cli_is_short():
+    import ast
+    import inspect
+
+    import cifar4.cli as cli
+    tree = ast.parse(inspect.getsource(cli))
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 >= 80]
+    assert long == []

@@ -90,7 +90,7 @@ TtaOpt = typer.Option(None, "--tta", min=0, max=2, metavar="VIEWS",
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
 LabDirOpt = typer.Option(None, "--lab-dir", help="A lab folder (default: lab/, or lab-quick/ with --quick).")
 
-_STATE = {"debug": False}
+_STATE: dict[str, Any] = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -113,101 +113,114 @@ def _print_json(obj: Any) -> None:
 
 # ---------------------------------------------------------------- train
 
+# `cifar4 train`'s options, one object each so that its signature reads as a list.
+_O = typer.Option
+EXPERIMENT = _O(None, "--experiment", "-e", metavar="NAME|FILE", help="Start from a built-in experiment "
+                "(see 'cifar4 experiments') or a TOML file.")
+PRESET = _O(None, "--preset", metavar="NAME", help="The same as --experiment NAME.")
+MODEL = _O(None, "--model", "-m", help="Alone: experiment MODEL's recipe where one exists, else the model with "
+           "the schema's defaults. With -e: the model that replaces the experiment's (see 'cifar4 models').")
+EPOCHS = _O(None, "--epochs", help="Number of epochs.")
+BATCH = _O(None, "--batch-size", help="Mini-batch size.")
+OPTIMIZER = _choice("train.optimizer", "--optimizer", help="The optimizer.")
+LR = _O(None, "--lr", help="Learning rate (default: Keras' default for the optimizer).")
+OPTION = _O(None, "--option", "-o", metavar="KEY=VALUE", help="A model option (see 'cifar4 models'), e.g. "
+            "-o resolution=224 -o backbone=resnet50; repeatable; values are read as TOML.")
+SET = _O(None, "--set", metavar="SECTION.KEY=VALUE", help="Override any experiment key, e.g. --set "
+         "train.lr=0.01 --set augment.flip=true; repeatable; values are read as TOML. The named flags are "
+         "shortcuts for these.")
+WEIGHTS = _O(None, "--weights", help="Transfer backbone weights: 'imagenet' (packaged), 'none', or a .pth "
+             "state dict.")
+DROPOUT = _O(None, "--dropout", help="Dropout rate after hidden layers.")
+BATCHNORM = _O(None, "--batchnorm/--no-batchnorm", help="Batch normalization after each hidden layer.")
+L2 = _O(None, "--l2", help="L2 penalty on kernels, as Keras' l2().")
+AUGMENT = _O(None, "--augment/--no-augment", help="The session's augmentation, as experiment 'cnn-augmented' "
+             "holds it (rotation 15, shifts 0.1, flip); --no-augment: none.")
+EARLY = _O(None, "--early-stopping", metavar="PATIENCE", help="Stop after PATIENCE epochs without val_loss "
+           "improvement; restore the best weights.")
+SCALE = _O(None, "--scale/--no-scale", help="Scale pixels to [0,1] (--no-scale feeds raw 0-255 values, as the "
+           "session's broken MLP).")
+STANDARDIZE = _O(None, "--standardize/--no-standardize", help="Per-channel standardization from the training "
+                 "split.")
+SEED = _O(None, "--seed", help="Training seed (init, data order, augmentation).")
+SEEDS = _O(None, "--seeds", metavar="SEED...", help="Train once per seed (--seeds 0 1 2) and summarize every "
+           "accuracy as mean +- std (written next to the runs).")
+SPLIT = _choice("data.split", "--split", help="How the data is split (default: session).")
+SPLIT_SEED = _O(None, "--split-seed", help="Seed of the split (default 42).")
+DEVICE = _choice("train.device", "--device", help="Where to train (default: auto, the GPU when there is one).")
+PRECISION = _choice("train.precision", "--precision", help="auto: on a CPU, measured once per machine and "
+                    "model (bf16, fp32, or bf16 with the fast nets' small maps' weight gradients as "
+                    "matmuls); on a GPU, bf16 where supported.")
+BUDGET = _O(None, "--time-budget", metavar="SECONDS", help="Finish within SECONDS from the command's start to "
+            "metrics.json: the number of steps and the schedule are fitted to the measured speed of this machine.")
+LIMIT = _O(None, "--time-limit", metavar="SECONDS", help="Keep the experiment's epochs where they fit in SECONDS "
+           "from the command's start to metrics.json, else fit the steps to SECONDS (`fast` has 87; 0: no limit).")
+NAME = _O(None, "--name", help="Run name (default: the experiment's).")
+RUNS_DIR = _O(Path("runs"), "--runs-dir", help="Where run folders go.")
+RUN_DIR = _O(None, "--run-dir", help="Exact run folder to create.")
+OVERWRITE = _O(False, "--overwrite", help="Replace an existing --run-dir.")
+RESUME = _O(None, "--resume", metavar="RUN", help="Continue an interrupted run from its last complete epoch.")
+JSON = _O(False, "--json", help="Print metrics.json to stdout instead of tables.")
+TENSORBOARD = _O(None, "--tensorboard", metavar="DIR", help="Also write the curves and final metrics as "
+                 "TensorBoard event files under DIR/<run> (extra 'tensorboard').")
+
+WHAT_TO_TRAIN = ("expected -e/--experiment NAME (an experiment's recipe; --preset NAME is the same), --model "
+                 "NAME (experiment NAME's recipe where one exists, else the model with the schema's defaults) "
+                 "or --resume RUN")
+TRAIN_EXAMPLES = """Examples:
+  cifar4 train -e cnn                          the session's CNN (7 epochs)
+  cifar4 train --preset fast                   the fast net: 0.90+ test in about 90 s on 2 cores
+  cifar4 train --model mlp-deep --epochs 5     experiment mlp-deep's recipe, 5 epochs
+  cifar4 train --set model.name=cnn            the bare cnn with the schema's defaults
+  cifar4 train --resume runs/cnn-20261206-071200   continue an interrupted run
+See 'cifar4 train --help' for every option, 'cifar4 experiments' and 'cifar4 models' for names."""
+
+
 @command(TRAIN, "Train a model and write a run folder.")
-def train(
-    experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
-                                             help="Built-in experiment name or a TOML file."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A built-in experiment used as "
-                                         "the starting point (same as --experiment NAME)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'cifar4 models')."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Mini-batch size."),
-    optimizer: Optional[str] = _choice("train.optimizer", "--optimizer", help="The optimizer."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: Keras' default "
-                                       "for the optimizer)."),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
-                                               help="A model option (see 'cifar4 models'), e.g. "
-                                                    "-o resolution=224 -o backbone=resnet50; "
-                                                    "repeatable; values are read as TOML."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
-                                             help="Override any experiment key, e.g. --set train.lr=0.01 "
-                                                  "--set augment.flip=true; repeatable; values are read "
-                                                  "as TOML. The named flags are shortcuts for these."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Transfer backbone weights: "
-                                          "'imagenet' (packaged), 'none', or a .pth state dict."),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout rate after hidden layers."),
-    batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm",
-                                             help="Batch normalization after each hidden layer."),
-    l2: Optional[float] = typer.Option(None, "--l2", help="L2 penalty on kernels, as Keras' l2()."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
-                                           help="The session's augmentation, as experiment "
-                                                "'cnn-augmented' holds it (rotation 15, shifts 0.1, flip); "
-                                                "--no-augment: none."),
-    early_stopping: Optional[int] = typer.Option(None, "--early-stopping", metavar="PATIENCE",
-                                                 help="Stop after PATIENCE epochs without val_loss "
-                                                      "improvement; restore the best weights."),
-    scale: Optional[bool] = typer.Option(None, "--scale/--no-scale", help="Scale pixels to [0,1] "
-                                         "(--no-scale feeds raw 0-255 values, as the session's broken MLP)."),
-    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
-                                               help="Per-channel standardization from the training split."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (init, data order, augmentation)."),
-    seeds: Optional[list[int]] = typer.Option(None, "--seeds", metavar="SEED...",
-                                              help="Train once per seed (--seeds 0 1 2) and summarize every "
-                                                   "accuracy as mean +- std (written next to the runs)."),
-    split: Optional[str] = _choice("data.split", "--split", help="How the data is split (default: session)."),
-    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the split (default 42)."),
-    device: Optional[str] = _choice("train.device", "--device", help="Where to train (default: auto, the GPU "
-                                    "when there is one)."),
-    precision: Optional[str] = _choice("train.precision", "--precision", help="auto (on a CPU: measured once per "
-                                             "machine and model, the faster of bf16 and fp32; on a GPU: "
-                                             "bf16 where supported), fp32, bf16, or bf16-matmul-wgrad "
-                                             "(bf16 with the fast nets' small maps' weight gradients "
-                                             "as matmuls, a variant auto may choose)."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", metavar="SECONDS",
-                                                help="Finish within SECONDS from the command's start to "
-                                                     "metrics.json: the number of steps and the schedule "
-                                                     "are fitted to the measured speed of this machine."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", metavar="SECONDS",
-                                               help="Keep the experiment's epochs where they fit in SECONDS "
-                                                    "from the command's start to metrics.json, else fit the "
-                                                    "steps to SECONDS (`fast` has 87; 0: no limit)."),
-    data: Optional[Path] = DataOpt,
-    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the experiment's)."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory to create."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --run-dir."),
-    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN",
-                                          help="Continue an interrupted run from its last complete epoch."),
-    as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of tables."),
-    quiet: bool = QuietOpt,
-    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", metavar="DIR",
-                                               help="Also write the curves and final metrics as TensorBoard "
-                                                    "event files under DIR/<run> (extra 'tensorboard')."),
-) -> None:
-    """Train a model and write a run directory (config, history, metrics, weights, figures).
+def train(ctx: typer.Context, experiment: Optional[str] = EXPERIMENT, preset: Optional[str] = PRESET,
+          model: Optional[str] = MODEL, epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH,
+          optimizer: Optional[str] = OPTIMIZER, lr: Optional[float] = LR, option: Optional[list[str]] = OPTION,
+          set_: Optional[list[str]] = SET, weights: Optional[str] = WEIGHTS, dropout: Optional[float] = DROPOUT,
+          batchnorm: Optional[bool] = BATCHNORM, l2: Optional[float] = L2, augment: Optional[bool] = AUGMENT,
+          early_stopping: Optional[int] = EARLY, scale: Optional[bool] = SCALE,
+          standardize: Optional[bool] = STANDARDIZE, seed: Optional[int] = SEED,
+          seeds: Optional[list[int]] = SEEDS, split: Optional[str] = SPLIT, split_seed: Optional[int] = SPLIT_SEED,
+          device: Optional[str] = DEVICE, precision: Optional[str] = PRECISION,
+          time_budget: Optional[float] = BUDGET, time_limit: Optional[float] = LIMIT,
+          data: Optional[Path] = DataOpt, name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR,
+          run_dir: Optional[Path] = RUN_DIR, overwrite: bool = OVERWRITE, resume: Optional[Path] = RESUME,
+          as_json: bool = JSON, quiet: bool = QuietOpt, tensorboard: Optional[Path] = TENSORBOARD) -> None:
+    """Train a model and write a run folder (config, history, metrics, weights, figures).
+
+    What it trains: -e/--experiment NAME (or --preset NAME, the same) trains an experiment's
+    recipe; --model NAME alone trains experiment NAME's recipe where one exists (it says so),
+    else model NAME with the schema's defaults; --set model.name=NAME trains the bare model.
+    Without any of these, or --resume RUN, it shows examples and trains nothing.
     Under torchrun (`torchrun --nproc-per-node N -m cifar4 train ...`) it trains data-parallel."""
     from .training import distributed, pipeline
-    w = distributed.setup()
-    if not w.main:  # the other ranks train their share quietly; rank 0 reports
-        quiet, as_json = True, False
-
     flags = {"model": model, "dropout": dropout, "batchnorm": batchnorm, "weights": weights,
              "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "l2": l2,
              "seed": seed, "device": device, "precision": precision, "split": split,
              "split_seed": split_seed, "scale": scale, "standardize": standardize,
              "early_stopping": early_stopping, "augment": augment, "seeds": seeds or None,
              "time_budget": time_budget, "time_limit": time_limit}
+    start = None if resume is not None else _what_to_train(ctx, experiment, preset, model, set_)
+    if resume is None and start is None:
+        return
+    w = distributed.setup()
+    if not w.main:  # the other ranks train their share quietly; rank 0 reports
+        quiet, as_json = True, False
+    _STATE.update(run=resume if resume is not None else run_dir, runs_dir=runs_dir, since=time.time())
     if resume is not None:
         cfgmod.check_resume_flags({"experiment": experiment, "preset": preset, "option": option,
                                    "set": set_, "name": name, "run_dir": run_dir, "tensorboard": tensorboard,
                                    **flags})
         result = pipeline.resume(resume, data, progress=not quiet)
     else:
-        if experiment and preset:
-            raise ConfigError("--experiment and --preset both name a starting experiment; give one")
         if seed is not None and seeds:
             raise ConfigError("--seed and --seeds both set the seed; give one")
-        exp = cfgmod.from_flags(experiment or preset, flags, option, set_, name)
+        exp = cfgmod.from_flags(start, {**flags, "model": None if start == model else model}, option, set_, name)
+        _STATE["prefix"] = f"{exp.name}-"  # the run folder a Ctrl-C names: runs_dir/<name>-<stamp>
         if exp.train.seeds and seed is None:
             if run_dir is not None:
                 raise ConfigError("--run-dir names one run, but the experiment trains one run per seed; "
@@ -224,6 +237,35 @@ def train(
         return
     _metrics_table(result.metrics)
     out.print(f"run directory: {result.run_dir}")
+
+
+def _what_to_train(ctx: typer.Context, experiment: str | None, preset: str | None, model: str | None,
+                   sets: list[str] | None) -> str | None:
+    """The experiment that `cifar4 train` starts from ("" for none: the bare model of --model or
+    --set model.name), or None when nothing says what to train (examples are shown then)."""
+    if experiment and preset:
+        raise ConfigError("--experiment and --preset both name a starting experiment; give one")
+    if experiment or preset:
+        return experiment or preset
+    bare = any(s.replace(" ", "").startswith("model.name=") for s in sets or [])
+    if model is not None and not bare:
+        if model in cfgmod.builtin_names():
+            err.print(f"--model {model}: training experiment '{model}' (its recipe; --set model.name={model} "
+                      f"for the bare model)", highlight=False, markup=False)
+            return model
+        if model not in modelsmod.names():
+            raise ConfigError(f"--model '{model}' is neither an experiment nor a model (see 'cifar4 "
+                              f"experiments' and 'cifar4 models')"
+                              f"{did_you_mean(model, [*cfgmod.builtin_names(), *modelsmod.names()])}")
+        return ""
+    if bare:
+        return ""
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"]
+    if given:
+        raise ConfigError(f"{', '.join(given)} given, but nothing says what to train: {WHAT_TO_TRAIN}")
+    out.print(ctx.get_usage() + "\n\n" + TRAIN_EXAMPLES, highlight=False, markup=False)
+    return None
 
 
 def _train_seeds(exp: Any, ds: Any, runs_dir: Path, quiet: bool, as_json: bool, tensorboard: Path | None) -> None:
@@ -568,13 +610,45 @@ def list_models() -> None:
 
 
 @command(LOOK, "Keras-style table of a net's layers.")
-def summary(model: str = typer.Argument(..., help="Model name (see 'cifar4 models')."),
-            dropout: Optional[float] = typer.Option(None, "--dropout"),
-            batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm")) -> None:
-    """Print a Keras-style summary table of a model."""
-    opts: dict[str, Any] = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm)) if v is not None}
-    m = modelsmod.build(model, **opts)
-    out.print(modelsmod.summary(m, model).text(), highlight=False)
+def summary(name: str = typer.Argument(..., metavar="NAME", help="An experiment, a preset or a TOML file (the net "
+                                       "it trains), or a model (its defaults): the rule of 'cifar4 train --model'."),
+            option: Optional[list[str]] = OPTION,
+            dropout: Optional[float] = DROPOUT,
+            batchnorm: Optional[bool] = BATCHNORM,
+            out_path: Optional[Path] = typer.Option(None, "--out", help="Also write the table to this text file.")
+            ) -> None:
+    """Print a Keras-style summary table of the net that `cifar4 train --model NAME` (or
+    `-e NAME`) trains: an experiment's own options where NAME is one, else the model's defaults."""
+    if name in cfgmod.builtin_names() or name.endswith(".toml"):
+        exp = cfgmod.from_flags(name, {"dropout": dropout, "batchnorm": batchnorm}, option)
+    elif name in modelsmod.names():
+        exp = cfgmod.from_flags(None, {"model": name, "dropout": dropout, "batchnorm": batchnorm}, option)
+    else:
+        raise ConfigError(f"'{name}' is neither an experiment nor a model (see 'cifar4 experiments' and "
+                          f"'cifar4 models'){did_you_mean(name, [*cfgmod.builtin_names(), *modelsmod.names()])}")
+    if exp.ensemble is not None:
+        raise ConfigError(f"'{name}' is an ensemble of {', '.join(exp.ensemble.members)}; its nets are theirs "
+                          f"(e.g. 'cifar4 summary {exp.ensemble.members[0]}')")
+    net = modelsmod.build(exp.model.name, **exp.model.options)
+    text = modelsmod.summary(net, exp.model.name).text() + _fallbacks_note(exp)
+    out.print(text, highlight=False, markup=False)
+    if out_path is not None:
+        from .io import write_text
+        write_text(out_path, text + "\n")
+        out.print(f"summary written: {out_path}", highlight=False, markup=False)
+
+
+def _fallbacks_note(exp: Any) -> str:
+    """The lighter nets an experiment with a time limit trains where its own would not fit."""
+    if not exp.fallbacks:
+        return ""
+    nets = []
+    for i in range(len(exp.fallbacks)):
+        f = exp.fallback(i)
+        n = sum(modelsmod.count_params(modelsmod.build(f.model.name, **f.model.options)))
+        nets.append(f"{', '.join(f'{k}={v}' for k, v in f.model.options.items())} ({n:,} params)")
+    return (f"\nWhere its {exp.train.epochs} epochs do not fit its time limit, training takes the first of "
+            f"these lighter nets that fits: {'; '.join(nets)} (its run's summary.txt shows which).")
 
 
 @command(LOOK, "List the built-in experiments.", "experiments")
@@ -787,6 +861,20 @@ def _export_tta_flag(argv: list[str]) -> list[str]:
             for i, a in enumerate(argv)]
 
 
+def _interrupted() -> str:
+    """What Ctrl-C (or SIGTERM) leaves and how to go on: the run folder when `train` made or
+    named one (the newest `<name>-<stamp>` folder it made under --runs-dir)."""
+    run = _STATE.get("run")
+    if run is None and "prefix" in _STATE:
+        made = [p for p in Path(_STATE["runs_dir"]).glob(f"{_STATE['prefix']}*")
+                if p.is_dir() and p.stat().st_mtime >= _STATE["since"] - 1]
+        run = max(made, key=lambda p: p.stat().st_mtime, default=None)
+    if run is not None:
+        return f"cifar4: interrupted; finished epochs are saved in {run} (continue with 'cifar4 train --resume {run}')"
+    return ("cifar4: interrupted; finished epochs are saved (continue with 'cifar4 train --resume RUN', "
+            "or run 'cifar4 lab' again)")
+
+
 def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs are kept
     raise KeyboardInterrupt
 
@@ -797,22 +885,21 @@ def main(argv: list[str] | None = None) -> int:
     # interpreter's shutdown took 1.3-1.9 s after every command on a 2-core EPYC; 0.9 s so).
     gc.freeze()
     argv = _export_tta_flag(_expand_seeds(list(sys.argv[1:] if argv is None else argv)))
+    _STATE.clear()
     _STATE["debug"] = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
-    interrupted = ("cifar4: interrupted; finished epochs are saved (continue with 'cifar4 train --resume RUN', "
-                   "or run 'cifar4 lab' again)")
     try:
         rv = app(args=argv, prog_name="cifar4", standalone_mode=False)
         if rv == 130:  # typer turns KeyboardInterrupt into an exit code
-            err.print(interrupted, highlight=False)
+            err.print(_interrupted(), highlight=False, markup=False)
         return rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         return e.exit_code
     except TyperException as e:  # a usage error (it knows its command) or another of typer's
         return _usage_error(e)
     except (typer.Abort, KeyboardInterrupt):
-        err.print(interrupted, highlight=False)
+        err.print(_interrupted(), highlight=False, markup=False)
         return 130
     except Cifar4Error as e:
         if _STATE["debug"]:

@@ -11,11 +11,11 @@ from collections.abc import Iterable
 
 
 def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
-    """"; did you mean 'x'?" for the nearest of `choices` (difflib's ratio, at least 0.6), or ""
+    """"; did you mean 'x'?" for the nearest of `choices` (difflib's ratio, at least 0.7), or ""
     when none is near: the ending of a message that names an unknown value. `prefix` goes before
     the suggestion ('train.' for a key), not into the comparison, where it would bring every key
     near."""
-    near = difflib.get_close_matches(word, list(choices), n=1)
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.7)  # 0.6 offered 'best' for 'resnet'
     return f"; did you mean '{prefix}{near[0]}'?" if near else ""
 
 

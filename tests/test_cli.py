@@ -275,3 +275,74 @@ def test_every_function_in_the_cli_is_short():
     long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
             if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 >= 80]
     assert long == []
+
+
+def _column(text: str, i: int) -> str:
+    """Column i of a rich table's body, its folded lines joined."""
+    return "".join(line.split("│")[i].strip() for line in text.splitlines() if line.count("│") > i)
+
+
+def test_tables_fold_what_users_copy_at_80_columns(trained, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    run, npz = trained
+    text = run_cli(["runs", "--runs-dir", str(run.parent)], capsys)[1]
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    width = lines[head].index(" model")  # the run column, folded onto as many lines as it needs
+    assert str(run) in "".join(line[:width].strip() for line in lines[head + 1:]) and "…" not in text, text
+    assert "status" in text and "finished" in text and all(len(line) <= 80 for line in lines)
+    info = json.loads(run_cli(["data", "info", "--data", str(npz), "--json"], capsys)[1])
+    text = run_cli(["data", "info", "--data", str(npz)], capsys)[1]
+    checksum = info["X_sha256"]
+    assert checksum in _column(text, 2) and "…" not in text, text
+
+
+def test_runs_leave_out_empty_columns(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    (tmp_path / "cnn-20261206-000000").mkdir()  # a run that never got further than its folder
+    text = run_cli(["runs", "--runs-dir", str(tmp_path)], capsys)[1]
+    assert "status" in text and "incomplete" in text and "acc" not in text and "params" not in text
+
+
+def test_experiments_are_grouped_one_line_each_within_80_columns(capsys, monkeypatch):
+    from cifar4 import config
+    monkeypatch.setenv("COLUMNS", "80")
+    text = run_cli(["experiments"], capsys)[1]
+    lines = text.splitlines()
+    names = config.builtin_names()
+    assert all(len(line) <= 80 for line in lines) and len(lines) == len(names) + 5 + lines.count("others"), text
+    order = [text.index(g) for g in ("the practical session", "fast nets", "transfer learning", "ensembles", "sweeps")]
+    assert order == sorted(order)
+    assert text.index("fast-long") > text.index("ensembles") and text.index("cnn-augmented-sweep") > order[-1]
+    assert text.index(" mlp-raw ") < text.index(" cnn ")  # the session's order, not the alphabet's
+    rows = json.loads(run_cli(["experiments", "--json"], capsys)[1])
+    assert {r["experiment"] for r in rows} == set(names) and all(r["description"] for r in rows)
+
+
+def test_predict_errors_have_their_own_column(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "150")
+    run, _ = trained
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good)
+    bad.write_bytes(b"not an image")
+    code, out, _ = run_cli(["predict", str(run), str(good), str(bad)], capsys)
+    header = next(line for line in out.splitlines() if "image" in line)
+    cells = [c.strip() for c in header.replace("┃", "│").split("│")]
+    bad_row = next(line for line in out.splitlines() if "bad.png" in line).split("│")
+    assert code == 2 and cells[-2] == "error" and bad_row[-2].strip() and bad_row[cells.index("bird")].strip() == ""
+
+
+def test_interrupt_names_the_run_folder_to_resume(bigger_npz, tmp_path):
+    import signal
+    import time
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "cifar4", "train", "--data", str(bigger_npz), "-e", "cnn",
+                             "--epochs", "40", "--batch-size", "16", "--runs-dir", str(runs), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs.glob("*/state/last.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    run = next(runs.iterdir())
+    assert proc.returncode == 130 and f"cifar4 train --resume {run}'" in err and "Traceback" not in err, err

@@ -431,17 +431,11 @@ def _run_tta(folder: Path) -> int:
 
 
 def _predictions_table(preds: list[Any], classes: tuple[str, ...]) -> None:
-    t = Table()
-    t.add_column("image")
-    t.add_column("class")
-    for c in classes:
-        t.add_column(c, justify="right")
-    for p in preds:
-        if p.error:
-            t.add_row(p.path, "error", p.error, *[""] * (len(classes) - 1))
-        else:
-            t.add_row(p.path, p.label, *[f"{p.probabilities[c]:.3f}" for c in classes])
-    out.print(t)
+    cols = {"image": [p.path for p in preds], "class": [p.label if not p.error else "" for p in preds],
+            **{c: [f"{p.probabilities[c]:.3f}" if not p.error else "" for p in preds] for c in classes},
+            "error": [p.error or "" for p in preds]}
+    out.print(_folding_table({c: v for c, v in cols.items() if c != "error" or any(v)},
+                             left=("class",), fold=("image", "error")))
 
 
 def _fail(message: str) -> int:
@@ -581,17 +575,30 @@ def list_runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Wh
     if not rows:
         err.print(f"no runs under '{runs_dir}'")
         return
-    t = Table()
-    for c in ("run", "model", "epochs", "params", "train acc", "val acc", "test acc", "train s", "status"):
-        t.add_column(c, justify="left" if c in ("run", "model", "status") else "right")
-
-    def f(v, fmt):
+    def f(v: Any, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
-    for r in rows:
-        t.add_row(r["run"], r.get("model") or "", f(r.get("epochs"), "d"), f(r.get("params"), ","),
-                  f(r.get("train_accuracy"), ".4f"), f(r.get("val_accuracy"), ".4f"),
-                  f(r.get("test_accuracy"), ".4f"), f(r.get("train_seconds"), ".1f"), r["status"])
-    out.print(t)
+    cols = {"run": [r["run"] for r in rows], "model": [r.get("model") or "" for r in rows],
+            "epochs": [f(r.get("epochs"), "d") for r in rows], "params": [f(r.get("params"), ",") for r in rows],
+            **{f"{k}\nacc": [f(r.get(f"{k}_accuracy"), ".4f") for r in rows] for k in ("train", "val", "test")},
+            "train\ns": [f(r.get("train_seconds"), ".1f") for r in rows], "status": [r["status"] for r in rows]}
+    out.print(_folding_table({c: v for c, v in cols.items() if any(v)}, left=("model", "status"), fold=("run",),
+                             box=None, pad_edge=False, collapse_padding=True, header_style="bold"))
+
+
+def _folding_table(cols: dict[str, list[str]], left: tuple[str, ...] = (), fold: tuple[str, ...] = (),
+                   **kw: Any) -> Table:
+    """A table that folds the `fold` columns (a run path, a checksum, an error: what a user
+    copies) onto more lines rather than lose characters; the others keep their whole width."""
+    t = Table(**kw)
+    for c, cells in cols.items():
+        if c in fold:
+            t.add_column(c, justify="left", overflow="fold")
+        else:
+            t.add_column(c, justify="left" if c in left else "right", no_wrap=True,
+                         min_width=max(*map(len, c.split("\n")), *map(len, cells)))
+    for row in zip(*cols.values(), strict=True):
+        t.add_row(*row)
+    return t
 
 
 @command(LOOK, "List the models.", "models")
@@ -652,18 +659,61 @@ def _fallbacks_note(exp: Any) -> str:
 
 
 @command(LOOK, "List the built-in experiments.", "experiments")
-def list_experiments() -> None:
-    """List the built-in experiments (use with --experiment or --preset)."""
-    t = Table()
-    for c in ("experiment", "model", "epochs", "description"):
-        t.add_column(c)
-    for n in cfgmod.builtin_names():
-        e = cfgmod.load(n)
-        if e.ensemble is not None:
-            t.add_row(n, "ensemble: " + " + ".join(e.ensemble.members), "-", e.description)
-        else:
-            t.add_row(n, e.model.name, str(e.train.epochs), e.description)
-    out.print(t)
+def list_experiments(as_json: bool = typer.Option(False, "--json", help="Print JSON, with the whole "
+                                                  "descriptions.")) -> None:
+    """List the built-in experiments (use with -e/--experiment or --preset), grouped by purpose:
+    the practical session's (in its order), the fast nets, transfer learning, ensembles, sweeps."""
+    from .lab import SESSION_PLAN
+    exps = {n: cfgmod.load(n) for n in cfgmod.builtin_names()}
+    session = list(SESSION_PLAN.experiments)
+    rows: list[dict[str, Any]] = sorted(({"experiment": n, "group": _group(e, n in session), "model": _model_of(e),
+                    "epochs": e.train.epochs if e.ensemble is None else None, "description": e.description}
+                   for n, e in exps.items()),
+                  key=lambda r: (GROUPS.index(r["group"]), session.index(r["experiment"])
+                                 if r["experiment"] in session else 0, r["experiment"]))
+    if as_json:
+        _print_json(rows)
+        return
+    name_w = max(map(len, exps))
+    room = max(30, out.width - name_w - 3 - 6)  # the name, the epochs, the cells' padding
+    for g in GROUPS:
+        mine = [r for r in rows if r["group"] == g]
+        if mine:
+            t = Table(title=g, title_justify="left", title_style="bold", box=None, show_header=False)
+            t.add_column("experiment", width=name_w, no_wrap=True)
+            t.add_column("epochs", justify="right", width=3, no_wrap=True)
+            t.add_column("description", no_wrap=True)
+            for r in mine:
+                t.add_row(r["experiment"], str(r["epochs"] or "-"), _headline(r["description"], room))
+            out.print(t)
+
+
+GROUPS = ("the practical session", "fast nets", "transfer learning", "ensembles", "sweeps", "others")
+
+
+def _group(exp: Any, in_session: bool) -> str:
+    """An experiment's group, read from its own fields: what it is before what it trains."""
+    if exp.sweep:
+        return "sweeps"
+    if exp.ensemble is not None:
+        return "ensembles"
+    if in_session:
+        return "the practical session"
+    return {"fast": "fast nets", "transfer": "transfer learning"}.get(exp.model.name, "others")
+
+
+def _model_of(exp: Any) -> str:
+    return "+".join(exp.ensemble.members) if exp.ensemble is not None else exp.model.name
+
+
+def _headline(text: str, room: int) -> str:
+    """The description's longest opening that fits `room` and ends where a phrase ends (before
+    ': ', ' (', '; ', ' - ' or ', '), so that a line is never cut mid-phrase."""
+    if len(text) <= room:
+        return text
+    ends = [i for i in range(12, room + 1) if text[i:i + 2] in (": ", " (", "; ", " -", ", ")
+            and text[:i].count("(") == text[:i].count(")")]  # not inside a parenthesis
+    return text[:max(ends)] if ends else text[:room - 3].rsplit(" ", 1)[0] + " ..."
 
 
 # ---------------------------------------------------------------- lab / compare
@@ -793,13 +843,9 @@ def data_info(data: Optional[Path] = DataOpt,
     if as_json:
         _print_json(inf)
         return
-    t = Table(title=f"{inf['name']}: {inf['source']}", show_header=False)
-    t.add_column("key")
-    t.add_column("value")
-    for k, v in inf.items():
-        if k not in ("source", "name"):
-            t.add_row(k, str(v))
-    out.print(t)
+    shown = {k: str(v) for k, v in inf.items() if k not in ("source", "name")}
+    out.print(_folding_table({"key": list(shown), "value": list(shown.values())}, left=("key",), fold=("value",),
+                             title=f"{inf['name']}: {inf['source']}", show_header=False))
 
 
 @command(DATA, "PNG grid of sample images.", "show", data_app)

@@ -319,10 +319,14 @@ def _metrics_table(m: dict[str, Any]) -> None:
 def evaluate(run: Path = RunArg,
              data: Optional[Path] = DataOpt,
              tta: Optional[int] = TtaOpt,
+             full_train: bool = typer.Option(False, "--full-train", help="Measure every image of the train "
+                                             "part (default: the rows training measured, read from the run "
+                                             "when the data is its own)."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Evaluate a run's model on the train, validation and test parts of its split."""
+    """Evaluate a run's model on the train, validation and test parts of its split, as
+    training's final evaluation did (frozen-backbone features from the feature cache)."""
     from .training.evaluate_run import evaluate_run
-    res = evaluate_run(run, data, tta)
+    res = evaluate_run(run, data, tta, full_train=full_train)
     if as_json:
         _print_json(res)
         return

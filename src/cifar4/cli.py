@@ -365,13 +365,14 @@ def ensemble(members: list[Path] = typer.Argument(..., metavar="RUN", help="Two 
     export, serve and the lab take it like any run)."""
     from .training.ensemble import make_ensemble
     weights = member_weights if member_weights is not None else old_weights
+    flag = "--member-weights" if member_weights is not None else "--weights"  # the spelling given
     w: list[float] | str | None = weights
     if weights is not None and weights not in ("equal", "val"):
         try:
             w = [float(x) for x in weights.split(",")]
         except ValueError:
-            raise ConfigError(f"--member-weights '{weights}' is not a list of numbers; expected e.g. "
-                              f"0.6,0.4, 'equal' or 'val'") from None
+            raise ConfigError(f"{flag} '{weights}' is not a list of numbers; expected e.g. 0.6,0.4, "
+                              f"'equal' or 'val'") from None
     cfgmod.from_dict({"name": name}, "--name")  # the same rule as an experiment name
     res = make_ensemble(members, out=run_dir, runs_root=runs_dir, weights=w, data=data, name=name,
                         overwrite=overwrite)

@@ -96,7 +96,7 @@ def test_bad_input_is_one_line_and_exit_2(case, capsys, tiny_npz, monkeypatch, t
 def test_bad_data_file_through_cli(tmp_path, capsys):
     p = tmp_path / "bad.npz"
     np.savez(p, X=np.zeros((5, 32, 32), np.uint8), Y=np.zeros(5, np.int64))
-    code, _, err = run_cli(["train", "--data", str(p), "--epochs", "1"], capsys)
+    code, _, err = run_cli(["train", "-e", "cnn", "--data", str(p), "--epochs", "1"], capsys)
     assert code == 2 and "expected (N, 32, 32, 3)" in err and str(p) in err
 
 

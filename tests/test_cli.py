@@ -332,7 +332,8 @@ def test_predict_errors_have_their_own_column(trained, tmp_path, capsys, monkeyp
     assert code == 2 and cells[-2] == "error" and bad_row[-2].strip() and bad_row[cells.index("bird")].strip() == ""
 
 
-def test_interrupt_names_the_run_folder_to_resume(bigger_npz, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_names_the_run_folder_to_resume(sig, bigger_npz, tmp_path):
     import signal
     import time
     runs = tmp_path / "runs"
@@ -342,7 +343,7 @@ def test_interrupt_names_the_run_folder_to_resume(bigger_npz, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not list(runs.glob("*/state/last.json")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     run = next(runs.iterdir())
     assert proc.returncode == 130 and f"cifar4 train --resume {run}'" in err and "Traceback" not in err, err

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typer.exceptions import TyperException
 
 from . import config as cfgmod
@@ -602,7 +603,7 @@ def _folding_table(cols: dict[str, list[str]], left: tuple[str, ...] = (), fold:
             t.add_column(c, justify="left" if c in left else "right", no_wrap=True,
                          min_width=max(*map(len, c.split("\n")), *map(len, cells)))
     for row in zip(*cols.values(), strict=True):
-        t.add_row(*row)
+        t.add_row(*map(Text, row))  # plain text: a path or a message may hold [brackets]
     return t
 
 

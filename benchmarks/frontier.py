@@ -5,7 +5,8 @@ measured, from the JSON that presets.py writes (and GPU results in the same shap
     python benchmarks/frontier.py benchmarks/results/2026-11-27-epyc-zen5-presets.json \
         benchmarks/results/2026-11-27-epyc-zen5-best.json benchmarks/results/2026-11-27-epyc-zen5-budgets.json \
         --gpu benchmarks/results/2026-11-27-h100-fast-long-gpu-tables.json \
-        --cpu-name "AMD EPYC (family 26 model 2, Zen 5)" --png docs/benchmarks/img/2026-11-27-epyc-zen5-h100-frontier.png
+        --cpu-name "AMD EPYC (family 26 model 2, Zen 5)" \
+        --png docs/benchmarks/img/2026-11-27-epyc-zen5-h100-frontier.png
 
 Members of ensemble runs (their own runs inside the ensemble's folder) are points too: a
 member alone is a preset of its own (`transfer`, `fast-24`). A run made with an empty cache

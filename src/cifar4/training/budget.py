@@ -39,11 +39,9 @@ SAFETY = 0.03             # of the remaining time kept in reserve for timing noi
 LIMIT_TOLERANCE = 0.15    # a time limit's first plan keeps its epochs if 85 % of them fit (see Budget.steps)
 # The final evaluation's share of the time left at a budget's first plan above which the
 # test-time views are cut (six -> the image and its mirror -> the image alone). Chosen on
-# validation accuracy, `fast` at budgets of 30, 60 and 90 s, seeds 0-2, each budget run with six,
-# two and one view (2-core Zen 4 EPYC; BENCHMARKS.md, thirteenth session): at 30 s six views
-# would take 0.42 of the time and two 0.18, and one view won (val 0.855 against 0.848 and
-# 0.812); at 60 s six would take 0.18 and two 0.08, and two won (0.910 against 0.907 and 0.900);
-# at 90 s six would take 0.12-0.13, and six and two tied (0.922; one 0.915)
+# validation accuracy (`fast` at budgets of 30, 60 and 90 s, each run with six, two and one
+# view): in a short run the training time the views cost buys more accuracy than they give, and
+# past this share the fewer views won or tied (figures: docs/benchmarks)
 EVAL_SHARE = 0.15
 
 

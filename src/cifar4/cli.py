@@ -689,7 +689,7 @@ def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs
 def main(argv: list[str] | None = None) -> int:
     # What the imports made (torch, scikit-learn, matplotlib: some 10^6 objects) lives as long as
     # the process: frozen, the collector never walks it again, during the run or at exit (the
-    # interpreter's shutdown took 1.3-1.9 s after every command on a 2-core EPYC; 0.9 s so).
+    # interpreter's shutdown walks those objects again otherwise: a second or more on a small CPU).
     gc.freeze()
     argv = _expand_seeds(list(sys.argv[1:] if argv is None else argv))
     _STATE["debug"] = False

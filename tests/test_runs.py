@@ -193,3 +193,10 @@ def test_a_record_value_of_the_wrong_kind_is_named(tmp_path):
         record.read_metrics(tmp_path)
     with pytest.raises(RuntimeError, match="split.train: .*'many'"):
         record.write_metrics(tmp_path, {**OLD_METRICS, "split": {**OLD_METRICS["split"], "train": "many"}})
+
+
+def test_every_experiment_key_has_a_description():
+    from cifar4 import record
+    for s in _models_in(record.RECORD_FILES["config.toml"]):
+        missing = [k for k, f in s.model_fields.items() if not f.description]
+        assert not missing, f"{s.__name__}.{missing}"

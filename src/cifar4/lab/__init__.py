@@ -25,7 +25,7 @@ from rich.console import Console
 
 from .. import config as cfgmod
 from .. import data as datamod
-from .. import locks, models, runs
+from .. import locks, models, record, runs
 from ..config import Experiment
 from ..data import Dataset
 from ..errors import ConfigError, LockedError
@@ -193,7 +193,7 @@ def _check_same(folder: Path, exp: Experiment, ds: Dataset) -> None:
     """A lab folder holds one version of each experiment on one dataset: refuse to mix quick
     and full runs, an edited experiment with its old result, or runs on other data."""
     config = folder / "config.toml" if (folder / "config.toml").exists() else folder / pipeline.ENSEMBLE_FILE
-    old = cfgmod.from_dict(cfgmod.read_toml(config), f"'{config}'")
+    old = record.read_experiment(folder, config.name)
     if old != exp:
         raise ConfigError(f"'{folder}' holds a run of another version of experiment '{exp.name}'; "
                           f"use another --lab-dir or delete that run")

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import config as cfgmod
 from .. import data as datamod
-from .. import models
+from .. import models, record
 from ..data.split import split_indices
 from ..data.transforms import Normalization, tta_views
 from ..errors import ExportError, MissingExtraError, RunError
@@ -98,7 +97,7 @@ def export(run: str | Path, out: str | Path | None = None, tta: bool | None = No
     folder = resolve_run(run)
     loaded = load_model(folder)
     metrics = read_metrics(folder)
-    exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+    exp = record.read_experiment(folder)
     # default: the views the run was evaluated with; --tta: those, or at least the mirror; --no-tta: none
     level = int(exp.train.tta) if tta is None else (max(int(exp.train.tta), 1) if tta else 0)
     target = Path(out) if out is not None else folder / "model.onnx"

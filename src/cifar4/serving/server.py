@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import config as cfgmod
 from .. import data as datamod
+from .. import record
 from ..data.images import MAX_PIXELS, decode_image
 from ..data.split import split_indices
 from ..device import pick_device
@@ -220,7 +220,7 @@ class ModelStore:
 
     def test_image(self, name: str | None, rng: random.Random) -> tuple[Served, np.ndarray, str]:
         s = self.get(name)
-        exp = cfgmod.from_dict(cfgmod.read_toml(s.folder / "config.toml"), f"'{s.folder}/config.toml'")
+        exp = record.read_experiment(s.folder)
         try:
             ds = self.dataset()
         except Cifar4Error as e:

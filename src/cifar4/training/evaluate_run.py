@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .. import config as cfgmod
 from .. import data as datamod
+from .. import record
 from ..data.split import split_indices
 from ..device import inference_precision, pick_device
 from ..runs import load_model, resolve_run
@@ -19,7 +19,7 @@ def evaluate_run(run: str | Path, data: str | Path | datamod.Dataset | None = No
                  tta: int | None = None, device: str = "auto") -> dict:
     folder = resolve_run(run)
     loaded = load_model(folder)
-    exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+    exp = record.read_experiment(folder)
     ds = data if isinstance(data, datamod.Dataset) else datamod.load(data)
     sp, idx = split_indices(exp.data, ds)
     tta = exp.train.tta if tta is None else tta

@@ -23,7 +23,7 @@ from rich.console import Console
 from .. import config as cfgmod
 from .. import data as datamod
 from .. import io as cio
-from .. import locks, models, plots, runs
+from .. import locks, models, plots, record, runs
 from ..config import Experiment
 from ..data import Dataset
 from ..data.split import Split, split_indices
@@ -114,7 +114,7 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
         def make_folder() -> str:
             folder = runs.open_run(held, runs_root, run_name or exp_.name, run_dir, overwrite)
             cio.write_text(folder / "config.toml", exp_.to_toml())
-            cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
+            record.write_run_info(folder, ds.source, ds.checksum())
             return str(folder)
         folder = Path(_on_main(make_folder))  # under torchrun, rank 0 makes it and tells the others
         tb = TensorBoard(Path(tensorboard) / folder.name) if tensorboard is not None and main else None
@@ -276,7 +276,7 @@ def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
     folder = runs.resolve_run(run_dir)
     keep_freed_memory()
     if (folder / ENSEMBLE_FILE).exists() and not (folder / "metrics.json").exists():
-        exp = cfgmod.from_dict(cfgmod.read_toml(folder / ENSEMBLE_FILE), f"'{folder}/{ENSEMBLE_FILE}'")
+        exp = record.read_experiment(folder, ENSEMBLE_FILE)
         ds = data if isinstance(data, Dataset) else datamod.load(data)
         return _train_ensemble(exp, ds, folder.parent, folder, False, progress, None, True, continuing=True)
     return _resume_one(folder, data, progress)
@@ -290,7 +290,7 @@ def _resume_one(folder: Path, data: Dataset | str | Path | None, progress: bool)
                 raise RunError(f"run '{folder}' is already finished; nothing to resume")
             return str(folder)
         _on_main(check)
-        exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+        exp = record.read_experiment(folder)
         ds = data if isinstance(data, Dataset) else datamod.load(data)
         st = runs.load_state(folder)
         if st is not None and st[1].get("data_sha256") not in (None, ds.checksum()):
@@ -405,7 +405,7 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     runs.write_predictions(folder, preds)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 3)
     metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    cio.write_json(folder / "metrics.json", metrics)  # written last: its presence means finished
+    record.write_metrics(folder, metrics)  # written last: its presence means finished
     shutil.rmtree(folder / "state", ignore_errors=True)
     return Result(folder, metrics, rows, run.model)
 

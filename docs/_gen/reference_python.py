@@ -16,6 +16,15 @@ def group_of(obj: Any) -> str:
     return "Functions" if callable(obj) else "Constants"
 
 
+def identifier(package: Any, name: str) -> str:
+    """Where mkdocstrings finds an export: a function or class where it is defined (the package
+    may re-export it under a name a submodule also has), anything else under the package."""
+    obj = getattr(package, name)
+    if (inspect.isclass(obj) or inspect.isfunction(obj)) and "<" not in obj.__qualname__:
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return f"{package.__name__}.{name}"
+
+
 def render(package: Any) -> str:
     groups: dict[str, list[str]] = {g: [] for g in GROUPS}
     for name in package.__all__:
@@ -27,7 +36,8 @@ def render(package: Any) -> str:
     for g in GROUPS:
         if groups[g]:
             parts.append(f"## {g}\n")
-            parts += [f"::: {package.__name__}.{n}\n" for n in groups[g]]
+            parts += [f"::: {identifier(package, n)}\n    options:\n      heading: \"{package.__name__}.{n}\"\n"
+                      f"      toc_label: \"{n}\"\n" for n in groups[g]]
     return "\n".join(parts)
 
 

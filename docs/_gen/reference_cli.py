@@ -78,7 +78,7 @@ def help_text(p: click.Parameter) -> str:
     dep = getattr(p, "deprecated", False)
     if dep:
         text = f"**Deprecated**{': ' + escape(dep) if isinstance(dep, str) else '.'} {text}".strip()
-    if getattr(p, "envvar", None):
+    if p.envvar:
         envs = [p.envvar] if isinstance(p.envvar, str) else list(p.envvar)
         text += " Environment: " + ", ".join(code(e) for e in envs) + "."
     return text

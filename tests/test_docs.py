@@ -10,9 +10,10 @@ import shutil
 import subprocess
 import sys
 import threading
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-import click
 import pytest
 import typer
 from pydantic import BaseModel, Field
@@ -42,20 +43,24 @@ def sections(page: str) -> dict[str, str]:
     return out
 
 
-def commands(cmd: click.Command, path: str) -> list[tuple[str, click.Command]]:
-    """Every visible command of the click tree, by click's own listing (not the page's walker)."""
+def commands(cmd, path: str) -> list[tuple[str, Any]]:
+    """Every visible command of the tree typer built, from its `commands` tables (not the page's walker)."""
     out = [(path, cmd)]
-    if isinstance(cmd, click.Group):
-        for name, sub in cmd.commands.items():
-            if not sub.hidden:
-                out += commands(sub, f"{path} {name}")
+    for name, sub in getattr(cmd, "commands", {}).items():
+        if not sub.hidden:
+            out += commands(sub, f"{path} {name}")
     return out
+
+
+def choices_of(p) -> list[str]:
+    desc = getattr(p, "type_descriptor", None)  # typer >= 0.29 (its own click) keeps choices there
+    values = (desc.choices if desc.is_choice else ()) if desc is not None else getattr(p.type, "choices", ())
+    return [str(getattr(c, "value", c)) for c in values or ()]
 
 
 def test_the_cli_page_has_every_command_with_every_option_and_choice():
     page = sections(reference_cli.render(app))
-    root = typer.main.get_command(app)
-    every = commands(root, "cifar4")
+    every = commands(typer.main.get_command(app), "cifar4")
     assert len(every) > 10 and "cifar4 data fetch" in dict(every)
     for path, cmd in every:
         assert path in page, f"no section for '{path}'"
@@ -63,29 +68,42 @@ def test_the_cli_page_has_every_command_with_every_option_and_choice():
         for p in cmd.params:
             if getattr(p, "hidden", False) and not getattr(p, "deprecated", False):
                 continue
-            names = [*p.opts, *p.secondary_opts] if isinstance(p, click.Option) else [p.human_readable_name]
+            names = [*p.opts, *p.secondary_opts] if p.param_type_name == "option" else [p.metavar or p.name.upper()]
             for n in names:
                 assert f"`{n}`" in body, f"'{path}' lacks {n}"
-            if isinstance(p.type, click.Choice):
-                for c in p.type.choices:
-                    assert f"`{getattr(c, 'value', c)}`" in body, f"'{path}' lacks choice {c} of {names[0]}"
+            for c in choices_of(p):
+                assert f"`{c}`" in body, f"'{path}' lacks choice {c} of {names[0]}"
 
 
-def test_the_cli_page_leaves_hidden_options_out_and_marks_deprecated_ones():
-    hidden = click.Option(["--secret"], hidden=True, help="Not for users.")
-    try:
-        old = click.Option(["--old-name"], hidden=True, deprecated=True, help="Same as --new-name.")
-    except TypeError:  # click before 8.2 has no deprecated options
-        old = None
-    params = [click.Option(["--new-name"], type=click.Choice(["a", "b"]), default="a", help="Pick | one."),
-              click.Argument(["run"]), hidden, *([old] if old else [])]
-    group = click.Group("tool", commands=[click.Command("go", params=params, help="Go somewhere.")])
-    page = sections(reference_cli.render(group, prog="tool"))
+class Color(StrEnum):
+    red = "red"
+    blue = "blue"
+
+
+def test_the_cli_page_walks_any_typer_app_and_leaves_hidden_options_out():
+    tool, things = typer.Typer(), typer.Typer(help="Look after things.")
+    tool.add_typer(things, name="things")
+
+    @tool.command()
+    def go(run: str = typer.Argument(..., help="Where to."),
+           color: Color = typer.Option(Color.red, "--color", help="Pick | one."),
+           secret: bool = typer.Option(False, "--secret", hidden=True, help="Not for users.")) -> None:
+        """Go somewhere."""
+
+    @tool.command(deprecated=True)
+    def old() -> None:
+        """The old way."""
+
+    @things.command("count")
+    def count(n: int = typer.Option(3, "--n", min=1, max=9, help="How many.")) -> None:
+        """Count things."""
+
+    page = sections(reference_cli.render(tool, prog="tool"))
     body = page["tool go"]
-    assert "`--new-name`" in body and "`a` \\| `b`" in body and "Pick \\| one." in body and "`RUN`" in body
+    assert "`--color`" in body and "`red` \\| `blue`" in body and "Pick \\| one." in body and "`RUN`" in body
     assert "--secret" not in body
-    if old:
-        assert "`--old-name`" in body and "**Deprecated**" in body
+    assert "**Deprecated.**" in page["tool old"]
+    assert "`--n`" in page["tool things count"] and "1 ≤ value ≤ 9" in page["tool things count"]
 
 
 def test_the_schema_page_has_every_section_and_key():

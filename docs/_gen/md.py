@@ -32,9 +32,13 @@ def code(value: Any) -> str:
     return f"`` {s} ``" if "`" in s else f"`{s}`"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]], drop_empty: bool = False) -> str:
+    """A Markdown table; `drop_empty` leaves out the columns no row fills."""
     if not rows:
         return ""
+    if drop_empty:
+        keep = [i for i in range(len(header)) if i == 0 or any(r[i] for r in rows)]
+        header, rows = [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -69,7 +73,7 @@ def type_name(t: Any, link: typing.Callable[[type[BaseModel]], str] | None = Non
             return f"[{', '.join(type_name(a, link) for a in inner)}]"
         return f"list of {type_name(inner[0], link)}" if inner else "list"
     if origin is dict:
-        return f"table of {type_name(args[1], link)}{'s' if args and is_model(args[1]) else ''}" if args else "table"
+        return f"table of {type_name(args[1], link)}" if args else "table"
     if origin is typing.Annotated:
         return type_name(args[0], link)
     if is_model(t):

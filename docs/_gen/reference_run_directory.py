@@ -11,7 +11,10 @@ from md import anchor, code, doc, escape, field_rows, nested_models, table
 from pydantic import BaseModel
 
 
-def file_md(filename: str, model: type[BaseModel]) -> list[str]:
+def file_md(filename: str, model: type[BaseModel], elsewhere: dict[type[BaseModel], str]) -> list[str]:
+    if model in elsewhere:  # a schema with a page of its own (config.toml: the experiment schema)
+        return [f"## {filename}\n", (escape(doc(model)) + " " if doc(model) else "")
+                + f"Its keys are those of the {elsewhere[model]}.\n"]
     sections = nested_models(model)
     titles = {m: filename if not p else f"{filename}: {p}" for p, m in sections}
 
@@ -23,12 +26,13 @@ def file_md(filename: str, model: type[BaseModel]) -> list[str]:
         parts.append(f"{'##' if not path else '###'} {titles[m]}\n")
         if doc(m):
             parts.append(escape(doc(m)) + "\n")
-        parts.append(table(["Key", "Type", "Default", "Bounds", "Description"], field_rows(m, link)))
+        parts.append(table(["Key", "Type", "Default", "Bounds", "Description"], field_rows(m, link), drop_empty=True))
     return parts
 
 
 def render(record_files: dict[str, type[BaseModel]] | None, run_files: tuple[str, ...],
-           history_keys: tuple[str, ...] = ()) -> str:
+           history_keys: tuple[str, ...] = (), elsewhere: dict[type[BaseModel], str] | None = None) -> str:
+    """The page; `elsewhere` maps a model documented on another page to a link to it."""
     names = list(dict.fromkeys([*(record_files or {}), *run_files]))
     rows = []
     for n in names:
@@ -50,12 +54,13 @@ def render(record_files: dict[str, type[BaseModel]] | None, run_files: tuple[str
                      "(`cifar4.record`).\n")
         return "\n".join(parts)
     for name, model in record_files.items():
-        parts += file_md(name, model)
+        parts += file_md(name, model, elsewhere or {})
     return "\n".join(parts)
 
 
 def main() -> str:
     from cifar4 import runs
+    from cifar4.config import Experiment
     record_files: dict[str, Any] | None
     try:
         record_files = importlib.import_module("cifar4.record").RECORD_FILES
@@ -63,4 +68,5 @@ def main() -> str:
         if e.name != "cifar4.record":
             raise
         record_files = None
-    return render(record_files, tuple(runs.RUN_FILES), tuple(getattr(runs, "HISTORY_KEYS", ())))
+    return render(record_files, tuple(runs.RUN_FILES), tuple(getattr(runs, "HISTORY_KEYS", ())),
+                  {Experiment: "[experiment schema](experiment-schema.md)"})

@@ -33,7 +33,8 @@ def render(root: type[BaseModel]) -> str:
             parts.append(doc(model) + "\n")
         where = f"`{path}`" if path else "the file's top level"
         parts.append(f"Keys of {where} ({code(model.__name__)}):\n")
-        parts.append(table(["Key", "Type", "Default", "Bounds", "Description"], field_rows(model, link), drop_empty=True))
+        rows = field_rows(model, link)
+        parts.append(table(["Key", "Type", "Default", "Bounds", "Description"], rows, drop_empty=True))
     return "\n".join(parts)
 
 

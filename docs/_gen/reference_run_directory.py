@@ -38,10 +38,11 @@ def render(record_files: dict[str, type[BaseModel]] | None, run_files: tuple[str
     for n in names:
         what = ""
         if record_files and n in record_files:
-            first = doc(record_files[n]).split(". ")[0].rstrip(".")
+            first = doc(record_files[n]).removeprefix(f"{n}:").strip().split(". ")[0].rstrip(".")
+            first = first[:1].upper() + first[1:]
             what = (escape(first) + ": " if first else "") + f"[its keys](#{anchor(n)})"
         if n == "history.csv" and history_keys:
-            what = "one row per epoch, columns " + ", ".join(code(k) for k in history_keys)
+            what = "One row per epoch, columns " + ", ".join(code(k) for k in history_keys)
         rows.append([code(n), what])
     parts = ["# Run directory\n",
              "What `cifar4 train` (and `ensemble`, `lab`) writes into a run folder, "

@@ -38,6 +38,11 @@ def render(package: Any) -> str:
             parts.append(f"## {g}\n")
             parts += [f"::: {identifier(package, n)}\n    options:\n      heading: \"{package.__name__}.{n}\"\n"
                       f"      toc_label: \"{n}\"\n" for n in groups[g]]
+    modules = sorted({identifier(package, n).rsplit(".", 1)[0] for n in package.__all__} - {package.__name__})
+    parts.append("## Modules\n\nWhere each of these lives, and what that module owns (its docstring); "
+                 "the functions above are the ones a notebook needs.\n")
+    parts += [f"::: {m}\n    options:\n      members: false\n      show_root_full_path: true\n"
+              f"      toc_label: \"{m}\"\n" for m in modules]
     return "\n".join(parts)
 
 

@@ -451,3 +451,56 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(served):
     assert after and all(outcome in ("200", "refused", "dropped") for _, _, outcome in after), after
     assert any(outcome == "refused" for _, _, outcome in after)  # it stopped listening
 
+
+# ---------------------------------------------------------------- the page on a phone, with a token
+
+OVERFLOWING = """() => [...document.querySelectorAll('body *')].filter((e) => {
+    const r = e.getBoundingClientRect();
+    return r.width > 0 && (r.left < -0.5 || r.right > document.documentElement.clientWidth + 0.5);
+}).map((e) => e.tagName + (e.id ? '#' + e.id : '') + ' ' + e.className)"""
+
+
+@pytest.mark.slow
+def test_the_page_at_phone_width_asks_for_the_token_then_classifies(served, tmp_path):
+    pw = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no chromium on the PATH (apt-get install -y chromium)")
+    # a run named as real runs are: its name fills the header's model menu
+    long = tmp_path / "runs" / "cifar4-cnn-augmented-2026-12-06T05-12-33-seed-0"
+    shutil.copytree(served[3][1].run_dir, long)
+    proc, url = _start_server(served, env={"CIFAR4_TOKEN": TOKEN}, runs=[long, served[3][0].run_dir])
+    ds = served[2]
+    Image.fromarray(ds.X[7]).resize((96, 96)).save(tmp_path / "mine.png")
+    try:
+        with pw.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.goto(url + "/")
+            page.wait_for_selector("#token-form", state="visible")  # asked, since /api/runs said 401
+            page.fill("#token", "not-the-token")
+            page.click("#token-form button")
+            page.wait_for_function("document.getElementById('token-message').textContent.includes('refused')")
+            page.fill("#token", TOKEN)
+            page.click("#token-form button")
+            page.wait_for_selector("#run option", state="attached")
+            assert page.is_hidden("#token-form")
+            page.wait_for_function("document.getElementById('card-curves').naturalWidth > 0")  # fetched with the token
+            page.set_input_files("#files", [str(tmp_path / "mine.png")])
+            page.wait_for_selector(".result .label")
+            # at 390 px: "Classify images" before the model card, the API link in view, nothing cut off
+            top = page.evaluate("(id) => document.getElementById(id).getBoundingClientRect().top", "try")
+            assert top < page.evaluate("(id) => document.getElementById(id).getBoundingClientRect().top", "card")
+            box = page.locator("header a").bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390
+            assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+            assert page.evaluate(OVERFLOWING) == []
+            page.reload()  # the token is kept while the tab is open
+            page.wait_for_selector("#run option", state="attached")
+            assert page.is_hidden("#token-form")
+            page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert TOKEN not in (proc.stderr.read() if proc.stderr else "")  # never logged

@@ -97,3 +97,106 @@ def test_list_runs(run, tmp_path):
 def test_missing_run(tmp_path):
     with pytest.raises(RunError, match="does not exist"):
         runs.load_model(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- the run record (record.py)
+
+def _models_in(schema) -> list:
+    """`schema` and every record model its fields hold."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+    out, todo = [], [schema]
+    while todo:
+        s = todo.pop()
+        if s in out:
+            continue
+        out.append(s)
+        for f in s.model_fields.values():
+            stack = [f.annotation]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    todo.append(t)
+                stack.extend(get_args(t))
+    return out
+
+
+def _undeclared(schema, value, where: str) -> list[str]:
+    """Keys of `value` that `schema` (recursively) does not declare."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+    if not isinstance(value, dict):
+        return []
+    out = []
+    for k, v in value.items():
+        field = schema.model_fields.get(k)
+        if field is None:
+            out.append(f"{where}{k}")
+            continue
+        stack = [field.annotation]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                items = v if isinstance(v, list) else [v]
+                for item in items:
+                    out += _undeclared(t, item, f"{where}{k}.")
+            stack.extend(get_args(t))
+    return out
+
+
+def test_every_record_file_of_a_run_is_declared_key_by_key(tiny, tmp_path):
+    from cifar4 import record
+    exp = config.from_dict({**EXP, "train": {**EXP["train"], "time_limit": 600, "checkpoint_best": True}})
+    folder = pipeline.train(exp, tiny, runs_root=tmp_path / "runs", progress=False).run_dir
+    for name, schema in record.RECORD_FILES.items():
+        if name.endswith(".toml"):
+            assert record.read_experiment(folder) == exp
+            continue
+        d = json.loads((folder / name).read_text())
+        schema.model_validate(d)
+        assert _undeclared(schema, d, "") == [], name
+    m = record.read_metrics(folder)
+    assert m["time_limit"]["max_epochs"] == 2 and m["time_limit"]["plans"]
+
+
+def test_every_record_key_has_a_description():
+    from cifar4 import record
+    for name, schema in record.RECORD_FILES.items():
+        if name.endswith(".toml"):
+            continue
+        for s in _models_in(schema):
+            missing = [k for k, f in s.model_fields.items() if not f.description]
+            assert not missing, f"{name}: {s.__name__}.{missing}"
+
+
+def test_an_older_run_record_keeps_loading(tmp_path):
+    from cifar4 import record
+    old = dict(OLD_METRICS, a_key_from_another_version=[1, 2])
+    (tmp_path / "metrics.json").write_text(json.dumps(old))
+    assert record.read_metrics(tmp_path) == old == runs.read_metrics(tmp_path)
+
+
+# what an early run wrote: the keys every version has had
+OLD_METRICS = {"experiment": "cnn", "model": "cnn", "train_accuracy": 0.5, "val_accuracy": 0.4,
+               "test_accuracy": 0.4, "train_loss": 1.0, "val_loss": 1.1, "test_loss": 1.1,
+               "train_seconds": 3.0, "epochs": 1, "params": 10, "seed": 0,
+               "split": {"kind": "session", "seed": 42, "train": 10, "val": 5, "test": 5},
+               "data": {"source": "x.npz", "sha256": "ab", "images": 20}}
+
+
+def test_a_record_value_of_the_wrong_kind_is_named(tmp_path):
+    from cifar4 import record
+    (tmp_path / "metrics.json").write_text(json.dumps({**OLD_METRICS, "val_accuracy": "high"}))
+    with pytest.raises(RunError, match="metrics.json': val_accuracy: .*'high'"):
+        record.read_metrics(tmp_path)
+    with pytest.raises(RuntimeError, match="split.train: .*'many'"):
+        record.write_metrics(tmp_path, {**OLD_METRICS, "split": {**OLD_METRICS["split"], "train": "many"}})
+
+
+def test_every_experiment_key_has_a_description():
+    from cifar4 import record
+    for s in _models_in(record.RECORD_FILES["config.toml"]):
+        missing = [k for k, f in s.model_fields.items() if not f.description]
+        assert not missing, f"{s.__name__}.{missing}"

@@ -433,7 +433,8 @@ def predict(run: Path = RunArg,
 
 def _run_tta(folder: Path) -> int:
     """The test-time views a run was evaluated with (its experiment's train.tta)."""
-    return int(cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'").train.tta)
+    from .record import read_experiment
+    return int(read_experiment(folder).train.tta)
 
 
 def _predictions_table(preds: list[Any], classes: tuple[str, ...]) -> None:
@@ -477,16 +478,23 @@ def export(run: Path = RunArg,
 def serve(runs: Optional[list[Path]] = typer.Argument(None, metavar="RUN", help="Run folders to offer "
                                                     "(default: every finished run under runs/ and lab/runs/)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
-                                   "network; there is no authentication)."),
+                                   "network; any address beyond the loopback needs --token)."),
           port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
           lab_dir: Optional[Path] = typer.Option(None, "--lab-dir", help="A lab folder (or its report "
                                                  "folder): serve its report at /report/ and offer its runs."),
           old_lab: Optional[Path] = _deprecated("--lab", "--lab-dir"),
+          token: Optional[str] = typer.Option(None, "--token", envvar="CIFAR4_TOKEN", show_envvar=True,
+                                              show_default=False, help="Access token every API request "
+                                              "must carry (Authorization: Bearer TOKEN); the page asks "
+                                              "for it once. Prefer the variable: options show in 'ps'."),
+          metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Serve Prometheus metrics at "
+                                       "/metrics."),
           data: Optional[Path] = DataOpt) -> None:
-    """A web page and a JSON API (/api/predict, /api/runs, /docs) over trained runs."""
+    """A web page and a JSON API (/api/predict, /api/runs, /api/ready, /metrics, /docs) over trained runs."""
     from .serving.server import serve as do_serve
     lab = lab_dir if lab_dir is not None else old_lab
-    do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False, markup=False))
+    do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False, markup=False),
+             token=token, metrics=metrics)
 
 
 @command(TRAIN, "Search hyperparameters with Optuna.")
@@ -934,7 +942,7 @@ def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs
 def main(argv: list[str] | None = None) -> int:
     # What the imports made (torch, scikit-learn, matplotlib: some 10^6 objects) lives as long as
     # the process: frozen, the collector never walks it again, during the run or at exit (the
-    # interpreter's shutdown took 1.3-1.9 s after every command on a 2-core EPYC; 0.9 s so).
+    # interpreter's shutdown walks those objects again otherwise: a second or more on a small CPU).
     gc.freeze()
     argv = _export_tta_flag(_expand_seeds(list(sys.argv[1:] if argv is None else argv)))
     _STATE.clear()

@@ -42,66 +42,79 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name: str = "cnn"
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(default="cnn", description="The model's registry name (see `cifar4 models`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="The model's options "
+                                    "(dropout, filters, widths, ...), checked against its registry entry.")
 
 
 class DataConfig(_Strict):
-    split: Literal["session", "stratified", "official"] = "session"
-    split_seed: int = 42
-    scale: bool = True           # the session's X / 255.0; False feeds raw 0-255 pixels
-    standardize: bool = False    # per-channel mean/std of the training split
-    train_subset: int | None = Field(default=None, gt=0)   # use only the first N training rows
-    eval_subset: int | None = Field(default=None, gt=0)    # and N validation / test rows
+    split: Literal["session", "stratified", "official"] = Field(
+        default="session", description="How the rows are split into train, validation and test.")
+    split_seed: int = Field(default=42, description="The split's seed.")
+    scale: bool = Field(default=True, description="The session's X / 255.0; false feeds raw 0-255 pixels.")
+    standardize: bool = Field(default=False, description="Per-channel mean and std of the training split.")
+    train_subset: int | None = Field(default=None, gt=0, description="Use only the first N training rows.")
+    eval_subset: int | None = Field(default=None, gt=0, description="And only N validation and test rows.")
 
 
 class AugmentConfig(_Strict):
-    flip: bool = False
-    translate: int = Field(default=0, ge=0, le=8)
-    rotation: float = Field(default=0.0, ge=0, le=180)
-    shift: float = Field(default=0.0, ge=0, lt=0.5)
-    cutout: int = Field(default=0, ge=0, le=32)
+    flip: bool = Field(default=False, description="Mirror half the images left to right.")
+    translate: int = Field(default=0, ge=0, le=8, description="Shift by up to this many pixels "
+                                                            "(reflect-padded crops).")
+    rotation: float = Field(default=0.0, ge=0, le=180, description="Rotate by up to this many degrees.")
+    shift: float = Field(default=0.0, ge=0, lt=0.5, description="Shift by up to this fraction of the "
+                                                              "size, as Keras' RandomTranslation.")
+    cutout: int = Field(default=0, ge=0, le=32, description="Blank a square of this many pixels a side.")
 
 
 class EarlyStoppingConfig(_Strict):
     """Keras' EarlyStopping arguments, with Keras' defaults."""
 
-    monitor: Literal["val_loss", "val_accuracy", "loss", "accuracy"] = "val_loss"
-    patience: int = Field(default=0, ge=0)       # epochs without improvement before stopping
-    min_delta: float = Field(default=0.0, ge=0)  # a smaller change is no improvement
-    restore_best_weights: bool = False           # on stopping, go back to the best epoch
+    monitor: Literal["val_loss", "val_accuracy", "loss", "accuracy"] = Field(
+        default="val_loss", description="The history key watched.")
+    patience: int = Field(default=0, ge=0, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0, description="A smaller change is no improvement.")
+    restore_best_weights: bool = Field(default=False, description="On stopping, go back to the best epoch.")
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(default=10, gt=0, le=100000)
-    batch_size: int = Field(default=100, gt=0)
-    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
-    lr: float | None = Field(default=None, gt=0)        # None: the Keras default of the optimizer
-    momentum: float = Field(default=0.0, ge=0, lt=1)
-    nesterov: bool = False
-    l2: float = Field(default=0.0, ge=0)                 # Keras kernel_regularizer l2, added to the loss
-    weight_decay: float = Field(default=0.0, ge=0)       # decoupled, per step, times lr
-    bias_lr_scale: float = Field(default=1.0, gt=0)      # lr multiplier of biases and BN shifts
-    backbone_lr_scale: float = Field(default=1.0, gt=0)  # lr multiplier of a pretrained backbone
-                                                         # being fine-tuned (transfer mode c)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    schedule: Literal["constant", "onecycle", "linear"] = "constant"
-    warmup: float = Field(default=0.0, ge=0, lt=1)       # fraction of the steps spent warming up
-    early_stopping: EarlyStoppingConfig | None = None
-    checkpoint_best: bool = False                        # ModelCheckpoint(save_best_only) on val_accuracy
-    tta: int = Field(default=0, ge=0, le=2)              # test-time augmentation: 0 off, 1 (or true) flip,
-                                                         # 2 flip and 1-pixel shifts (6 views)
-    precision: Literal["auto", "fp32", "bf16", "bf16-matmul-wgrad"] = "auto"  # auto: measured on a CPU
-    # (training/precision.py); bf16-matmul-wgrad: bf16 with the fast nets' small, wide maps'
-    # weight gradients as matmuls, the variant "auto" may choose, forced
-    seed: int = 0
-    seeds: list[int] | None = Field(default=None, min_length=1)  # one run per seed + a summary
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    time_budget: float | None = Field(default=None, gt=0)  # seconds from the command's start to
-                                                           # metrics.json: epochs and schedule fit it
-    time_limit: float = Field(default=0, ge=0)  # at most these seconds from the command's start to
-    # metrics.json: the epochs run as set where they fit, else the steps and schedule are fitted
-    # to the limit, as time_budget does (0: no limit; time_budget, when set, replaces it)
+    epochs: int = Field(default=10, gt=0, le=100000, description="Passes over the training split.")
+    batch_size: int = Field(default=100, gt=0, description="Images per training step.")
+    optimizer: Literal["adam", "sgd", "rmsprop"] = Field(default="adam", description="With Keras' defaults.")
+    lr: float | None = Field(default=None, gt=0, description="Learning rate; none: the Keras default "
+                                                             "of the optimizer.")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="sgd and rmsprop momentum.")
+    nesterov: bool = Field(default=False, description="Nesterov momentum (sgd with momentum).")
+    l2: float = Field(default=0.0, ge=0, description="Keras' kernel_regularizer l2: this times the "
+                                                     "sum of squared kernels, added to the loss.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay of the kernels, "
+                                                               "per step, times the learning rate.")
+    bias_lr_scale: float = Field(default=1.0, gt=0, description="Learning-rate multiplier of biases "
+                                                                "and batch-norm shifts.")
+    backbone_lr_scale: float = Field(default=1.0, gt=0, description="Learning-rate multiplier of a "
+                                     "pretrained backbone being fine-tuned (transfer, finetune > 0).")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    schedule: Literal["constant", "onecycle", "linear"] = Field(
+        default="constant", description="Learning-rate schedule over the planned steps.")
+    warmup: float = Field(default=0.0, ge=0, lt=1, description="Fraction of the steps spent warming up.")
+    early_stopping: EarlyStoppingConfig | None = Field(default=None, description="Keras' EarlyStopping.")
+    checkpoint_best: bool = Field(default=False, description="ModelCheckpoint(save_best_only) on "
+                                  "val_accuracy: the run keeps its best epoch's weights.")
+    tta: int = Field(default=0, ge=0, le=2, description="Test-time augmentation: 0 off, 1 (or true) "
+                                                        "the mirror, 2 mirror and 1-pixel shifts (6 views).")
+    precision: Literal["auto", "fp32", "bf16", "bf16-matmul-wgrad"] = Field(
+        default="auto", description="auto: measured on a CPU (training/precision.py), bf16 on a GPU "
+        "that has it; bf16-matmul-wgrad: bf16 with the fast nets' small, wide maps' weight "
+        "gradients as matmuls, the variant auto may choose, forced.")
+    seed: int = Field(default=0, description="Initialisation, data order and augmentation.")
+    seeds: list[int] | None = Field(default=None, min_length=1, description="One run per seed, and a summary.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: the GPU when there is one.")
+    time_budget: float | None = Field(default=None, gt=0, description="Seconds from the command's start "
+                                      "to metrics.json: the steps and schedule are fitted to them.")
+    time_limit: float = Field(default=0, ge=0, description="At most these seconds from the command's "
+                              "start to metrics.json: the epochs run as set where they fit, else the "
+                              "steps and schedule are fitted to the limit (0: no limit; time_budget, "
+                              "when set, replaces it).")
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainConfig:
@@ -117,10 +130,12 @@ class TrainConfig(_Strict):
 class SweepParam(_Strict):
     """One searched key: exactly one distribution."""
 
-    log_uniform: tuple[float, float] | None = None
-    uniform: tuple[float, float] | None = None
-    int_uniform: tuple[int, int] | None = Field(default=None, alias="int")
-    choice: list[Any] | None = None
+    log_uniform: tuple[float, float] | None = Field(default=None, description="[low, high], drawn "
+                                                    "uniformly on a log scale.")
+    uniform: tuple[float, float] | None = Field(default=None, description="[low, high], drawn uniformly.")
+    int_uniform: tuple[int, int] | None = Field(default=None, alias="int", description="[low, high], "
+                                                "an integer drawn uniformly.")
+    choice: list[Any] | None = Field(default=None, description="One of these values.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -154,9 +169,11 @@ class EnsembleConfig(_Strict):
     An ensemble's train.time_limit counts for the whole command: its last member gets what is
     left of it when it starts."""
 
-    members: list[str] = Field(min_length=2)  # built-in experiment names or TOML files
-    weights: list[float] | Literal["equal", "val"] = "equal"  # "val": chosen on validation
-    epochs_scale: float = Field(default=1.0, gt=0, le=1)  # members' epochs times this (the lab's --quick)
+    members: list[str] = Field(min_length=2, description="Built-in experiment names or TOML files.")
+    weights: list[float] | Literal["equal", "val"] = Field(
+        default="equal", description="One per member, equal, or val: chosen on the validation split.")
+    epochs_scale: float = Field(default=1.0, gt=0, le=1, description="The members' epochs times this "
+                                                                   "(the lab's --quick).")
 
 
 # What an ensemble experiment may set beyond its members: the rest belongs to the members' files.
@@ -167,25 +184,30 @@ ENSEMBLE_DATA_KEYS = ("split", "split_seed", "train_subset", "eval_subset")
 
 
 class Experiment(_Strict):
-    name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    description: str = ""
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    sweep: dict[str, SweepParam] = Field(default_factory=dict)  # key path -> distribution (cifar4 sweep)
-    ensemble: EnsembleConfig | None = None  # members trained, then averaged (the model section unused)
+    name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="The experiment's name (run folders are named after it).")
+    description: str = Field(default="", description="One line saying what it is.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The network.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The split and the input scaling.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The optimizer, schedule and run.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training augmentation.")
+    sweep: dict[str, SweepParam] = Field(default_factory=dict, description="Key path -> distribution "
+                                         "searched by `cifar4 sweep`.")
+    ensemble: EnsembleConfig | None = Field(default=None, description="Members trained, then averaged "
+                                            "(the model section unused).")
     # lighter variants for slower machines, each a table of model / train / augment keys merged
     # into the experiment: where train.time_limit would cut its epochs short (under
     # FALLBACK_FITS of them), the first variant that fits that many is trained instead, the
     # last where none does (pipeline._fit_to_limit; the run records the choice as `fallback`). Without a
     # time limit (`--epochs N`, `--time-limit 0`, a time budget) the experiment runs as written.
-    fallbacks: list[dict[str, Any]] = Field(default_factory=list)
+    fallbacks: list[dict[str, Any]] = Field(default_factory=list, description="Lighter variants: "
+                                            "model / train / augment tables tried under a time limit.")
     # what changes where the run's device is a GPU: a table of model / train / augment keys
     # merged into the experiment there (a GPU's steps at a CPU's batch sizes are bound by the
     # host: larger batches take fewer steps). The run's config.toml holds what ran, its
     # metrics.json `gpu` the table; keys the user sets (flags, --set, overrides) win over it.
-    gpu: dict[str, Any] = Field(default_factory=dict)
+    gpu: dict[str, Any] = Field(default_factory=dict, description="Model / train / augment keys merged "
+                                "in where the run's device is a GPU.")
 
     @model_validator(mode="after")
     def _ensemble_only_shared_keys(self) -> Experiment:
@@ -339,10 +361,9 @@ _BUILT: set[str] = set()  # model names and options that built (a process checks
 
 def _check_build(name: str, options: dict[str, Any]) -> None:
     """Option values checked by building the model on the meta device (no memory), once per
-    name and options in a process: a transfer backbone took 0.34 s to build even there (a
-    2-core Xeon), and one command checks an experiment, its members, fallbacks and GPU variant
-    dozens of times (45 EfficientNet builds, 4.4 s of a cached `fast-long`'s 30 s profile on
-    an H200)."""
+    name and options in a process: a transfer backbone takes a noticeable time to build even
+    there, and one command checks an experiment, its members, fallbacks and GPU variant dozens
+    of times."""
     key = json.dumps([name, options], sort_keys=True, default=repr)
     if key in _BUILT:
         return
@@ -354,8 +375,8 @@ def _check_build(name: str, options: dict[str, Any]) -> None:
 class _ValuesSkipped(TorchFunctionMode):
     """Inside _check_build: the in-place operators that only set values (the initialisers'
     normal_, trunc_normal_'s erfinv_ and clamp_, ...) leave a meta tensor as it is. On the meta
-    device torch runs them as Python references whose first use imports torch._dynamo: 2.0-2.4 s
-    (a 2-core Cascade Lake Xeon), for values a meta tensor does not hold. The commands that do
+    device torch runs them as Python references whose first use imports torch._dynamo, seconds
+    on a small CPU, for values a meta tensor does not hold. The commands that do
     not train (predict, evaluate, serve, export, listings) save that; a training command still
     imports it when torch builds its optimizer (Optimizer.add_param_group is wrapped by
     torch._disable_dynamo). Shapes, dtypes and every other operator are checked as before."""

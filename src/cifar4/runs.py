@@ -33,13 +33,13 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import io as cio
-from . import locks, models
+from . import locks, models, record
 from .data.transforms import Normalization
 from .device import cpu_features, cpu_name, inference_precision, pick_device
 from .errors import CheckpointError, ModelError, RunError
 from .models.weights import load_weights_into, read_weights
 
-MODEL_FORMAT = "cifar4-model"
+MODEL_FORMAT = record.MODEL_FORMAT
 HISTORY_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr")  # history.csv
 
 
@@ -142,11 +142,9 @@ def machine(device: torch.device) -> dict[str, Any]:
 def save_model(folder: Path, model: nn.Module, name: str, options: dict, classes: tuple[str, ...],
                norm: Normalization, precision: str = "fp32") -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": MODEL_FORMAT, "version": 1, "model": name, "options": options,
-            "num_classes": len(classes), "classes": list(classes), "input_shape": [3, 32, 32],
-            "normalization": norm.to_dict(), "precision": precision}
+    meta = record.model_info(name, options, classes, norm.to_dict(), precision)
     cio.write_bytes(folder / "model.safetensors", st_save(state))
-    cio.write_json(folder / "model.json", meta)
+    record.write_model_info(folder, meta)
 
 
 @dataclass
@@ -175,16 +173,8 @@ class LoadedModel:
 def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """A finished run's model, in eval mode, on `device` ('auto': the GPU when there is one)."""
     folder = resolve_run(run)
-    meta_path = folder / "model.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"run '{folder}' has no model.json; is the run finished?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"'{meta_path}' is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"'{meta_path}' is not a cifar4 model description "
-                              f"(expected \"format\": \"{MODEL_FORMAT}\")")
+    meta_path = folder / record.MODEL_FILE
+    meta = record.read_model_info(folder)
     try:
         classes = tuple(str(c) for c in meta["classes"])
         norm = Normalization.from_dict(meta["normalization"])
@@ -259,13 +249,8 @@ def read_history(folder: Path) -> list[dict]:
 
 
 def read_metrics(folder: str | Path) -> dict:
-    path = Path(folder) / "metrics.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"run '{folder}' has no metrics.json; is the run finished?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"'{path}' is not valid JSON ({e})") from None
+    """A finished run's metrics.json (record.read_metrics)."""
+    return record.read_metrics(folder)
 
 
 def resolve_run(run: str | Path) -> Path:

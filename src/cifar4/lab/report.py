@@ -17,9 +17,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from torch import nn
 
 from .. import io as cio
-from .. import models, plots, runs
-from ..config import Experiment, read_toml
-from ..config import from_dict as exp_from_dict
+from .. import models, plots, record, runs
+from ..config import Experiment
 from ..data import Dataset, dataset_name, info
 from ..data.split import make_split
 from ..errors import RunError
@@ -177,7 +176,7 @@ def _dataset_section(ds: Dataset, metrics: dict[str, dict[str, Any]], figdir: Pa
 
 def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path,
                         reference: dict[str, Reference]) -> Section:
-    exp: Experiment = exp_from_dict(read_toml(folder / "config.toml"))
+    exp: Experiment = record.read_experiment(folder)
     hist = runs.read_history(folder)
     loaded = runs.load_model(folder)
     v, nums = verdict(m, hist)
@@ -224,7 +223,7 @@ def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path
 def _ensemble_section(name: str, folder: Path, m: dict[str, Any], figdir: Path) -> Section:
     """An ensemble run: its members (each a run of its own), their weights and numbers."""
     s = Section(name, name)
-    exp: Experiment = exp_from_dict(read_toml(folder / "config.toml"))
+    exp: Experiment = record.read_experiment(folder)
     if exp.description:
         s.p(exp.description)
     s.p(f"The class probabilities of {len(m['members'])} trained models averaged with weights "

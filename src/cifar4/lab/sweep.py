@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import config as cfgmod
 from .. import data as datamod
-from .. import locks
+from .. import locks, record
 from ..config import Experiment, SweepParam
 from ..errors import ConfigError, MissingExtraError, RunError
 from ..training import pipeline
@@ -258,7 +258,7 @@ def _test_accuracy(run_dir: Path, ds: datamod.Dataset) -> float:
     from ..device import inference_precision, pick_device
     from ..runs import load_model
     from ..training.evaluate import evaluate
-    exp = cfgmod.from_dict(cfgmod.read_toml(run_dir / "config.toml"), f"'{run_dir}/config.toml'")
+    exp = record.read_experiment(run_dir)
     _, idx = split_indices(exp.data, ds)
     dev = pick_device("auto")
     loaded = load_model(run_dir, device=dev)

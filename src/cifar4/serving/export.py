@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import config as cfgmod
 from .. import data as datamod
-from .. import models
+from .. import models, record
 from ..data.split import split_indices
 from ..data.transforms import Normalization, tta_views
 from ..errors import ExportError, MissingExtraError, RunError
@@ -98,7 +97,7 @@ def export(run: str | Path, out: str | Path | None = None, tta: int | bool | Non
     folder = resolve_run(run)
     loaded = load_model(folder)
     metrics = read_metrics(folder)
-    exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+    exp = record.read_experiment(folder)
     # tta: the test-time views in the graph, 0-2; default the run's. True / False, the earlier
     # on/off form, still mean: the run's views or at least the mirror / none.
     if isinstance(tta, bool):

@@ -31,7 +31,7 @@ import torch
 from .. import config as cfgmod
 from .. import data as datamod
 from .. import io as cio
-from .. import models, plots, runs
+from .. import models, plots, record, runs
 from ..config import Experiment
 from ..data import Dataset
 from ..data.split import split_indices
@@ -62,7 +62,7 @@ class Member:
 def _member(folder: str | Path) -> Member:
     path = runs.resolve_run(folder)
     metrics = runs.read_metrics(path)
-    exp = cfgmod.from_dict(cfgmod.read_toml(path / "config.toml"), f"'{path}/config.toml'")
+    exp = record.read_experiment(path)
     return Member(path, exp, metrics, runs.load_model(path))
 
 
@@ -201,8 +201,8 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, 
         exp = cfgmod.from_dict({**experiment.to_dict(), "description": exp.description}, "ensemble")
     with contextlib.ExitStack() as held:
         folder = runs.open_run(held, runs_root, name, out, overwrite)
-        cio.write_text(folder / "config.toml", exp.to_toml())
-        cio.write_json(folder / "run.json", {"data": ds.source, "data_sha256": ds.checksum()})
+        record.write_experiment(folder, exp)
+        record.write_run_info(folder, ds.source, ds.checksum())
         runs.save_model(folder, model, "ensemble", options, ds.classes, Normalization(), "fp32")
         runs.write_history(folder, [])
         plots.member_curves([(m.exp.name, runs.read_history(m.folder)) for m in ms], folder / "curves.png",
@@ -250,7 +250,7 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, 
         cio.write_text(folder / "summary.txt", summ + "\n\n" + _text(metrics) + "\n")
         metrics.update(extra or {})
         metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        cio.write_json(folder / "metrics.json", metrics)  # last: its presence means finished
+        record.write_metrics(folder, metrics)  # last: its presence means finished
         return runs.Result(folder, metrics, [], model)
 
 

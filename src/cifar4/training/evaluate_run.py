@@ -14,7 +14,6 @@ part of the training's time:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import config as cfgmod
 from .. import data as datamod
-from .. import models
+from .. import models, record
 from ..data.split import split_indices
 from ..device import inference_precision, pick_device
+from ..errors import RunError
 from ..models.ensemble import Ensemble
 from ..runs import LoadedModel, load_model, read_predictions, resolve_run
 from .evaluate import predict_logits, summarize
@@ -40,7 +39,7 @@ def evaluate_run(run: str | Path, data: str | Path | datamod.Dataset | None = No
     test parts (train: the rows training measured, or all of them with `full_train`)."""
     folder = resolve_run(run)
     loaded = load_model(folder)
-    exp = cfgmod.from_dict(cfgmod.read_toml(folder / "config.toml"), f"'{folder}/config.toml'")
+    exp = record.read_experiment(folder)
     ds = data if isinstance(data, datamod.Dataset) else datamod.load(data)
     sp, idx = split_indices(exp.data, ds)
     if not full_train:
@@ -68,8 +67,8 @@ def _saved_train(folder: Path, ds: datamod.Dataset, idx: dict[str, np.ndarray]) 
     if rows is None or not np.array_equal(rows, idx["train"]):
         return {}
     try:
-        run_data = json.loads((folder / "run.json").read_text(encoding="utf-8")).get("data_sha256")
-    except (OSError, ValueError):
+        run_data = record.read_run_info(folder).get("data_sha256")
+    except RunError:
         return {}
     return {"train": torch.from_numpy(logits)} if run_data == ds.checksum() else {}
 
@@ -108,7 +107,7 @@ def _member_experiments(loaded: LoadedModel, folder: Path) -> list[Any | None] |
     found: list[Any | None] = []
     for spec in loaded.options.get("members", []):
         cfg = folder / "members" / str(spec.get("run", "")) / "config.toml"
-        found.append(cfgmod.from_dict(cfgmod.read_toml(cfg), f"'{cfg}'") if cfg.is_file() else None)
+        found.append(record.read_experiment(cfg.parent) if cfg.is_file() else None)
     return found if any(m is not None for m in found) else None
 
 

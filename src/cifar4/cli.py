@@ -127,7 +127,7 @@ OPTIMIZER = _choice("train.optimizer", "--optimizer", help="The optimizer.")
 LR = _O(None, "--lr", help="Learning rate (default: Keras' default for the optimizer).")
 OPTION = _O(None, "--option", "-o", metavar="KEY=VALUE", help="A model option (see 'cifar4 models'), e.g. "
             "-o resolution=224 -o backbone=resnet50; repeatable; values are read as TOML.")
-SET = _O(None, "--set", metavar="SECTION.KEY=VALUE", help="Override any experiment key, e.g. --set "
+SET = _O(None, "--set", metavar="KEY=VALUE", help="Override any experiment key (SECTION.KEY), e.g. --set "
          "train.lr=0.01 --set augment.flip=true; repeatable; values are read as TOML. The named flags are "
          "shortcuts for these.")
 WEIGHTS = _O(None, "--weights", help="Transfer backbone weights: 'imagenet' (packaged), 'none', or a .pth "
@@ -192,7 +192,6 @@ def train(ctx: typer.Context, experiment: Optional[str] = EXPERIMENT, preset: Op
           run_dir: Optional[Path] = RUN_DIR, overwrite: bool = OVERWRITE, resume: Optional[Path] = RESUME,
           as_json: bool = JSON, quiet: bool = QuietOpt, tensorboard: Optional[Path] = TENSORBOARD) -> None:
     """Train a model and write a run folder (config, history, metrics, weights, figures).
-
     What it trains: -e/--experiment NAME (or --preset NAME, the same) trains an experiment's
     recipe; --model NAME alone trains experiment NAME's recipe where one exists (it says so),
     else model NAME with the schema's defaults; --set model.name=NAME trains the bare model.

@@ -666,9 +666,10 @@ def _fallbacks_note(exp: Any) -> str:
     for i in range(len(exp.fallbacks)):
         f = exp.fallback(i)
         n = sum(modelsmod.count_params(modelsmod.build(f.model.name, **f.model.options)))
-        nets.append(f"{', '.join(f'{k}={v}' for k, v in f.model.options.items())} ({n:,} params)")
+        changed = {k: v for k, v in f.model.options.items() if exp.model.options.get(k) != v}
+        nets.append(f"{', '.join(f'{k}={v}' for k, v in changed.items()) or 'the same net'} ({n:,} params)")
     return (f"\nWhere its {exp.train.epochs} epochs do not fit its time limit, training takes the first of "
-            f"these lighter nets that fits: {'; '.join(nets)} (its run's summary.txt shows which).")
+            f"these lighter variants that fits: {'; '.join(nets)} (its run's summary.txt shows which).")
 
 
 @command(LOOK, "List the built-in experiments.", "experiments")

@@ -47,7 +47,10 @@ def cache(tmp_path, monkeypatch):
 def test_a_run_reports_as_the_whole_model_and_reads_its_train_part(tiny, tmp_path, cache, monkeypatch):
     run = pipeline.train(config.from_dict(CNN), tiny, run_dir=tmp_path / "cnn", progress=False).run_dir
     want = _whole_model(run, tiny)
-    _same(evaluate_run(run, tiny), want)
+    got = evaluate_run(run, tiny)
+    _same(got, want)
+    assert set(got) == {"run", "data", "tta", "precision", "device", "split", "train", "val", "test"}
+    assert all(set(got[k]) == {"images", "loss", "accuracy", "per_class_accuracy", "confusion"} for k in want)
     _same(evaluate_run(run, tiny, full_train=True), _whole_model(run, tiny, full_train=True))
     # the train part comes from the run's saved logits: changed there, it changes here
     saved = runs.read_predictions(run)

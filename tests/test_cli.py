@@ -291,6 +291,10 @@ def test_tables_fold_what_users_copy_at_80_columns(trained, capsys, monkeypatch)
     width = lines[head].index(" model")  # the run column, folded onto as many lines as it needs
     assert str(run) in "".join(line[:width].strip() for line in lines[head + 1:]) and "…" not in text, text
     assert "status" in text and "finished" in text and all(len(line) <= 80 for line in lines)
+    lines = run_cli(["compare", *map(str, sorted(run.parent.iterdir()))], capsys)[1].splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    width = lines[head].index(" model")
+    assert str(run) in "".join(line[:width].strip() for line in lines[head + 1:])
     info = json.loads(run_cli(["data", "info", "--data", str(npz), "--json"], capsys)[1])
     text = run_cli(["data", "info", "--data", str(npz)], capsys)[1]
     checksum = info["X_sha256"]

@@ -770,14 +770,13 @@ def compare(run_dirs: list[Path] = RunsArg,
     if as_json:
         _print_json(rows)
         return
-    t = Table()
-    for c in ("run", "model", "params", "epochs", "train acc", "val acc", "test acc", "gap", "s/epoch"):
-        t.add_column(c, justify="left" if c in ("run", "model") else "right")
-    for r in rows:
-        t.add_row(r["run"], r["model"], f"{r['params']:,}", str(r["epochs"]), f"{r['train_accuracy']:.4f}",
-                  f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['gap'] * 100:.1f}",
-                  f"{r['seconds_per_epoch']:.2f}" if r["seconds_per_epoch"] else "-")
-    out.print(t)
+    cols = {"run": [r["run"] for r in rows], "model": [r["model"] for r in rows],
+            "params": [f"{r['params']:,}" for r in rows], "epochs": [str(r["epochs"]) for r in rows],
+            **{f"{k}\nacc": [f"{r[f'{k}_accuracy']:.4f}" for r in rows] for k in ("train", "val", "test")},
+            "gap": [f"{r['gap'] * 100:.1f}" for r in rows],
+            "s/epoch": [f"{r['seconds_per_epoch']:.2f}" if r["seconds_per_epoch"] else "-" for r in rows]}
+    out.print(_folding_table(cols, left=("model",), fold=("run",), box=None, pad_edge=False, collapse_padding=True,
+                             header_style="bold"))
     if out_png:
         out.print(f"curves written: {out_png}")
 

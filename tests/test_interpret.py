@@ -223,3 +223,50 @@ def test_lr_find_command_prints_the_train_command(tiny_npz, tmp_path, capsys):
     res = json.loads((tmp_path / "o" / "cnn-tiny-lr-find.json").read_text())
     assert f"cifar4 train -e {exp} --lr {res['suggested']:.3g}" in said
     assert main(["lr-find", str(exp), "--start", "1", "--end", "0.1"]) == 2
+
+
+# ---------------------------------------------------------------- the lab report
+
+def test_the_report_shows_each_runs_interpretation_and_overfitting_beside_its_cure(tiny_runs, tmp_path):
+    import shutil
+
+    from cifar4.data import from_arrays
+    from cifar4.lab.report import write_report
+    ds, folders = tiny_runs
+    over, cured = tmp_path / "cnn-overfit", tmp_path / "cnn-augmented"
+    shutil.copytree(folders["cnn"], over)
+    shutil.copytree(folders["cnn"], cured)
+    m = json.loads((over / "metrics.json").read_text())
+    (over / "metrics.json").write_text(json.dumps({**m, "train_accuracy": 1.0, "val_accuracy": 0.8}))
+    d = config.read_toml(cured / "config.toml")
+    (cured / "config.toml").write_text(config.from_dict(config.merge(d, {"augment": {"flip": True}})).to_toml())
+    placed = from_arrays(ds.X, ds.Y, ds.is_test, source="/home/someone/data/cifar4.npz")
+    entries = [("mlp", folders["mlp"]), ("cnn-overfit", over), ("cnn-augmented", cured),
+               ("ensemble", folders["ensemble"])]
+    page = write_report(entries, placed, tmp_path / "report").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.count("Interpretation (test split") == 4 and md.count("temperature scaling") >= 4
+    for name in ("mlp", "cnn-overfit", "cnn-augmented", "ensemble"):
+        assert f"(figures/{name}-top-losses.png)" in md and f"(figures/{name}-attention.png)" in md
+    assert "saliency maps" in md and "grad-cam maps" in md
+    assert "## What overfitting gets wrong" in md
+    assert ("![cnn-overfit: top losses](figures/cnn-overfit-top-losses.png) "
+            "![cnn-augmented: top losses](figures/cnn-augmented-top-losses.png)") in md
+    assert 'class="side-by-side"' in page
+    assert "/home/someone" not in md and "cifar4.npz (sha256 of its pixels and labels" in md
+    assert "each training image is used 2 times" in md
+
+
+def test_one_epoch_reads_once_and_its_curves_have_whole_epoch_ticks(tmp_path, monkeypatch):
+    from cifar4 import plots
+    from cifar4.lab.report import times
+    assert (times(1), times(2), times(1200)) == ("once", "2 times", "1,200 times")
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    row = {"epoch": 1, "loss": 1.0, "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.4}
+    plots.curves([row], tmp_path / "c.png")
+    plots.compare([("a", [row])], tmp_path / "d.png")
+    for fig in figs:
+        for ax in fig.axes:
+            ticks = ax.get_xticks()
+            assert len(ticks) and np.all(ticks == np.round(ticks)), ticks

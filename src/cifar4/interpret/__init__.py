@@ -18,6 +18,7 @@ numbers one JSON file, `interpretation.json`, in `<run>/interpret/` unless told 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +39,8 @@ from ..training.evaluate import predict_logits, softmax, summarize
 from . import calibration, figures
 from .attribution import Maps, attention, captum_available, member_attention
 
-__all__ = ["STEPS", "attention", "attention_maps", "captum_available", "interpret_run", "read_interpretation",
-           "sentence"]
+__all__ = ["FOLDER", "STEPS", "attention", "attention_maps", "cached", "captum_available", "interpret_run",
+           "model_checksum", "read_interpretation", "sentence"]
 
 RESULT_FILE = "interpretation.json"
 FOLDER = "interpret"          # under the run directory, by default
@@ -78,7 +79,8 @@ def interpret_run(run: str | Path, out: str | Path | None = None, split: str = "
     step(STEPS[1])
     res: dict[str, Any] = {"run": str(folder), "experiment": exp.name, "model": loaded.name, "split": split,
                            "images": int(len(rows)), "data": {"file": Path(ds.source.split(" (")[0]).name,
-                                                              "sha256": ds.checksum()}}
+                                                              "sha256": ds.checksum()},
+                           "model_sha256": model_checksum(folder)}
     res.update(_errors(logits[split], y, loaded.classes))
     step(STEPS[2])
     res["calibration"], rels = _calibration(logits[split], y, logits["val"], ds.Y[idx["val"]])
@@ -194,6 +196,22 @@ def _cnn_figures(loaded: LoadedModel, image: np.ndarray, target: Path, name: str
     figures.feature_maps(image, fmap, target / "feature_maps.png",
                          f"{name}: the first layer's feature maps (after ReLU) for one image")
     return {"filters": "filters.png", "feature_maps": "feature_maps.png"}
+
+
+def model_checksum(run: str | Path) -> str:
+    """sha256 of a run's model.safetensors: names the weights an interpretation explains, so a
+    run trained again over the same folder is not shown its old interpretation."""
+    return hashlib.sha256((Path(run) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def cached(run: str | Path, ds: datamod.Dataset, split: str = "test") -> dict[str, Any] | None:
+    """The interpretation already in `<run>/interpret/` when it is of this run's weights, this
+    dataset and split (and has its attention maps where Captum is installed), else None."""
+    res = read_interpretation(Path(run) / FOLDER)
+    if res is None or res.get("split") != split or res.get("data", {}).get("sha256") != ds.checksum() \
+            or res.get("model_sha256") != model_checksum(run) or (captum_available() and not res.get("attention")):
+        return None
+    return res
 
 
 def read_interpretation(folder: str | Path) -> dict[str, Any] | None:

@@ -24,9 +24,10 @@ def _pyplot() -> Any:
 
 def _epoch_axis(ax) -> None:
     """Whole epochs on the x axis: a one-epoch run's axis read 0.96 ... 1.04 with the default
-    ticks."""
+    ticks (min_n_ticks=1: MaxNLocator gives up on integers when fewer than two fit, as one
+    epoch's)."""
     from matplotlib.ticker import MaxNLocator
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("epoch")
 
 

@@ -270,3 +270,30 @@ def test_one_epoch_reads_once_and_its_curves_have_whole_epoch_ticks(tmp_path, mo
         for ax in fig.axes:
             ticks = ax.get_xticks()
             assert len(ticks) and np.all(ticks == np.round(ticks)), ticks
+
+
+# ---------------------------------------------------------------- the page's attention overlay
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_the_api_returns_an_attention_overlay_on_request(tiny_runs, kind):
+    import base64
+    import io
+
+    from PIL import Image
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from cifar4.serving.server import create_app
+    ds, folders = tiny_runs
+    client = TestClient(create_app([folders[kind]]))
+    buf = io.BytesIO()
+    Image.fromarray(ds.X[5]).save(buf, format="PNG")
+    files = [("files", ("a.png", buf.getvalue(), "image/png"))] * 2
+    plain = client.post("/api/predict", files=files).json()["predictions"]
+    assert all("attention" not in p for p in plain)
+    got = client.post("/api/predict", files=files, data={"attention": "true"}).json()["predictions"]
+    assert [p["class"] for p in got] == [p["class"] for p in plain]
+    assert got[0]["attention_method"] == {"cnn": "grad-cam", "mlp": "saliency"}[kind]
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(got[0]["attention"].split(",", 1)[1]))))
+    assert heat.shape == (32, 32, 4) and heat[..., 3].max() > 100 and heat[..., 3].min() < heat[..., 3].max()
+    assert got[0]["attention"] == got[1]["attention"]  # the same image, the same map

@@ -39,8 +39,8 @@ from ..training.evaluate import predict_logits, softmax, summarize
 from . import calibration, figures
 from .attribution import Maps, attention, captum_available, member_attention
 
-__all__ = ["FOLDER", "STEPS", "attention", "attention_maps", "cached", "captum_available", "interpret_run",
-           "model_checksum", "read_interpretation", "sentence"]
+__all__ = ["FOLDER", "STEPS", "attention", "attention_maps", "cached", "captum_available", "heat_image",
+           "interpret_run", "model_checksum", "read_interpretation", "sentence"]
 
 RESULT_FILE = "interpretation.json"
 FOLDER = "interpret"          # under the run directory, by default
@@ -141,10 +141,11 @@ def _calibration(logits: torch.Tensor, y: np.ndarray, val_logits: torch.Tensor,
              "val_nll_after": calibration.nll(val_logits, val_y, t)}, (before, after))
 
 
-def attention_maps(loaded: LoadedModel, x_uint8: torch.Tensor) -> Maps:
-    """One map per uint8 image (N, 32, 32, 3) for the class the model predicts: Grad-CAM on the
-    last convolution (for an ensemble, the mean of its members' maps), saliency for an MLP."""
-    rows = _attention(loaded, x_uint8)
+def attention_maps(loaded: LoadedModel, x_uint8: torch.Tensor, target: torch.Tensor | None = None) -> Maps:
+    """One map per uint8 image (N, 32, 32, 3) for the class `target` (default: the one the
+    model predicts): Grad-CAM on the last convolution (for an ensemble, the mean of its
+    members' maps), saliency for an MLP."""
+    rows = _attention(loaded, x_uint8, target)
     if len(rows) == 1:
         return rows[0][1]
     mean = np.mean([m.maps for _, m in rows], axis=0)
@@ -152,14 +153,26 @@ def attention_maps(loaded: LoadedModel, x_uint8: torch.Tensor) -> Maps:
                 rows[0][1].target)
 
 
-def _attention(loaded: LoadedModel, x_uint8: torch.Tensor) -> list[tuple[str, Maps]]:
+def heat_image(heat: np.ndarray, opacity: float = 0.7) -> np.ndarray:
+    """A map (H, W) in [0, 1] as an RGBA uint8 image to lay over its picture: jet colours,
+    transparent where the map is low, `opacity` where it is highest."""
+    from matplotlib import colormaps
+    rgba = colormaps["jet"](np.clip(heat, 0, 1))
+    rgba[..., 3] = opacity * np.clip(heat, 0, 1)
+    return (rgba * 255).round().astype(np.uint8)
+
+
+def _attention(loaded: LoadedModel, x_uint8: torch.Tensor,
+               target: torch.Tensor | None = None) -> list[tuple[str, Maps]]:
     x = loaded.norm.apply(x_uint8.to(loaded.device)).contiguous()
+    if target is not None:
+        target = target.to(loaded.device)
     if isinstance(loaded.model, Ensemble):
         names = [str(m.get("model", "")) for m in loaded.options.get("members", [])]
-        rows = member_attention(loaded.model, x)
+        rows = member_attention(loaded.model, x, target)
         return [(f"member {i + 1} ({names[i] if i < len(names) else label})", maps)
                 for i, (label, maps) in enumerate(rows)]
-    return [(loaded.name, attention(loaded.model, x))]
+    return [(loaded.name, attention(loaded.model, x, target=target))]
 
 
 def _figures(loaded: LoadedModel, ds: datamod.Dataset, rows: np.ndarray, logits: torch.Tensor,

@@ -92,6 +92,20 @@ def test_top_losses_are_the_images_most_wrong(tiny_runs):
     assert "attention" not in res["figures"] and res["attention"] == []
 
 
+def test_other_data_is_predicted_afresh_and_the_same_data_reads_the_saved_predictions(tiny_runs, tmp_path):
+    from cifar4.data import from_arrays
+    ds, folders = tiny_runs
+    X = ds.X.copy()
+    train_row = int(np.flatnonzero(~ds.is_test)[0])
+    X[train_row] = 255 - X[train_row]  # another dataset (its checksum differs), the same test images
+    other = from_arrays(X, ds.Y, ds.is_test, source="other")
+    saved = interpret_run(folders["fast"], tmp_path / "a", data=ds, device="cpu", with_attention=False)
+    fresh = interpret_run(folders["fast"], tmp_path / "b", data=other, device="cpu", with_attention=False)
+    assert fresh["data"]["sha256"] != saved["data"]["sha256"]
+    assert fresh["confusion"] == saved["confusion"]
+    assert fresh["loss"] == pytest.approx(saved["loss"], abs=2e-2)  # computed in fp32, saved in bf16 or fp32
+
+
 def test_temperature_scaling_recovers_an_overconfident_model():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (2000,), generator=g)
@@ -111,6 +125,10 @@ def test_ece_is_zero_for_calibrated_bins_and_the_gap_otherwise():
     y = np.array([0] * 8 + [1] * 2)  # 80 % right at 80 % confidence
     assert calibration.ece(probs, y) == pytest.approx(0.0)
     assert calibration.ece(probs, np.zeros(10, int)) == pytest.approx(0.2)
+    # bins weigh by their images: 10 at 0.8 all right (gap 0.2), 30 at 0.6 with 60 % right
+    probs = np.array([[0.8, 0.2]] * 10 + [[0.6, 0.4]] * 30)
+    y = np.array([0] * 10 + [0] * 18 + [1] * 12)
+    assert calibration.ece(probs, y) == pytest.approx(10 / 40 * 0.2)
 
 
 def test_a_bad_split_is_one_line_error(tiny_runs):

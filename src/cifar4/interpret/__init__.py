@@ -34,7 +34,7 @@ from ..data.split import split_indices
 from ..device import pick_device
 from ..errors import ConfigError, RunError
 from ..models.ensemble import Ensemble
-from ..runs import LoadedModel, load_model, read_predictions, resolve_run
+from ..runs import LoadedModel, load_model, read_metrics, read_predictions, resolve_run
 from ..training.evaluate import predict_logits, softmax, summarize
 from . import calibration, figures
 from .attribution import Maps, attention, captum_available, member_attention
@@ -73,7 +73,8 @@ def interpret_run(run: str | Path, out: str | Path | None = None, split: str = "
         raise RunError(f"run '{folder}': its split has no {split if len(idx[split]) == 0 else 'val'} images "
                        f"to interpret")
     step(STEPS[0])
-    saved = read_predictions(folder) if data is None or isinstance(data, datamod.Dataset) else None
+    trained_on = read_metrics(folder).get("data", {}).get("sha256")
+    saved = read_predictions(folder) if trained_on == ds.checksum() else None  # else: computed here
     logits = {p: _logits(loaded, ds, idx[p], exp.train.tta, saved, p) for p in {split, "val"}}
     rows, y = idx[split], ds.Y[idx[split]]
     step(STEPS[1])
@@ -98,7 +99,8 @@ def interpret_run(run: str | Path, out: str | Path | None = None, split: str = "
 def _logits(loaded: LoadedModel, ds: datamod.Dataset, rows: np.ndarray, tta: int,
             saved: dict[str, tuple[np.ndarray, np.ndarray]] | None, part: str) -> torch.Tensor:
     """The split part's logits: those the run saved at its final evaluation when they are of
-    these very rows (the same views and precision as `cifar4 evaluate`), else computed."""
+    these very rows of the data it was trained on (the same views and precision as `cifar4
+    evaluate`), else computed."""
     if saved is not None and part in saved and np.array_equal(saved[part][0], rows):
         return torch.from_numpy(saved[part][1])
     return predict_logits(loaded.model, torch.from_numpy(ds.X[rows]), loaded.norm, device=loaded.device,

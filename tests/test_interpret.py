@@ -131,6 +131,25 @@ def test_ece_is_zero_for_calibrated_bins_and_the_gap_otherwise():
     assert calibration.ece(probs, y) == pytest.approx(10 / 40 * 0.2)
 
 
+def test_without_captum_the_maps_name_the_extra_and_the_rest_still_works(tiny_runs, tiny_npz, tmp_path, monkeypatch,
+                                                                          capsys):
+    import sys
+
+    from cifar4.cli import main
+    from cifar4.errors import MissingExtraError
+    ds, folders = tiny_runs
+    monkeypatch.setitem(sys.modules, "captum", None)
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'cifar4\[interpret\]'"):
+        interpret_run(folders["cnn"], tmp_path / "a", data=ds, device="cpu")
+    assert not (tmp_path / "a").exists()  # said before any work
+    res = interpret_run(folders["cnn"], tmp_path / "b", data=ds, device="cpu", with_attention=False)
+    assert "ECE" in res["summary"] and not attribution.captum_available()
+    assert main(["interpret", str(folders["cnn"]), "--data", str(tiny_npz), "--out", str(tmp_path / "c"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'cifar4[interpret]'" in err
+
+
 def test_a_bad_split_is_one_line_error(tiny_runs):
     from cifar4.errors import ConfigError
     ds, folders = tiny_runs
@@ -258,13 +277,17 @@ def test_the_report_shows_each_runs_interpretation_and_overfitting_beside_its_cu
     (over / "metrics.json").write_text(json.dumps({**m, "train_accuracy": 1.0, "val_accuracy": 0.8}))
     d = config.read_toml(cured / "config.toml")
     (cured / "config.toml").write_text(config.from_dict(config.merge(d, {"augment": {"flip": True}})).to_toml())
+    locked = tmp_path / "mlp-locked"  # a run folder where nothing can be written
+    shutil.copytree(folders["mlp"], locked, ignore=shutil.ignore_patterns("interpret"))
+    (locked / "interpret").write_text("a file where the folder would go")
     placed = from_arrays(ds.X, ds.Y, ds.is_test, source="/home/someone/data/cifar4.npz")
     entries = [("mlp", folders["mlp"]), ("cnn-overfit", over), ("cnn-augmented", cured),
-               ("ensemble", folders["ensemble"])]
+               ("ensemble", folders["ensemble"]), ("mlp-locked", locked)]
     page = write_report(entries, placed, tmp_path / "report").read_text()
     md = (tmp_path / "report" / "report.md").read_text()
-    assert md.count("Interpretation (test split") == 4 and md.count("temperature scaling") >= 4
-    for name in ("mlp", "cnn-overfit", "cnn-augmented", "ensemble"):
+    assert md.count("Interpretation (test split") == 5 and md.count("temperature scaling") >= 5
+    assert (tmp_path / "report" / "interpret" / "mlp-locked" / "interpretation.json").is_file()
+    for name in ("mlp", "cnn-overfit", "cnn-augmented", "ensemble", "mlp-locked"):
         assert f"(figures/{name}-top-losses.png)" in md and f"(figures/{name}-attention.png)" in md
     assert "saliency maps" in md and "grad-cam maps" in md
     assert "## What overfitting gets wrong" in md

@@ -37,7 +37,7 @@ from ..models.ensemble import Ensemble
 from ..runs import LoadedModel, load_model, read_metrics, read_predictions, resolve_run
 from ..training.evaluate import predict_logits, softmax, summarize
 from . import calibration, figures
-from .attribution import Maps, attention, captum_available, member_attention
+from .attribution import Maps, attention, captum_available, member_attention, require_captum
 
 __all__ = ["FOLDER", "STEPS", "attention", "attention_maps", "cached", "captum_available", "heat_image",
            "interpret_run", "model_checksum", "read_interpretation", "sentence"]
@@ -60,6 +60,8 @@ def interpret_run(run: str | Path, out: str | Path | None = None, split: str = "
     if split not in PARTS:
         raise ConfigError(f"--split '{split}' is not a part of a run's split; expected one of {', '.join(PARTS)}")
     step = on_step or (lambda name: None)
+    if with_attention:  # before any work: a missing extra is said at once
+        require_captum()
     folder = resolve_run(run)
     target = Path(out) if out is not None else folder / FOLDER
     loaded = load_model(folder, device=pick_device(device))

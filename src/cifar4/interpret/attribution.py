@@ -23,7 +23,7 @@ from ..errors import MissingExtraError
 from ..models.ensemble import Ensemble
 
 
-def _captum() -> Any:
+def require_captum() -> Any:
     try:
         import captum.attr
     except ImportError:
@@ -34,7 +34,7 @@ def _captum() -> Any:
 
 def captum_available() -> bool:
     try:
-        _captum()
+        require_captum()
     except MissingExtraError:
         return False
     return True
@@ -99,7 +99,7 @@ def attention(model: nn.Module, x: torch.Tensor, layer: nn.Module | str | None =
     Grad-CAM on `layer` ('auto': the last convolution; a module or its name), gradient
     saliency where the model has no convolution or `layer` is None. `target`: the classes to
     explain (default: the predicted ones)."""
-    attr = _captum()
+    attr = require_captum()
     with _plain(model), torch.enable_grad():
         x = x.float()
         if target is None:

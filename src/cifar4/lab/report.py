@@ -147,7 +147,7 @@ def write_report(entries: list[tuple[str, Path]], ds: Dataset, out_dir: str | Pa
                                     "(bird, cat, frog, horse), so they are not comparable with these."))
     reference = SESSION_PLAN.reference if comparable else {}
     sections = [_dataset_section(ds, metrics, figdir)]
-    interps = {name: interpretation(folder, ds) for name, folder in entries}
+    interps = {name: interpretation(folder, ds, out_dir / "interpret" / name) for name, folder in entries}
     sections += [_ensemble_section(name, folder, metrics[name], figdir, interps)
                  if metrics[name]["model"] == "ensemble"
                  else _experiment_section(name, folder, metrics[name], figdir, reference, interps)
@@ -234,7 +234,7 @@ def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path
                          if m["train_accuracy"] < chance + 0.1 else
                          f"On this data it still reached {m['train_accuracy']:.3f} train accuracy. ")
             + "Scaling the pixels to [0,1] fixes it (data.scale = true).")
-    _interpretation(s, name, folder, interps[name], figdir)
+    _interpretation(s, name, interps[name], figdir)
     return s
 
 
@@ -250,18 +250,25 @@ def source_name(ds: Dataset) -> str:
     return Path(path).name + (f" ({origin}" if origin else "")
 
 
-def interpretation(folder: Path, ds: Dataset) -> dict[str, Any]:
-    """What `cifar4 interpret` finds for a run on the test split: read from <run>/interpret/
-    when it is of these weights and this data, else computed there (attention maps only where
-    the 'interpret' extra is installed: the report does not need it)."""
-    return interpret.cached(folder, ds) or interpret.interpret_run(
-        folder, data=ds, device="cpu", with_attention=interpret.captum_available())
+def interpretation(folder: Path, ds: Dataset, spare: Path) -> dict[str, Any]:
+    """What `cifar4 interpret` finds for a run on the test split, with the folder its figures
+    are in ("folder"): read from <run>/interpret/ when it is of these weights and this data,
+    else computed there, or in `spare` where the run folder cannot be written (attention maps
+    only where the 'interpret' extra is installed: the report does not need it)."""
+    res = interpret.cached(folder, ds)
+    if res is not None:
+        return {**res, "folder": str(folder / interpret.FOLDER)}
+    kw: dict[str, Any] = {"data": ds, "device": "cpu", "with_attention": interpret.captum_available()}
+    try:
+        return {**interpret.interpret_run(folder, **kw), "folder": str(folder / interpret.FOLDER)}
+    except RunError:  # a read-only run folder: the interpretation goes beside the report
+        return {**interpret.interpret_run(folder, spare, **kw), "folder": str(spare)}
 
 
-def _interpretation(s: Section, name: str, folder: Path, res: dict[str, Any], figdir: Path) -> None:
+def _interpretation(s: Section, name: str, res: dict[str, Any], figdir: Path) -> None:
     """A sentence from the interpretation's numbers, the per-class table, the top losses, the
     attention maps."""
-    out = folder / interpret.FOLDER
+    out = Path(res["folder"])
     s.p(f"Interpretation (test split, {res['images']:,} images): {res['summary']}")
     rep = res["classification_report"]
     s.table(["class", "precision", "recall", "F1", "images"],
@@ -300,7 +307,7 @@ def _ensemble_section(name: str, folder: Path, m: dict[str, Any], figdir: Path,
     s.fig(folder / "curves.png", figdir, f"{name}-curves.png", f"{name}: the members' validation curves")
     s.p(f"Time: {m['total_seconds']:.0f} s for the whole run, members included "
         f"({m['machine']['device']}, {m['machine']['cpu']}).")
-    _interpretation(s, name, folder, interps[name], figdir)
+    _interpretation(s, name, interps[name], figdir)
     return s
 
 
@@ -338,8 +345,8 @@ def _mistakes_section(pair: tuple[tuple[str, Path], tuple[str, Path]], metrics: 
         f"worst mistakes the first gave the wrong class a mean probability of {sure[over]:.2f}, the second "
         f"{sure[cured]:.2f}; the expected calibration error is {interps[over]['calibration']['ece_before']:.3f} "
         f"against {interps[cured]['calibration']['ece_before']:.3f}.")
-    s.figs([(f / interpret.FOLDER / interps[n]["figures"]["top_losses"], f"{n}-top-losses.png", f"{n}: top losses")
-            for n, f in pair], figdir)
+    s.figs([(Path(interps[n]["folder"]) / interps[n]["figures"]["top_losses"], f"{n}-top-losses.png",
+             f"{n}: top losses") for n, _ in pair], figdir)
     return s
 
 

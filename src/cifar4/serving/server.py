@@ -352,9 +352,7 @@ def create_app(runs: list[Path] | None = None, data: str | Path | None = None, l
                 "image": png_data_uri(x)}
                for (name, _), p, x in zip(uploads, probs, images, strict=True)]
         if attention:
-            method, heat = await asyncio.to_thread(store.attention, s, images, probs.argmax(1))
-            for o, h in zip(out, heat, strict=True):
-                o.update({"attention": png_data_uri(h), "attention_method": method})
+            await _add_attention(store, s, images, probs, out)
         return {"run": s.name, "predictions": out}
 
     static = resources.files("cifar4.serving") / "static"
@@ -362,6 +360,14 @@ def create_app(runs: list[Path] | None = None, data: str | Path | None = None, l
     if report_dir is not None:
         app.mount("/report", StaticFiles(directory=str(report_dir), html=True), name="report")
     return app
+
+
+async def _add_attention(store: ModelStore, s: Served, images: list[np.ndarray], probs: np.ndarray,
+                         out: list[dict[str, Any]]) -> None:
+    """Each prediction's attention map (an RGBA PNG data URI), computed off the event loop."""
+    method, heat = await asyncio.to_thread(store.attention, s, images, probs.argmax(1))
+    for o, h in zip(out, heat, strict=True):
+        o.update({"attention": png_data_uri(h), "attention_method": method})
 
 
 def _decode_upload(name: str, data: bytes) -> np.ndarray:

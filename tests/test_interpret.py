@@ -290,7 +290,7 @@ def test_the_report_shows_each_runs_interpretation_and_overfitting_beside_its_cu
     for name in ("mlp", "cnn-overfit", "cnn-augmented", "ensemble", "mlp-locked"):
         assert f"(figures/{name}-top-losses.png)" in md and f"(figures/{name}-attention.png)" in md
     assert "saliency maps" in md and "grad-cam maps" in md
-    assert "## What overfitting gets wrong" in md
+    assert "## What overfitting gets wrong" in md and " nan" not in md and "made no mistake" in md
     assert ("![cnn-overfit: top losses](figures/cnn-overfit-top-losses.png) "
             "![cnn-augmented: top losses](figures/cnn-augmented-top-losses.png)") in md
     assert 'class="side-by-side"' in page

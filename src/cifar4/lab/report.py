@@ -337,17 +337,24 @@ def _mistakes_section(pair: tuple[tuple[str, Path], tuple[str, Path]], metrics: 
     """The overfitting CNN's top losses beside the regularised one's, and how sure each was."""
     s = Section("What overfitting gets wrong", "mistakes")
     (over, _), (cured, _) = pair
-    sure = {n: float(np.mean([t["probability"] for t in interps[n]["top_losses"] if t["true"] != t["predicted"]]
-                             or [float("nan")])) for n in (over, cured)}
     gap = {n: (metrics[n]["train_accuracy"] - metrics[n]["val_accuracy"]) * 100 for n in (over, cured)}
+    ece = {n: interps[n]["calibration"]["ece_before"] for n in (over, cured)}
     s.p(f"{over} (train-validation gap {gap[over]:.1f} points) beside {cured} (gap {gap[cured]:.1f}): test "
-        f"accuracy {metrics[over]['test_accuracy']:.4f} against {metrics[cured]['test_accuracy']:.4f}; on its "
-        f"worst mistakes the first gave the wrong class a mean probability of {sure[over]:.2f}, the second "
-        f"{sure[cured]:.2f}; the expected calibration error is {interps[over]['calibration']['ece_before']:.3f} "
-        f"against {interps[cured]['calibration']['ece_before']:.3f}.")
+        f"accuracy {metrics[over]['test_accuracy']:.4f} against {metrics[cured]['test_accuracy']:.4f}; "
+        f"{_sureness(over, interps[over])}; {_sureness(cured, interps[cured])}; the expected calibration error "
+        f"is {ece[over]:.3f} against {ece[cured]:.3f}.")
     s.figs([(Path(interps[n]["folder"]) / interps[n]["figures"]["top_losses"], f"{n}-top-losses.png",
              f"{n}: top losses") for n, _ in pair], figdir)
     return s
+
+
+def _sureness(name: str, res: dict[str, Any]) -> str:
+    """How sure a model was of its worst mistakes (the wrong predictions among its top losses)."""
+    wrong = [t["probability"] for t in res["top_losses"] if t["true"] != t["predicted"]]
+    if not wrong:
+        return f"{name} made no mistake on the test split"
+    return (f"{name}'s {len(wrong)} worst mistakes gave the wrong class a mean probability of "
+            f"{float(np.mean(wrong)):.2f}")
 
 
 def _frontier_section(metrics: dict[str, dict[str, Any]], figdir: Path) -> Section:

@@ -312,7 +312,7 @@ def _ensemble_section(name: str, folder: Path, m: dict[str, Any], figdir: Path,
 
 def _regularised(folder: Path) -> bool:
     """Trained with a cure for overfitting: augmentation, dropout, batch norm, L2 or weight decay."""
-    exp: Experiment = exp_from_dict(read_toml(folder / "config.toml"))
+    exp: Experiment = record.read_experiment(folder)
     opts = exp.model.options
     return any(bool(v) for v in exp.augment.model_dump().values()) or bool(opts.get("dropout")) \
         or bool(opts.get("batchnorm")) or bool(exp.train.l2) or bool(exp.train.weight_decay)

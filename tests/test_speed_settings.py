@@ -365,7 +365,8 @@ def test_a_budget_run_is_evaluated_and_recorded_with_the_views_it_chose(tiny, tm
     with pytest.raises(Died):
         pipeline.train(exp, tiny, run_dir=tmp_path / "part", progress=False)
     monkeypatch.setattr(pipeline, "_callbacks", orig)
-    assert config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == 2  # the experiment's, until the end
+    # the plan chose the views before training, and config.toml holds them from the start
+    assert config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == tta
     resumed = pipeline.resume(tmp_path / "part", tiny, progress=False).metrics
     assert resumed["tta"] == tta and config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == tta
 

@@ -10,7 +10,7 @@ import torch
 from cifar4 import config
 from cifar4.errors import ConfigError
 from cifar4.training import pipeline
-from cifar4.training.callbacks import EarlyStopping
+from cifar4.training.callbacks import Callback, EarlyStopping
 from cifar4.training.train import lr_factor
 from conftest import DieAt, Died
 
@@ -49,8 +49,64 @@ def test_l2_and_augmentation_and_bf16_train(tiny, tmp_path):
                           "train": {"epochs": 2, "batch_size": 32, "l2": 1e-4, "precision": "bf16",
                                     "schedule": "linear", "warmup": 0.2, "label_smoothing": 0.1},
                           "augment": {"flip": True, "rotation": 15, "shift": 0.1}})
-    r = pipeline.train(e, tiny, runs_root=tmp_path, progress=False)
+    seen = _Seen()
+    r = pipeline.train(e, tiny, runs_root=tmp_path, progress=False, callbacks=[seen])
     assert all(math.isfinite(h["loss"]) for h in r.history)
+    assert seen.logits_dtype == torch.bfloat16  # the steps ran under bf16 autocast
+
+
+class _Seen(Callback):
+    """What the first training step's forward pass was given and gave back."""
+
+    inputs: torch.Tensor | None = None
+    logits_dtype: torch.dtype | None = None
+    initial: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, trainer):
+        self.initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+        def seen(module, args, out):
+            if module.training and self.inputs is None:
+                self.inputs, self.logits_dtype = args[0].detach().clone(), out.dtype
+        trainer.model.register_forward_hook(seen)
+
+
+def _one_step(tiny, tmp_path, **train):
+    """A one-step run (the whole training split is one batch), plain SGD, dropout off."""
+    e = config.from_dict({"name": "one", "model": {"name": "mlp-deep", "options": {"dropout": 0.0}},
+                          "data": {"train_subset": 64},
+                          "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.1,
+                                    "precision": "fp32", **train.pop("train", {})}, **train})
+    seen = _Seen()
+    r = pipeline.train(e, tiny, runs_root=tmp_path, progress=False, callbacks=[seen])
+    assert r.metrics["iterations"] == 1
+    return seen, {k: v.detach() for k, v in r.model.state_dict().items()}
+
+
+def test_l2_adds_its_exact_decay_to_the_kernels_and_leaves_biases_alone(tiny, tmp_path):
+    """Keras' l2(lam) adds lam * sum(w^2) to the loss: one SGD step at rate lr moves each
+    kernel by a further -2 * lr * lam * w, and no bias."""
+    lam, lr = 0.05, 0.1
+    seen, plain = _one_step(tiny, tmp_path / "a")
+    _, l2 = _one_step(tiny, tmp_path / "b", train={"l2": lam})
+    kernels = [k for k, v in plain.items() if k.endswith("weight") and v.ndim > 1]
+    assert kernels
+    for k, v in plain.items():
+        expected = -2 * lr * lam * seen.initial[k] if k in kernels else torch.zeros_like(v)
+        torch.testing.assert_close(l2[k] - v, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_augmentation_changes_the_batches_the_model_sees(tiny, tmp_path):
+    """The same seed draws the same first batch; with flips, each of its images is the plain
+    one or its mirror, and some are mirrored."""
+    plain, _ = _one_step(tiny, tmp_path / "a")
+    flipped, _ = _one_step(tiny, tmp_path / "b", augment={"flip": True})
+    a, b = plain.inputs, flipped.inputs
+    assert a is not None and b is not None and a.shape == b.shape and a.ndim == 4
+    same = (a == b).flatten(1).all(1)
+    mirrored = (a.flip(3) == b).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 0 < int((mirrored & ~same).sum()) < len(a)
+    assert plain.logits_dtype == torch.float32  # fp32 asked: no autocast
 
 
 def _stop_epoch(losses, **kw):

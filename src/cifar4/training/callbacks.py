@@ -186,16 +186,6 @@ class ProgressBar(Callback):
     def wants_batch_logs(self) -> bool:
         return self.console.is_terminal  # the live bar; a log gets one line per epoch
 
-    def on_train_begin(self, trainer):
-        kernels = getattr(trainer, "kernels", None)
-        if kernels is not None and (kernels.build_seconds or not kernels.compiled):  # news only
-            self.console.print(f"{self.title}pooling: {kernels.reason}", highlight=False, soft_wrap=True)
-        choice = trainer.precision_choice
-        if choice is not None and choice.reason and choice.reason != "as asked":
-            self.console.print(f"{self.title}precision {choice.precision}: {choice.reason}"
-                               + (" (measured earlier on this machine)" if choice.cached else ""),
-                               highlight=False, soft_wrap=True)
-
     def on_epoch_begin(self, trainer, epoch):
         self.t0 = time.perf_counter()
         if self.console.is_terminal:

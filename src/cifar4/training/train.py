@@ -14,7 +14,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from . import distributed, precision
 from .budget import EVAL_SHARE, PLAN_AFTER, REPLAN_EVERY, Budget
 from .callbacks import Callback, History
 from .evaluate import evaluate
+from .plan import Plan
 
 KERAS_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
 
@@ -114,6 +115,7 @@ class Trainer:
     budget: Budget | None = None  # --time-budget: the number of steps is fitted to it
     eval_tta: int | None = None  # the final evaluation's test-time level a budget chose (None: the experiment's)
     log: Callable[[str], None] | None = None  # where the trainer says what it chose
+    plan: Plan | None = None  # what the run decided before training (precision, kernels); None: decided here
 
     def __post_init__(self) -> None:
         to_device(self.model, self.device)
@@ -143,14 +145,18 @@ class Trainer:
             self.history = History()
             self.callbacks = [self.history, *self.callbacks]
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-        # compiled CPU kernels the model uses (the session CNN's pools), built once per machine
-        # here, before any step is timed; None where it uses none
-        self.kernels: native.Status | None = native.prepare(self.model, self.device)
-        # "auto" on a CPU is measured on the first training rows (in _prepare); else known now
+        # compiled CPU kernels the model uses (the session CNN's pools) and the precision: the
+        # run's plan decided them; a trainer used on its own decides them the same way here
+        # (kernels built once per machine; "auto" on a CPU measured on the first training rows)
         self.precision_choice: precision.Choice | None = None
         self.precision = ""
-        if self.cfg.precision != "auto" or self.device.type != "cpu":
-            self._choose_precision(None)
+        if self.plan is not None:
+            self.kernels: native.Status | None = self.plan.kernels
+            self._use_precision(self.plan.precision)
+        else:
+            self.kernels = native.prepare(self.model, self.device)
+            if self.cfg.precision != "auto" or self.device.type != "cpu":
+                self._choose_precision(None)
 
     def train_epochs(self, epochs: int, steps_per_epoch: int) -> None:
         """Train exactly `epochs` epochs of `steps_per_epoch` steps, the schedule fitted to them,
@@ -160,12 +166,11 @@ class Trainer:
 
     def _choose_precision(self, sample: torch.Tensor | None) -> None:
         cfg = self.cfg
-        choice = precision.choose(cfg.precision, self.device, self.model, cfg, sample,
-                                  lambda m: make_optimizer(m, cfg)) if self.world.main else None
-        if self.world.size > 1:  # every rank computes alike: rank 0's measurement decides
-            choice = precision.Choice(**distributed.broadcast(asdict(choice) if choice else None))
-        assert choice is not None
+        self._use_precision(precision.decide(cfg, self.device, self.model, sample, lambda m: make_optimizer(m, cfg)))
+
+    def _use_precision(self, choice: precision.Choice) -> None:
         self.precision_choice, self.precision = choice, choice.precision
+        matmul_weight_grads(self.model, choice.matmul_weight_grads)
         matmul_weight_grads(self.model, choice.matmul_weight_grads)
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
@@ -175,7 +180,7 @@ class Trainer:
             y_val: torch.Tensor) -> History:
         """Train for the configured epochs (from `start_epoch` when resumed), validating after
         each; callbacks see every step, as in Keras' fit()."""
-        x_store, y_store = self._prepare(x_train, y_train)
+        x_store, y_store = self._schedule_and_store(x_train, y_train)
         self._x_val = x_val
         for cb in self.callbacks:
             cb.on_train_begin(self)
@@ -208,7 +213,7 @@ class Trainer:
         assert self.history is not None
         return self.history
 
-    def _prepare(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _schedule_and_store(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Schedule, and the training set on the device, normalized once and kept as NHWC
         floats: a batch is then one gather, and its NCHW view is already channels_last."""
         cfg, n = self.cfg, len(x_train)

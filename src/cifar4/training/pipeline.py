@@ -56,6 +56,13 @@ class _SaveEachEpoch(Callback):
         self.folder, self.extra = folder, extra
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._state: Callable[[], dict[str, Any]] | None = None  # the trainer's full state (bind)
+        self._history: History | None = None
+
+    def bind(self, state: Callable[[], dict[str, Any]], history: History) -> None:
+        """What it saves: the whole training state (model, optimizer, schedule, random
+        generators, every callback's state), which no callback's view holds."""
+        self._state, self._history = state, history
 
     def _wait(self) -> None:
         if self._thread is not None:
@@ -71,14 +78,15 @@ class _SaveEachEpoch(Callback):
         except BaseException as e:  # surfaced in the training thread by _wait
             self._error = e
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
+        assert self._state is not None and self._history is not None
         self._wait()
-        runs.write_history(self.folder, trainer.history.rows)
-        state = runs.snapshot(trainer.state_dict())
+        runs.write_history(self.folder, self._history.rows)
+        state = runs.snapshot(self._state())
         self._thread = threading.Thread(target=self._write, args=(state, epoch), daemon=True)
         self._thread.start()
 
-    def on_train_end(self, trainer):
+    def on_train_end(self, logs=None):
         self._wait()
 
     def settle(self) -> None:
@@ -674,6 +682,9 @@ def _build_trainer(run: _Fit, bar: ProgressBar | None, save_state: bool,
         run.trainer = Trainer(run.model, exp.train, run.norm, Augment(**exp.augment.model_dump()),
                               run.device, cbs, generator, plan=run.plan)
         run.x = {k: torch.from_numpy(run.ds.X[v]) for k, v in run.idx.items()}
+    if run.saver is not None:
+        assert run.trainer.history is not None
+        run.saver.bind(run.trainer.state_dict, run.trainer.history)
 
 
 def _restore(run: _Fit, resume_state: tuple[dict, dict]) -> None:

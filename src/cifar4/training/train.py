@@ -29,7 +29,7 @@ from ..models import native
 from ..models.layers import matmul_weight_grads
 from . import distributed, precision
 from .budget import EVAL_SHARE, PLAN_AFTER, REPLAN_EVERY, Budget
-from .callbacks import Callback, History
+from .callbacks import Callback, CallbackList, History
 from .evaluate import evaluate
 from .plan import Plan
 
@@ -140,6 +140,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, self.cfg)
+        self.params: dict[str, Any] = {}  # the callbacks' view of the run (_sync_params)
+        self._cbs = CallbackList([], self.model, self.params, self.plan)
         self.history = next((c for c in self.callbacks if isinstance(c, History)), None)
         if self.history is None:
             self.history = History()
@@ -182,15 +184,16 @@ class Trainer:
         each; callbacks see every step, as in Keras' fit()."""
         x_store, y_store = self._schedule_and_store(x_train, y_train)
         self._x_val = x_val
-        for cb in self.callbacks:
-            cb.on_train_begin(self)
+        cbs = self._cbs = CallbackList(self.callbacks, self.model, self.params, self.plan, trainer=self)
+        model: Any = self.model
+        model.stop_training = False  # Keras' flag: a callback sets it to end training
+        cbs.on_train_begin()
         epoch = self.start_epoch
         while epoch < self.epochs and self.steps_done < self.total_steps:
-            if self.stop_training:
+            if self.stop_training or model.stop_training:
                 break
             epoch += 1
-            for cb in self.callbacks:
-                cb.on_epoch_begin(self, epoch)
+            cbs.on_epoch_begin(epoch)
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             loss, accuracy = self._train_epoch(x_store, y_store)
@@ -201,15 +204,16 @@ class Trainer:
             self._val_seconds = time.perf_counter() - t_val
             logs = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val["loss"],
                     "val_accuracy": val["accuracy"], "seconds": round(seconds, 4), "lr": lr}
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, epoch, logs)
+            cbs.on_epoch_end(epoch, logs)
             if self.budget is not None and self.steps_done < self.total_steps:
                 before = self.total_steps
                 self._plan(seconds / max(1, self._epoch_steps), len(x_val), announce=False)
                 if self.budget.max_epochs is not None and self.total_steps < before:
                     self._announce(seconds / max(1, self._epoch_steps))  # a time limit cuts in
-        for cb in self.callbacks:
-            cb.on_train_end(self)
+        cbs.on_train_end()
+        restored = cbs.restored_epoch()
+        if restored is not None:
+            self.restored_epoch = restored
         assert self.history is not None
         return self.history
 
@@ -224,6 +228,7 @@ class Trainer:
         if not self.total_steps:
             self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self._sync_params()
         if self.scheduler is None:  # the schedule follows total_steps (a time budget changes it)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lambda step: lr_factor(cfg.schedule, cfg.warmup, self.total_steps)(step))
@@ -234,6 +239,12 @@ class Trainer:
                 sample = sample[:, 0]
             self._choose_precision(sample.permute(0, 3, 1, 2) if sample.ndim == 4 else sample)
         return x_store, y_train.to(self.device)
+
+    def _sync_params(self) -> None:
+        """What callbacks see as `params` (Keras' epochs and steps, and where a resumed run
+        starts): kept current as a time budget or limit re-plans the steps."""
+        self.params.update({"epochs": self.epochs, "steps": self.steps_per_epoch, "initial_epoch": self.start_epoch,
+                            "total_steps": self.total_steps})
 
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs as the fit keeps them on the device: normalized once, images as NHWC (a
@@ -262,6 +273,7 @@ class Trainer:
         if self.budget.tta is not None:
             self.eval_tta = self.budget.tta
         self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))
+        self._sync_params()
         if announce:
             self._announce(step_seconds)
 
@@ -355,7 +367,7 @@ class Trainer:
         cfg, n = self.cfg, len(x_store)
         assert self.scheduler is not None
         decay = self._decay(self.optimizer)
-        batch_logs = any(cb.wants_batch_logs for cb in self.callbacks)  # else: no host sync per step
+        batch_logs = self._cbs.wants_batch_logs  # else: no host sync per step
         self.model.train()
         order = torch.randperm(n, generator=self.generator).to(self.device)
         loss_sum = torch.zeros((), device=self.device)
@@ -399,8 +411,7 @@ class Trainer:
             seen = min(step * cfg.batch_size, n)
             if batch_logs:
                 logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
-                for cb in self.callbacks:
-                    cb.on_batch_end(self, step, logs)
+                self._cbs.on_batch_end(step, logs)
         self._epoch_steps = step
         distributed.all_sum(loss_sum, correct)  # every rank's share of the epoch
         return float(loss_sum) / max(1, seen), float(correct) / max(1, seen)

@@ -2,8 +2,11 @@
 """The accuracy / time frontier: test accuracy against whole-command seconds for every preset
 measured, from the JSON that presets.py writes (and GPU results in the same shape).
 
-    python benchmarks/frontier.py results/cpu-epyc-presets.json results/cpu-epyc-budgets.json \
-        --gpu results/h100-fast28-gpu-augment.json --png results/frontier-epyc.png
+    python benchmarks/frontier.py benchmarks/results/2026-11-27-epyc-zen5-presets.json \
+        benchmarks/results/2026-11-27-epyc-zen5-best.json benchmarks/results/2026-11-27-epyc-zen5-budgets.json \
+        --gpu benchmarks/results/2026-11-27-h100-fast-long-gpu-tables.json \
+        --cpu-name "AMD EPYC (family 26 model 2, Zen 5)" \
+        --png docs/benchmarks/img/2026-11-27-epyc-zen5-h100-frontier.png
 
 Members of ensemble runs (their own runs inside the ensemble's folder) are points too: a
 member alone is a preset of its own (`transfer`, `fast-24`). A run made with an empty cache

@@ -6,7 +6,7 @@ under a few settings, and the kernels of one epoch from torch's profiler.
 
 Variants (each on a freshly built model and trainer, in this order; on a GPU the experiment with
 its `[gpu]` table, as `cifar4 train` runs it there):
-- eager: as `cifar4 train` runs today;
+- eager: as `cifar4 train` runs it;
 - benchmark: cuDNN's autotuner on (torch.backends.cudnn.benchmark);
 - compile: benchmark, the forward pass through torch.compile (its compile time reported apart);
 - b1024: benchmark, batches of 1024 (the same images per epoch in half the steps).

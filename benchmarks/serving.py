@@ -3,6 +3,7 @@
 over JPEG files on disk, and a bounded load test of `cifar4 serve` on 127.0.0.1.
 
     python benchmarks/serving.py RUN [--data FILE] [--clients 16] [--requests 2000]
+                                     [--no-token] [--no-metrics] [--skip inference files]
 
 1. The run exported to ONNX (without TTA); the test split classified in batches of 256 by
    PyTorch (the run's precision, as `cifar4 predict` runs it) and by onnxruntime: images/s,
@@ -10,10 +11,12 @@ over JPEG files on disk, and a bounded load test of `cifar4 serve` on 127.0.0.1.
 2. `--files` test images written as JPEG (quality 90, 32x32) to a temporary folder, then
    predict_files over the folder as `cifar4 predict RUN FOLDER` does: images/s, decoding
    included.
-3. A real uvicorn server (`cifar4 serve RUN`) and `--clients` threads sending `--requests`
-   POST /api/predict requests of one PNG each, then it stops: errors, p50 / p99 latency,
-   requests per second, and the server's resident memory after a 50-request warm-up and after
-   the run (VmRSS from /proc).
+3. A real uvicorn server (`cifar4 serve RUN`, as a class gets it: with an access token and
+   /metrics; `--no-token`, `--no-metrics` measure without them) and `--clients` threads sending
+   `--requests` POST /api/predict requests of one PNG each, then it stops with SIGTERM: errors,
+   p50 / p99 latency, requests per second, the server's resident memory after a 50-request
+   warm-up and after the run (VmRSS from /proc), its exit status, and with metrics what
+   /metrics counted (images, mean images per batch).
 
 It prints one JSON object.
 """
@@ -25,6 +28,8 @@ import io
 import json
 import os
 import platform
+import re
+import secrets
 import socket
 import statistics
 import subprocess
@@ -106,18 +111,30 @@ def _rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def load_test(run: Path, data: str | None, X: np.ndarray, clients: int, requests: int) -> dict:
+def _scraped(text: str, name: str) -> float:
+    """The sum of a metric's samples in Prometheus text (every label set)."""
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def load_test(run: Path, data: str | None, X: np.ndarray, clients: int, requests: int,
+              token: bool = True, metrics: bool = True) -> dict:
     import httpx
     port = _free_port()
     cmd = [sys.executable, "-m", "cifar4", "serve", str(run), "--port", str(port)]
     if data:
         cmd += ["--data", data]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not metrics:
+        cmd.append("--no-metrics")
+    secret = secrets.token_urlsafe(16) if token else ""
+    env = {k: v for k, v in os.environ.items() if k != "CIFAR4_TOKEN"} | ({"CIFAR4_TOKEN": secret} if token else {})
+    headers = {"Authorization": f"Bearer {secret}"} if token else {}
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
+    scraped: dict = {}
     try:
-        for _ in range(300):
+        for _ in range(600):  # until every model is loaded
             try:
-                urllib.request.urlopen(url + "/api/health", timeout=1)
+                urllib.request.urlopen(url + "/api/ready", timeout=1)
                 break
             except OSError:
                 time.sleep(0.1)
@@ -126,7 +143,7 @@ def load_test(run: Path, data: str | None, X: np.ndarray, clients: int, requests
             buf = io.BytesIO()
             Image.fromarray(X[i]).save(buf, format="PNG")
             bodies.append(buf.getvalue())
-        with httpx.Client(timeout=60) as c:
+        with httpx.Client(timeout=60, headers=headers) as c:
             for i in range(50):  # warm-up: the model loads, allocations settle
                 c.post(url + "/api/predict", files={"files": ("w.png", bodies[i % 64], "image/png")})
         rss_before = _rss_mb(server.pid)
@@ -136,7 +153,7 @@ def load_test(run: Path, data: str | None, X: np.ndarray, clients: int, requests
         per_client = requests // clients
 
         def client(k: int) -> None:
-            with httpx.Client(timeout=60) as c:
+            with httpx.Client(timeout=60, headers=headers) as c:
                 for j in range(per_client):
                     t0 = time.perf_counter()
                     try:
@@ -159,11 +176,18 @@ def load_test(run: Path, data: str | None, X: np.ndarray, clients: int, requests
             t.join()
         wall = time.perf_counter() - t0
         rss_after = _rss_mb(server.pid)
+        if metrics:
+            text = httpx.get(url + "/metrics", headers=headers).text
+            batches = _scraped(text, "cifar4_batch_images_count")
+            scraped = {"metrics_images_classified": _scraped(text, "cifar4_images_classified_total"),
+                       "metrics_mean_batch_images": round(_scraped(text, "cifar4_batch_images_sum")
+                                                          / max(batches, 1), 2)}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.terminate()  # SIGTERM: a graceful stop, exit status 0
+        exit_status = server.wait(timeout=60)
     lat = sorted(latencies)
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "first_error": errors[:1],
+    return {"token": token, "metrics": metrics, **scraped, "exit_status": exit_status,
+            "clients": clients, "requests": len(lat), "errors": len(errors), "first_error": errors[:1],
             "p50_ms": round(1000 * statistics.median(lat), 1),
             "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 1),
             "requests_per_s": round(len(lat) / wall, 1), "rss_mb_before": round(rss_before, 1),
@@ -178,6 +202,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--skip", nargs="*", default=[], choices=["inference", "files", "load"])
+    ap.add_argument("--no-token", action="store_true", help="Serve without an access token.")
+    ap.add_argument("--no-metrics", action="store_true", help="Serve without /metrics.")
     a = ap.parse_args()
     ds = load(a.data)
     exp = config.from_dict(config.read_toml(a.run / "config.toml"))
@@ -190,7 +216,7 @@ def main() -> None:
     if "files" not in a.skip:
         out["predict_jpeg"] = jpeg_files(a.run, X, a.files)
     if "load" not in a.skip:
-        out["load"] = load_test(a.run, a.data, X, a.clients, a.requests)
+        out["load"] = load_test(a.run, a.data, X, a.clients, a.requests, not a.no_token, not a.no_metrics)
     print(json.dumps(out, indent=2))
 
 

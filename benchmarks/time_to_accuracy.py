@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
-"""Time-to-accuracy and throughput of cifar4's experiments, optionally beside the Keras peer.
+"""Time-to-accuracy and throughput of cifar4's experiments, optionally beside the Keras reference.
 
 For each experiment and seed it trains with the normal engine and, after every epoch, measures
 test accuracy (with the experiment's TTA); that measurement is excluded from the clock, while
 the steps, per-epoch validation and state saving are included - the same accounting as the
-Keras peer script (../shared/bench/keras_seed.py). It prints one JSON object per run, then a
+Keras reference (benchmarks/keras_reference.py). It prints one JSON object per run, then a
 summary table: final test accuracy (mean +- std over seeds), training seconds, seconds to reach
 0.70 / 0.78 / 0.85 / 0.90 / 0.94 / 0.95 test accuracy, and training / inference images per second.
 
     python benchmarks/time_to_accuracy.py fast fast-long --seeds 0 1 2
-    python benchmarks/time_to_accuracy.py cnn --seeds 0 --peer ../shared/bench/keras_seed.py
-    python benchmarks/time_to_accuracy.py cnn-augmented --epochs 5 --rounds 3 --peer ../shared/bench/keras_seed.py
+    python benchmarks/time_to_accuracy.py cnn --epochs 7 --rounds 2 --seeds 0 --keras
+    python benchmarks/time_to_accuracy.py cnn-augmented --epochs 5 --rounds 4 --seeds 0 --keras
 
-With --rounds N the peer and cifar4 take turns N times (the peer first in odd rounds, cifar4's
-runs first in even ones), and the summary gains the speed-up of each round (peer seconds over
-cifar4's mean seconds in that round) and their median: on a shared 2-core host one pair can
-differ from the next by 15 %, and a host slows down after sustained load, so whoever runs
-second in a pair is penalised; alternating spreads both over the two sides.
+--keras trains the same model with TensorFlow/Keras (benchmarks/keras_reference.py, run by
+--keras-python, this interpreter by default) on the same dataset file. With --rounds N the two
+take turns N times (Keras first in odd rounds, cifar4's runs first in even ones), and the
+summary gains the speed-up of each round (Keras seconds over cifar4's mean seconds in that
+round) and their median: on a shared 2-core host one pair can differ from the next by 15 %, and
+a host slows down after sustained load, so whoever runs second in a pair is penalised;
+alternating spreads both over the two sides.
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ from cifar4.training.evaluate import evaluate, predict_logits
 from common import by_experiment, mean_std
 
 THRESHOLDS = (0.70, 0.78, 0.85, 0.90, 0.94, 0.95)
-PEER_NAMES = {"cnn": "cnn", "cnn-augmented": "cnn_aug", "cnn-augmented-long": "cnn_aug",
-              "mlp-deep": "mlp_deep", "mlp-20": "mlp20", "mlp-raw": "mlp20_raw"}
+# the experiments benchmarks/keras_reference.py trains with Keras
+KERAS_MODELS = ("cnn", "cnn-augmented", "cnn-augmented-long", "mlp-deep", "mlp-20", "mlp-raw")
+KERAS_SCRIPT = Path(__file__).with_name("keras_reference.py")
 
 
 class TestEachEpoch(Callback):
     """Test accuracy after each epoch, with the clock stopped while it is measured."""
 
-    def __init__(self, x_test: torch.Tensor, y_test: torch.Tensor, tta: bool):
+    def __init__(self, x_test: torch.Tensor, y_test: torch.Tensor, tta: int):
         self.x, self.y, self.tta = x_test, y_test, tta
         self.curve: list[dict] = []
 
@@ -109,51 +112,53 @@ def time_to(curve: list[dict]) -> dict[str, float | None]:
     return out
 
 
-def run_peer(peer: str, name: str, epochs: int | None, data: str) -> dict | None:
-    exp = PEER_NAMES.get(name)
-    if exp is None:
+def run_keras(python: str, name: str, epochs: int | None, data: str) -> dict | None:
+    """The Keras reference's run of experiment `name` (None where it has no Keras model); a
+    failed run ends the benchmark with the reference's own one-line error."""
+    if name not in KERAS_MODELS:
         return None
-    cmd = [sys.executable, peer, exp, "--data", data]
+    cmd = [python, str(KERAS_SCRIPT), name, "--data", data]
     if epochs:
         cmd += ["--epochs", str(epochs)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"peer failed: {r.stderr[-500:]}", file=sys.stderr)
-        return None
+        lines = r.stderr.strip().splitlines()
+        print(lines[-1] if lines else f"{KERAS_SCRIPT.name} exited with {r.returncode}", file=sys.stderr)
+        raise SystemExit(2)
     p = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"experiment": f"keras:{exp}", "seed": None, "split_seed": 42, "epochs": p["epochs"],
+    return {"experiment": f"keras:{name}", "seed": None, "split_seed": 42, "epochs": p["epochs"],
             "test_accuracy": p["test_accuracy"], "train_seconds": p["train_seconds"],
             "train_images_per_s": round(p["n_train"] * p["epochs"] / p["train_seconds"], 1),
             "inference_images_per_s": None, "precision": "fp32", "time_to": time_to(p["curve"]),
-            "curve": p["curve"]}
+            "curve": p["curve"], "tensorflow": p["tensorflow"]}
 
 
 def speedups(results: list[dict]) -> dict[str, list[float]]:
-    """Per experiment, the peer's seconds over cifar4's mean seconds, round by round (a round
-    holds one peer run and the cifar4 runs after it)."""
+    """Per experiment, Keras' seconds over cifar4's mean seconds, round by round (a round holds
+    one Keras run and cifar4's runs of the same experiment)."""
     out: dict[str, list[float]] = {}
-    peers = {(r["experiment"].split(":", 1)[1], r.get("round", 1)): r["train_seconds"]
+    keras = {(r["experiment"].split(":", 1)[1], r.get("round", 1)): r["train_seconds"]
              for r in results if r["experiment"].startswith("keras:")}
     ours: dict[tuple[str, int], list[float]] = {}
     for r in results:
         if not r["experiment"].startswith("keras:"):
             ours.setdefault((r["experiment"], r.get("round", 1)), []).append(r["train_seconds"])
     for (name, round_), secs in sorted(ours.items(), key=lambda kv: kv[0][1]):
-        peer = peers.get((PEER_NAMES.get(name, ""), round_))
-        if peer:
-            out.setdefault(name, []).append(peer / statistics.mean(secs))
+        reference = keras.get((name, round_))
+        if reference:
+            out.setdefault(name, []).append(reference / statistics.mean(secs))
     return out
 
 
 def print_speedups(results: list[dict]) -> None:
     for name, ratios in speedups(results).items():
         rounds = " / ".join(f"{x:.2f}x" for x in ratios)
-        print(f"{name} against the peer, round by round: {rounds}; median {statistics.median(ratios):.2f}x, "
+        print(f"{name} against Keras, round by round: {rounds}; median {statistics.median(ratios):.2f}x, "
               f"lowest {min(ratios):.2f}x")
 
 
-def _peer_round(peer: str, name: str, epochs: int | None, data: str, round_: int) -> list[dict]:
-    p = run_peer(peer, name, epochs, data)
+def _keras_round(python: str, name: str, epochs: int | None, data: str, round_: int) -> list[dict]:
+    p = run_keras(python, name, epochs, data)
     if not p:
         return []
     p["round"] = round_
@@ -175,23 +180,31 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override any experiment key, as cifar4 train --set")
     ap.add_argument("--data", default=None)
-    ap.add_argument("--peer", default=None, help="path of keras_seed.py, to run the Keras peer too")
+    ap.add_argument("--keras", action="store_true",
+                    help="train the same model with Keras too (benchmarks/keras_reference.py)")
+    ap.add_argument("--keras-python", default=sys.executable, metavar="PYTHON",
+                    help="the interpreter that has TensorFlow, for --keras (default: this one)")
+    ap.add_argument("--peer", default=None, metavar="PATH", help="deprecated: use --keras")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="with --peer: alternate the peer and cifar4's runs this many times")
+                    help="with --keras: alternate Keras' and cifar4's runs this many times")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     a = ap.parse_args()
     if a.rounds < 1:
         ap.error(f"--rounds {a.rounds}: expected a whole number >= 1")
+    if a.peer is not None:
+        print(f"--peer is deprecated: use --keras (running {KERAS_SCRIPT} instead of {a.peer})",
+              file=sys.stderr)
+        a.keras = True
     ds = cifar4.load_dataset(a.data)
     results = []
     with tempfile.TemporaryDirectory(prefix="cifar4-bench-") as tmp:
         for name in a.experiments:
-            for round_ in range(1, (a.rounds if a.peer else 1) + 1):
-                # rounds alternate who goes first (peer, cifar4, cifar4, peer, ...): a host that
+            for round_ in range(1, (a.rounds if a.keras else 1) + 1):
+                # rounds alternate who goes first (Keras, cifar4, cifar4, Keras, ...): a host that
                 # slows down under sustained load then slows both sides alike
-                first_peer = round_ % 2 == 1
-                if a.peer and first_peer:
-                    results += _peer_round(a.peer, name, a.epochs, ds.source, round_)
+                keras_first = round_ % 2 == 1
+                if a.keras and keras_first:
+                    results += _keras_round(a.keras_python, name, a.epochs, ds.source, round_)
                 for split_seed in a.split_seeds:
                     for seed in a.seeds:
                         r = run_one(name, ds, seed, split_seed, a.epochs, Path(tmp), a.split, a.sets)
@@ -199,8 +212,8 @@ def main() -> None:
                         print(json.dumps({k: v for k, v in r.items() if k not in ("curve", "machine", "versions")}),
                               flush=True)
                         results.append(r)
-                if a.peer and not first_peer:
-                    results += _peer_round(a.peer, name, a.epochs, ds.source, round_)
+                if a.keras and not keras_first:
+                    results += _keras_round(a.keras_python, name, a.epochs, ds.source, round_)
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
     print()
@@ -218,7 +231,7 @@ def main() -> None:
         inf = [r["inference_images_per_s"] for r in rs if r["inference_images_per_s"]]
         print(" | ".join([name, str(len(rs)), str(rs[0]["epochs"]), acc, f"{secs:.1f}", *tts,
                           f"{tr:.0f}", fmt(statistics.mean(inf) if inf else None, ".0f")]))
-    if a.peer:
+    if a.keras:
         print_speedups(results)
     if results and "machine" in results[-1]:
         m = results[-1]["machine"]

@@ -1,6 +1,7 @@
-"""Data-parallel training under torchrun: 2 gloo processes on the CPU train one run folder with
-the same number of steps as one process, and a history that matches it closely; a killed
-data-parallel run resumes under torchrun."""
+"""Data-parallel training under torchrun: 2 gloo processes on the CPU, on one node or as two
+nodes meeting through a c10d rendezvous, train one run folder with the same number of steps as
+one process, and a history that matches it closely; a killed data-parallel run resumes under
+torchrun."""
 
 from __future__ import annotations
 
@@ -8,19 +9,35 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PY = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
 def npz(bigger_npz: Path) -> Path:
     return bigger_npz
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The data (as bigger_npz), and the one-process run every data-parallel run is compared to."""
+    from conftest import make_arrays
+    root = tmp_path_factory.mktemp("one")
+    X, Y, t = make_arrays(1200, seed=3)
+    np.savez(root / "d.npz", X=X, Y=Y, is_test=t)
+    r = subprocess.run(_train(root / "d.npz", root / "one", "--json"), capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "d.npz", root / "one", json.loads(r.stdout)
 
 
 def _train(npz: Path, run_dir: Path, *extra: str, nproc: int = 1, epochs: int = 3) -> list[str]:
@@ -36,24 +53,57 @@ def _history(run: Path) -> list[dict]:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_train_like_one(npz, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(_train(npz, tmp_path / "one", "--json"), capture_output=True, text=True, env=env)
-    two = subprocess.run(_train(npz, tmp_path / "two", "--json", nproc=2), capture_output=True, text=True, env=env)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    m1, m2 = json.loads(one.stdout), json.loads(two.stdout)  # only rank 0 prints
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]  # one folder per run
+def _trains_like_one_process(one: Path, m1: dict, two: Path, m2: dict) -> None:
     assert m2["iterations"] == m1["iterations"] and m2["epochs"] == m1["epochs"] == 3
     # The ranks see exactly the batches one process sees (same order and augmentation), and the
     # averaged gradient of two half-batches equals the full batch's; what differs is the order
     # of floating-point sums in the all-reduce, so losses agree to 1e-4 relative, not bit for bit.
-    for a, b in zip(_history(tmp_path / "one"), _history(tmp_path / "two"), strict=True):
+    for a, b in zip(_history(one), _history(two), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4, abs=1e-6)
         assert abs(b["accuracy"] - a["accuracy"]) <= 1 / m1["split"]["train"]
     assert m2["test_accuracy"] == pytest.approx(m1["test_accuracy"], abs=2 / m1["split"]["test"])
-    assert not (tmp_path / "two" / "state").exists() and (tmp_path / "two" / "model.safetensors").is_file()
+    assert not (two / "state").exists() and (two / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one(one_process, tmp_path):
+    npz, one, m1 = one_process
+    two = subprocess.run(_train(npz, tmp_path / "two", "--json", nproc=2), capture_output=True, text=True, env=ENV)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["two"]  # one folder per run
+    _trains_like_one_process(one, m1, tmp_path / "two", json.loads(two.stdout))  # only rank 0 prints
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_meeting_through_a_c10d_rendezvous_train_like_one_process(one_process, tmp_path):
+    """Two torchrun agents, one process each, as two machines would start them (the shared
+    folder stands for the first machine's disk: only rank 0 writes the run)."""
+    npz, one, m1 = one_process
+    port, rdzv_id = _free_port(), uuid.uuid4().hex[:12]
+    cmd = _train(npz, tmp_path / "two", "--json")[1:]  # python -m cifar4 train ... -> -m cifar4 train ...
+    nodes = [subprocess.Popen([PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
+                               "--rdzv-conf", "join_timeout=120", "--local-addr", "127.0.0.1", *cmd],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for rank in (0, 1)]
+    try:
+        outs = [n.communicate(timeout=600) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    printed = [o for o, _ in outs if o.strip()]
+    assert len(printed) == 1  # rank 0 (whichever node the rendezvous made it) prints
+    assert [p.name for p in tmp_path.iterdir()] == ["two"]  # one run folder for the whole job
+    _trains_like_one_process(one, m1, tmp_path / "two", json.loads(printed[0]))
 
 
 @pytest.mark.slow

@@ -365,14 +365,21 @@ def export(run: Path = typer.Argument(..., help="A run directory."),
 def serve(runs: Optional[list[Path]] = typer.Argument(None, help="Run directories to offer (default: every "
                                                     "finished run under runs/ and lab/runs/)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
-                                   "network; there is no authentication)."),
+                                   "network; any address beyond the loopback needs --token)."),
           port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
           lab: Optional[Path] = typer.Option(None, "--lab", help="A lab folder (or its report folder): "
                                              "serve its report at /report/ and offer its runs."),
+          token: Optional[str] = typer.Option(None, "--token", envvar="CIFAR4_TOKEN", show_envvar=True,
+                                              show_default=False, help="Access token every API request "
+                                              "must carry (Authorization: Bearer TOKEN); the page asks "
+                                              "for it once. Prefer the variable: options show in 'ps'."),
+          metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Serve Prometheus metrics at "
+                                       "/metrics."),
           data: Optional[Path] = DataOpt) -> None:
-    """A web page and a JSON API (/api/predict, /api/runs, /docs) over trained runs."""
+    """A web page and a JSON API (/api/predict, /api/runs, /api/ready, /metrics, /docs) over trained runs."""
     from .serving.server import serve as do_serve
-    do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False, markup=False))
+    do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False, markup=False),
+             token=token, metrics=metrics)
 
 
 @app.command()
@@ -689,7 +696,7 @@ def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs
 def main(argv: list[str] | None = None) -> int:
     # What the imports made (torch, scikit-learn, matplotlib: some 10^6 objects) lives as long as
     # the process: frozen, the collector never walks it again, during the run or at exit (the
-    # interpreter's shutdown took 1.3-1.9 s after every command on a 2-core EPYC; 0.9 s so).
+    # interpreter's shutdown walks those objects again otherwise: a second or more on a small CPU).
     gc.freeze()
     argv = _expand_seeds(list(sys.argv[1:] if argv is None else argv))
     _STATE["debug"] = False

@@ -319,10 +319,9 @@ _BUILT: set[str] = set()  # model names and options that built (a process checks
 
 def _check_build(name: str, options: dict[str, Any]) -> None:
     """Option values checked by building the model on the meta device (no memory), once per
-    name and options in a process: a transfer backbone took 0.34 s to build even there (a
-    2-core Xeon), and one command checks an experiment, its members, fallbacks and GPU variant
-    dozens of times (45 EfficientNet builds, 4.4 s of a cached `fast-long`'s 30 s profile on
-    an H200)."""
+    name and options in a process: a transfer backbone takes a noticeable time to build even
+    there, and one command checks an experiment, its members, fallbacks and GPU variant dozens
+    of times."""
     key = json.dumps([name, options], sort_keys=True, default=repr)
     if key in _BUILT:
         return
@@ -334,8 +333,8 @@ def _check_build(name: str, options: dict[str, Any]) -> None:
 class _ValuesSkipped(TorchFunctionMode):
     """Inside _check_build: the in-place operators that only set values (the initialisers'
     normal_, trunc_normal_'s erfinv_ and clamp_, ...) leave a meta tensor as it is. On the meta
-    device torch runs them as Python references whose first use imports torch._dynamo: 2.0-2.4 s
-    (a 2-core Cascade Lake Xeon), for values a meta tensor does not hold. The commands that do
+    device torch runs them as Python references whose first use imports torch._dynamo, seconds
+    on a small CPU, for values a meta tensor does not hold. The commands that do
     not train (predict, evaluate, serve, export, listings) save that; a training command still
     imports it when torch builds its optimizer (Optimizer.add_param_group is wrapped by
     torch._disable_dynamo). Shapes, dtypes and every other operator are checked as before."""

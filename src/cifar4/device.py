@@ -25,9 +25,9 @@ TRIM_THRESHOLD = 2**31 - 1                   # never give the heap's top back be
 def keep_freed_memory() -> bool:
     """Tune glibc's allocator so a training step reuses the memory the previous step freed:
     by default glibc serves large blocks with fresh mmap()s and returns freed memory to the
-    system, so every step pays page faults again. Measured on the 2-core EPYC (ms per training
-    step, glibc default -> tuned): the session's CNN 15.7 -> 8.5, the deep MLP 13.8 -> 7.1, the
-    fast net 137 -> 117 (jemalloc: 12.8, 10.3, 162). The process keeps its peak memory instead
+    system, so every step pays page faults again; tuned, the course's CNN, the deep MLP and the
+    fast net all step faster (and faster than with jemalloc; figures in docs/benchmarks, from
+    benchmarks/cpu_settings.py). The process keeps its peak memory instead
     of returning it (CIFAR4_MALLOC=default leaves glibc as it is). Returns whether it applied
     (glibc only; a no-op elsewhere)."""
     if _ALLOCATOR:
@@ -91,10 +91,8 @@ def pick_device(name: str = "auto") -> torch.device:
 def bf16_is_fast(device: torch.device) -> bool:
     """bf16 pays off where the hardware has it natively: AVX512-BF16/AMX CPUs, Ampere+ GPUs.
     oneDNN also runs bf16 on AVX-512 CPUs without those instructions (Skylake, Cascade Lake),
-    emulated: on a 2-core Cascade Lake Xeon a fast-net training step at the precision probe's
-    batch of 128 took 241 ms in bf16 against 116 ms in fp32, `transfer-224`'s extraction
-    41-47 ms a view against 28-35, and `transfer`'s 18-23 against 18-21; there, as on an
-    AVX2-only CPU, it is not."""
+    emulated: there a fast-net training step and the transfer backbones' feature extraction are
+    slower in bf16 than in fp32, or no faster, so there, as on an AVX2-only CPU, it is not."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     try:
@@ -129,9 +127,9 @@ def _cpu_fields() -> dict[str, str]:
 
 
 def resolve_precision(precision: str, device: torch.device, model: nn.Module) -> str:
-    """'auto' -> bf16 for models with convolutions on bf16-capable hardware (measured: the
-    session's CNN trains 1.6x faster per epoch with the same accuracy), else fp32 (the dense
-    MLPs measured slower in bf16 on the CPU)."""
+    """'auto' -> bf16 for models with convolutions on bf16-capable hardware (where the course's
+    CNN trains faster per epoch with the same accuracy), else fp32 (the dense MLPs are bound
+    by memory, not arithmetic, and measured slower in bf16 on the CPU)."""
     if precision != "auto":
         return precision
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())

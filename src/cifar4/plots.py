@@ -13,8 +13,8 @@ from . import io as cio
 
 def _pyplot() -> Any:
     """pyplot on the Agg backend, imported where a figure is drawn: a command that draws none
-    (an error, `predict`, `serve`, a refused resume) does not pay matplotlib's import (0.8 s
-    of the 6 s a command spent importing on a 2-core AVX2 EPYC)."""
+    (an error, `predict`, `serve`, a refused resume) does not pay matplotlib's import, a large
+    share of what a command spends importing."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

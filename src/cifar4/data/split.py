@@ -8,8 +8,8 @@ images as the test set and draws a stratified 15% validation set from the rest.
 
 A split, once made, is kept in <cache>/splits/ ($CIFAR4_CACHE or the user cache folder), keyed
 on what it depends on (kind, seed, the labels, is_test, scikit-learn's version): a later run
-reads its rows there and does not import scikit-learn (1.2 s of a 13 s `fast-long` on an H100
-machine, whose host is a 16-core Xeon; 0.75 s on a 2-core Xeon). A missing, damaged or
+reads its rows there and does not import scikit-learn (whose import is a visible share of a
+short GPU command). A missing, damaged or
 unwritable file only means the split is made again.
 """
 
@@ -96,8 +96,8 @@ def _read(path: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Non
 
 
 def _make(ds: Dataset, kind: str, seed: int) -> Split:
-    # imported here: scikit-learn's import (0.75 s on a 2-core Xeon, 1.2 s on a GPU machine's
-    # host) is paid by a run that makes a split, not by every command (an error, predict, serve)
+    # imported here: scikit-learn's import (most of a second) is paid by a run that makes a split,
+    # not by every command (an error, predict, serve)
     from sklearn.model_selection import train_test_split
     n = len(ds)
     idx = np.arange(n)

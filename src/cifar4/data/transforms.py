@@ -59,9 +59,9 @@ class Normalization:
 
 def _channel_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of NHWC images. uint8 images are counted into
-    one 256-bin histogram per channel (exact integer sums; 0.35 s instead of 2.8 s for the
-    training split on the 2-core Xeon, where the float64 copy of 52 million values cost a
-    tenth of `--preset fast`'s overhead); other dtypes go through float64."""
+    one 256-bin histogram per channel (exact integer sums, and several times faster than a
+    float64 copy of every value, which cost a visible share of a short run's overhead); other
+    dtypes go through float64."""
     x = X.reshape(-1, X.shape[-1])
     if x.dtype != np.uint8:
         x64 = x.astype(np.float64)
@@ -167,7 +167,7 @@ def affine(x: torch.Tensor, rotation: float, shift: float,
     cos, sin = (torch.cos(ang).to(x.device), torch.sin(ang).to(x.device))
     tx, ty = tx.to(x.device), ty.to(x.device)
     # F.affine_grid's sampling grid, by broadcasting over pixel centres instead of its batched
-    # matmul (the same grid to 5e-7; 0.15 instead of 0.55 ms for 100 images on the 2-core EPYC)
+    # matmul (the same grid to 5e-7, and faster on a CPU, where the small batched matmul dominates)
     h, w = x.shape[-2:]
     xs = ((torch.arange(w, device=x.device, dtype=torch.float32) * 2 + 1) / w - 1).view(1, 1, w)
     ys = ((torch.arange(h, device=x.device, dtype=torch.float32) * 2 + 1) / h - 1).view(1, h, 1)
@@ -211,8 +211,7 @@ class Augment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         # with no crop between them, the flip is folded into the affine sampling grid (the same
-        # values; measured on the 2-core Zen 5 EPYC: the flip and its select were 0.07 s of a
-        # 1.37 s augmented CNN epoch)
+        # values, one pass over the batch fewer)
         fold = self.flip and self.translate == 0 and (self.rotation > 0 or self.shift > 0)
         if self.rotation > 0 or self.shift > 0:
             x = affine(x, self.rotation, self.shift, generator, mirror=fold)

@@ -85,9 +85,8 @@ def load_plan(text: str, where: str = "lab/session.toml") -> SessionPlan:
 SESSION_PLAN = load_plan((resources.files("cifar4.lab") / "session.toml").read_text(encoding="utf-8"))
 SESSION = tuple(SESSION_PLAN.experiments)
 # A pretrained backbone's inputs are upsampled; its features cost about the square of the
-# resolution, so a quick look runs it at 96 px at most (on a 2-core AVX2 EPYC the quick lab's
-# three transfer runs took 170 s at 160 px; 96 px gave 0.871 against 160 px's 0.923 in a
-# logistic regression on 4,000 images' features, BENCHMARKS.md)
+# resolution, so a quick look runs it at 96 px at most: under a third of the cost of 160 px,
+# and features still far better than at 32 px (docs/benchmarks)
 QUICK = {"train_subset": 2000, "eval_subset": 600, "epoch_divisor": 6, "max_resolution": 96}
 
 

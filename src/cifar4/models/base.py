@@ -31,8 +31,7 @@ def follows(model: Any, protocol: type) -> bool:
     from Python 3.12 that looks members up statically (inspect.getattr_static), which misses
     what nn.Module keeps outside the instance's __dict__ (submodules such as a transfer
     model's head), so on 3.12 no transfer model counted as a frozen backbone and its head
-    trained through the whole backbone at every step (on an H100, `transfer` with its
-    features cached: 20.0-21.8 s, and 2.9-3.4 s once fixed)."""
+    trained through the whole backbone at every step instead of on its cached features."""
     names = set(getattr(protocol, "__annotations__", {})) | {n for n in vars(protocol) if not n.startswith("_")}
     return all(hasattr(model, n) for n in names)
 
@@ -94,8 +93,7 @@ def backbone_digest(model: nn.Module) -> str | None:
 
 def inference_batch(model: nn.Module, default: int, device: torch.device) -> int:
     """Images per inference batch: on a CPU at most the model's `max_batch`; on a GPU the
-    default, whole (the transfer backbone's CPU batch of 16 images at 160 px made the H200's
-    feature extraction take 15.7 s, one host round trip per 16 images)."""
+    default, whole (a CPU's small batches would cost a GPU one host round trip per few images)."""
     if device.type != "cpu":
         return default
     return min(default, int(getattr(model, "max_batch", default)))

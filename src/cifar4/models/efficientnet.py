@@ -29,8 +29,8 @@ FEATURES = 1280
 class SameConv2d(nn.Conv2d):
     """A bias-free convolution with TensorFlow's 'SAME' padding for any input size. With stride
     1 and an odd kernel that padding is symmetric, (k - 1) / 2 on every side, and the
-    convolution pads itself (no separate padded copy of the input: on an H100 the copies of
-    F.pad were a fifth of the frozen backbone's time at 160 px)."""
+    convolution pads itself (no separate padded copy of the input: F.pad's copies were a large
+    share of the frozen backbone's time on a GPU)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1):
         symmetric = stride == 1 and kernel % 2 == 1

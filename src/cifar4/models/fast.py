@@ -13,16 +13,15 @@ Recipe (the `fast*` experiments hold the training half):
   bf16 autocast on CPU and GPU (on a CPU where it measures faster, the weight gradients of
   the small, wide maps as matmuls: layers.Conv3x3), and flip (+ shift) test-time views.
 
-Evidence (BENCHMARKS.md; 3,600-image test sets, 3 seeds on the session split + 2 other
-splits; torch 2.13 CPU, bf16 chosen by measurement; whole command from start to metrics.json):
-- `--preset fast` (32-96-192 channels, 6 epochs, six test-time views): 0.9172 +- 0.0027 in
-  68-82 s (one fresh machine's first run: 102 s, in the host's busiest minutes) on a 2-core
-  AMX Xeon whose host was busy. Before it, 32-128-256 with the flip view: 0.9195 +- 0.0021 in
-  61-70 s on a 2-core AMD EPYC (Zen 4), 0.9206 +- 0.0021 in 105-128 s on the busy Xeon. On a
-  2-core AVX2-only EPYC (Zen 3, fp32) its 87 s limit takes the 16-48-96 fallback: 0.8737 +-
-  0.0051 in 85-87 s (the 32-96-192 net fitted about one epoch there).
-- `--preset fast-28` (64-256-256, 28 epochs, + cutout; 3 seeds): 0.9511 +- 0.0017 in 443 s of fit on a
-  quiet 2-core AMX Xeon; 0.9509 in 5.7-7.1 s of fit on one H100.
+Evidence: docs/benchmarks/index.md gives each preset's test accuracy (3 seeds on the course's
+split and 2 other splits) and its whole-command time on each CPU and GPU measured, with the
+hardware, the date, the commit and the command
+(`python benchmarks/presets.py fast fast-long --seeds 0 1 2 --split-seeds 7 11 --cold`).
+- `--preset fast` (32-96-192 channels, 6 epochs, six test-time views): above 0.91 within its
+  87 s limit on 2 AVX-512 cores; on a CPU that trains in fp32 its limit takes a lighter
+  fallback (24-64-128, else 16-48-96), since the full net would fit only a fraction of its epochs.
+- `--preset fast-28` (64-256-256, 28 epochs, + cutout): about 0.95, the strongest single fast
+  net: minutes of training on a CPU, seconds on a GPU.
 """
 
 from __future__ import annotations

@@ -58,11 +58,10 @@ class _PoolScatterGrad(torch.autograd.Function):
     """Max pooling over windows that do not overlap (stride = window), then optionally a ReLU,
     whose backward hands each window's gradient to its maximum with `max_unpool2d` instead of
     max pooling's own backward: the same gradient (each input position belongs to one window,
-    so scattering equals accumulating), and on the 2-core Zen 4 EPYC 0.57-0.60 ms instead of
-    0.77-0.78 for the session CNN's first pool (bf16, channels_last, batch 100); its augmented
-    training step 1.5 and 5.4 % faster in two runs of alternating blocks. The ReLU runs in place
-    on the pooled map; its backward is F.relu's own op, which keeps channels_last (a masked_fill
-    there returned NCHW, and the copies after it made the step 25 % slower)."""
+    so scattering equals accumulating), and faster than the library's pooling backward for the
+    course CNN's pools. The ReLU runs in place on the pooled map; its backward is F.relu's own
+    op, which keeps channels_last (a masked_fill there returned NCHW, and the copies after it
+    slowed the step)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, window: int, relu: bool) -> torch.Tensor:
@@ -86,7 +85,7 @@ class _PoolByteIndices(torch.autograd.Function):
     """The same pooling (and ReLU) through the compiled kernel (models/native.py): one byte of
     window position per output instead of an int64 index, and a backward that writes the input's
     gradient in one pass instead of a zero fill and a scatter. The same values and gradients bit
-    for bit; on the 2-core Zen 4 EPYC the first pool's forward and backward 0.30 ms against 0.94."""
+    for bit, with less memory written and read in both passes."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, window: int, relu: bool) -> torch.Tensor:
@@ -109,9 +108,8 @@ class _PoolByteIndices(torch.autograd.Function):
 class MaxPooling2D(nn.MaxPool2d):
     """Keras MaxPooling2D, with an optional ReLU applied after the pooling. Max pooling commutes
     with ReLU (both are monotone), so a Conv2D's ReLU can move behind the pool that follows it
-    and run on a map 4x smaller: the same values, and the same gradients but at exact ties.
-    Measured on the 2-core EPYC (bf16, batch 100): the session CNN's forward and backward
-    15.6 -> 14.3 ms. Training on a CPU takes the compiled kernel where the trainer loaded it
+    and run on a map 4x smaller: the same values, and the same gradients but at exact ties, for
+    a quarter of the ReLU's work. Training on a CPU takes the compiled kernel where the trainer loaded it
     (_PoolByteIndices), else _PoolScatterGrad (the same values and gradients, both with a faster
     backward than the library's); elsewhere, and without gradients, the library's pooling."""
 
@@ -163,11 +161,10 @@ MATMUL_WGRAD_MIN_CHANNELS = 64  # ... with at least 64 input channels
 class _MatmulWeightGrad(torch.autograd.Function):
     """A 3x3, stride-1, zero-padded convolution whose backward computes the weight gradient as
     one matmul over the padded input's nine shifts (im2col), and the input gradient with the
-    library's kernel. On the 2-core AMX Xeon, oneDNN's bf16 weight-gradient kernel took 35 ms
-    for the fast net's 256->256 layer at 3x3 (its forward: 8 ms) and 32 ms for 128->256 at 7x7;
-    the matmul took 7.4 and 18 ms (batch 256). For larger maps with few channels the library
-    wins, so only small, wide maps take this path (and only when training measured it faster:
-    training/precision.py)."""
+    library's kernel. On some CPUs (AMX Xeons) oneDNN's bf16 weight-gradient kernel is several
+    times slower than its forward kernel on small, wide maps, where one matmul is not. For
+    larger maps with few channels the library wins, so only small, wide maps take this path
+    (and only when training measured it faster: training/precision.py)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

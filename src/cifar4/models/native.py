@@ -4,14 +4,13 @@ One so far, `pool2x2` (csrc/pool2x2.cpp): the session CNN's 2x2 max pool with it
 training on a CPU. The library's pooling writes an int64 index per output, and its backward
 (`max_unpool2d`) zero-fills the input's gradient and scatters into it; the kernel keeps one byte
 per output and writes the gradient in one pass, with the same values and gradients bit for bit.
-On the 2-core Zen 4 EPYC (bf16, batch 100, channels_last, timed alone): the first pool's forward
-0.22 ms against 0.46, its backward 0.08 against 0.48; the augmented CNN's training step 7.5-14.2 %
-faster (paired blocks in one process, the host slow or quick; BENCHMARKS.md, `benchmarks/pool_kernel.py`).
+Less memory traffic makes both passes faster than the library's, and the course CNN's training
+step with them (measured by `benchmarks/pool_kernel.py`; figures in docs/benchmarks).
 
 It is built with torch.utils.cpp_extension (a C++ compiler with OpenMP, and ninja, a
 dependency) with -march=native, into <cache>/kernels/<key>/ ($CIFAR4_CACHE or the user cache
 folder), the key hashing the source, torch's version, the CPU (model and features) and oneDNN's
-instruction-set limit, so a build never runs on a CPU it was not made for: about 7-11 s once per
+instruction-set limit, so a build never runs on a CPU it was not made for: seconds, once per
 machine. Where it cannot be built (no compiler, say), training takes the library's pooling, which
 gives the same numbers, and the run says why; the failure is remembered under the same key (remove
 that folder to try again). CIFAR4_KERNELS=library skips the kernels altogether.

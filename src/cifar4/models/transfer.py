@@ -234,8 +234,8 @@ class TransferNet(nn.Module):
 
     def _inference_backbone(self) -> Backbone:
         """The frozen backbone with each batch norm folded into its convolution
-        (torch.nn.utils.fusion): the same function in one pass instead of two, measured 18%
-        faster at 160 px. Rebuilt whenever weights or device change."""
+        (torch.nn.utils.fusion): the same function in one pass instead of two, so a forward
+        pass reads and writes each feature map once less. Rebuilt whenever weights or device change."""
         p = next(self.backbone.parameters())
         key = (p.device, p.data_ptr(), self._version)
         if self._fused is not None and self._fused[0] == key:

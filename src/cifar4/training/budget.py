@@ -11,12 +11,12 @@ writing the run's files. The one-cycle schedule is stretched or compressed to ex
 steps (its warm-up stays the same fraction), so a short budget still ends with a fully decayed
 learning rate. The plan is made again after every epoch with the epoch's measured time, and
 every REPLAN_EVERY steps of the epoch where the run ends, so a machine that slows down (another
-process on the cores) is followed: on a busy 2-core Xeon, whose step time swung by a third from
-one epoch to the next, plans made only at epochs' ends overran 180 and 360 s budgets by 3.5 and
-2.8 s (the whole command). In the epochs between the first and the last, every REPLAN_EVERY
-steps a check (`fit`, a plan not recorded) asks whether the steps left still fit, and plans
-again where they do not: a host that slowed to a third for a minute in the epoch before the
-last took `fast`'s 87 s limit to 125 s.
+process on the cores) is followed: on a busy host, whose step time can swing by a third from
+one epoch to the next, plans made only at epochs' ends overran their budgets. In the epochs
+between the first and the last, every REPLAN_EVERY steps a check (`fit`, a plan not recorded)
+asks whether the steps left still fit, and plans again where they do not, since a host that
+slows down for a minute in the epoch before the last would otherwise take the run far past its
+limit.
 
 A budget (not a limit: there the views belong to the experiment) also chooses the final
 evaluation's test-time views, at its first plan: the experiment's, or fewer where they would
@@ -39,11 +39,9 @@ SAFETY = 0.03             # of the remaining time kept in reserve for timing noi
 LIMIT_TOLERANCE = 0.15    # a time limit's first plan keeps its epochs if 85 % of them fit (see Budget.steps)
 # The final evaluation's share of the time left at a budget's first plan above which the
 # test-time views are cut (six -> the image and its mirror -> the image alone). Chosen on
-# validation accuracy, `fast` at budgets of 30, 60 and 90 s, seeds 0-2, each budget run with six,
-# two and one view (2-core Zen 4 EPYC; BENCHMARKS.md, thirteenth session): at 30 s six views
-# would take 0.42 of the time and two 0.18, and one view won (val 0.855 against 0.848 and
-# 0.812); at 60 s six would take 0.18 and two 0.08, and two won (0.910 against 0.907 and 0.900);
-# at 90 s six would take 0.12-0.13, and six and two tied (0.922; one 0.915)
+# validation accuracy (`fast` at budgets of 30, 60 and 90 s, each run with six, two and one
+# view): in a short run the training time the views cost buys more accuracy than they give, and
+# past this share the fewer views won or tied (figures: docs/benchmarks)
 EVAL_SHARE = 0.15
 
 
@@ -113,9 +111,8 @@ class Budget:
         total = max(done, done + more, 1)
         if self.max_epochs is not None:
             cap = self.max_epochs * steps_per_epoch
-            # Early plans rest on few steps, and the first ones are the slowest (a fast-long
-            # member on a 2-core Xeon, under cProfile, planned 381, then 357 of its 396 steps,
-            # then all 396: the cut-and-restored schedule made another run of the same seed).
+            # Early plans rest on few steps, and the first ones are the slowest: a schedule cut
+            # by an early plan and restored by a later one makes another run of the same seed.
             # A limit keeps its epochs while the shortfall is within a tolerance that shrinks to
             # nothing as the run goes on; the plans of the last epoch still cut it to the deadline.
             if total >= cap * (1 - LIMIT_TOLERANCE * (1 - done / cap) ** 2):

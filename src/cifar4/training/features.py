@@ -68,7 +68,7 @@ class CacheFile:
 
     def done(self) -> np.ndarray:
         """Which rows the file holds (bool (n,)), reading that array alone: the features are
-        61 MB a view at 160 px (0.15 s a file on a 2-core Xeon, against under a millisecond)."""
+        tens of MB a view, and reading them only to count rows would cost far longer."""
         got = self._load(("done",))
         return np.zeros(self.n, bool) if got is None else got["done"]
 
@@ -103,8 +103,7 @@ def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: s
     to the device in one copy and the features come back in one (on a GPU no batch waits for
     the host; rounded to float16 there, as numpy rounds them). `pad` (default: on a GPU) fills
     a last, smaller batch up to a whole one: a GPU chooses and loads its kernels once per batch
-    shape (unpadded, a fresh H200's image view took 2.69 s, its mirror then 0.75 s; padded, a
-    fresh H100's 0.86 and 0.79 s)."""
+    shape, so an unpadded last batch would load a second set of kernels for one batch)."""
     model.eval()
     cast = autocast(device, precision)
     out = torch.empty((len(X), model.num_features), dtype=torch.float16, device=device)
@@ -142,10 +141,10 @@ PROBE_MAX_IMAGES = 2048    # ... but no more images than this (a GPU's 4 batches
 def extraction_seconds(model, X: np.ndarray, device: torch.device, precision: str) -> float:
     """Seconds per image view of `extract` on this machine, from the first images of `X`: one
     batch to warm up, then batches timed one by one (at least EXTRACTION_PROBE, and for at
-    least PROBE_SECONDS, up to PROBE_MAX_IMAGES: a CPU's batches are 8-25 images, 0.05-0.15 s
-    each; a GPU's 512), the median batch's time per image. Four batches in one timing (0.2 s
-    on a 2-core Xeon at 160 px) read 5.9 ms a view once where the extraction then ran at 3.1:
-    a fresh `fast-long` took its lighter fallback for nothing."""
+    least PROBE_SECONDS, up to PROBE_MAX_IMAGES: a CPU's batches are 8-25 images; a GPU's 512),
+    the median batch's time per image. A few batches timed as one can read one slow moment as
+    the rate, about twice the true time per view, and send a fresh `fast-long` to its lighter
+    fallback for nothing."""
     batch = inference_batch(model, CHUNK, device)
     warm = min(batch, max(1, len(X) // (1 + EXTRACTION_PROBE)))  # (fewer images than that many batches)
     extract(model, X[:warm], False, device, precision)
@@ -265,7 +264,7 @@ def _extract_into(cf: CacheFile, feats: np.ndarray, done: np.ndarray, todo: np.n
 
 def feature_precision(asked: str, device: torch.device) -> str:
     """Precision of feature extraction (inference through the backbone): bf16 where the
-    hardware runs it natively (measured on the Xeon: 3x the fp32 images/s), unless asked."""
+    hardware runs it natively (several times fp32's images per second there), unless asked."""
     if asked == "auto":
         return "bf16" if bf16_is_fast(device) else "fp32"
     return arithmetic(asked)

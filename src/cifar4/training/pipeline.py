@@ -111,7 +111,7 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
     time limit where not even its lightest variant fits one epoch, raise MemberUnfit instead
     of training."""
     started = time.perf_counter() if started is None else started
-    keep_freed_memory()  # each step reuses what the last one freed (device.py: measured 1.2-1.9x)
+    keep_freed_memory()  # each step reuses what the last one freed (device.keep_freed_memory says why)
     if not isinstance(exp, Experiment):
         exp = cfgmod.load(exp)
     ds = data if isinstance(data, Dataset) else datamod.load(data)
@@ -255,10 +255,9 @@ MIN_MEMBER_SECONDS = 30.0  # a member's limit when the others overran the ensemb
 def reserved_seconds(member: Experiment) -> float:
     """What an earlier member of an ensemble leaves for `member`: half its own time limit, at
     least MIN_MEMBER_SECONDS. `fast-long`'s transfer member so leaves fast-15 (175 s) 87.5 s,
-    what `fast` had there before: on a fresh AVX2-only CPU (fp32) transfer, with 30 s left for
-    it, took 314 s of 355 to extract both views and fast-15 fitted 1.7 epochs of its lightest
-    fallback (the ensemble 0.938, against 0.953 for the next run); where transfer's features
-    would not fit the shorter limit it extracts the image alone (its fallback)."""
+    about `fast`'s own limit: with only the 30 s minimum reserved, a slow CPU's feature
+    extraction would leave the last member too little to train; where transfer's features would
+    not fit the shorter limit it extracts the image alone (its fallback)."""
     return max(MIN_MEMBER_SECONDS, member.train.time_limit / 2)
 
 
@@ -267,8 +266,7 @@ def _member_limit(member: Experiment, left: float, later: list[Experiment],
     """A member of an ensemble with a time limit: limited to what is left of it, less the
     combining and what each of the `later` members is reserved (reserved_seconds), or to its
     own limit if that is shorter (`own_limit`; not after an earlier member was skipped, whose
-    time goes to the later ones: on a 2-core Cascade Lake Xeon `fast-long` without its
-    transfer member ended in 210 s of its 355, fast-15 at its own 175). The last member so gets
+    time goes to the later ones, which would otherwise leave most of the limit unused). The last member so gets
     all that is left; an earlier one may not take it all (under its limit a frozen-backbone
     member whose features would not fit takes a lighter fallback, as `best`'s transfer-224 does
     on an AVX2-only CPU). Where the earlier members left almost nothing, a member still trains
@@ -508,12 +506,11 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
     a ceiling), else the last one. Each candidate before the last is timed here: a
     warm-up and two training steps of a fresh copy in the precision it would use, and a
     forward pass for the evaluation's cost; the limit's plan (Budget.steps) then says how many
-    of its epochs would fit. On a 2-core AVX2 EPYC (fp32, no bf16 arithmetic) `fast`'s
-    32-96-192 net fitted 1.6 of its 6 epochs (test 0.84); the 16-48-96 fallback fitted 3.8
-    (0.87). `skippable` (an ensemble's member with later ones): the last candidate is timed too,
-    and where it fits under MIN_MEMBER_EPOCHS, MemberUnfit is raised: on a 2-core Cascade Lake
-    Xeon with a third of its time stolen, `fast-long`'s transfer (267 s) timed its last fallback's
-    extraction at 1,459 s, ran it anyway, and the command took 635 s of its 355."""
+    of its epochs would fit. On a CPU without bf16 arithmetic (fp32) `fast`'s 32-96-192 net fits
+    a fraction of its 6 epochs, and the 16-48-96 fallback, with more of its own, is the better
+    model. `skippable` (an ensemble's member with later ones): the last candidate is timed too,
+    and where it fits under MIN_MEMBER_EPOCHS, MemberUnfit is raised: a member that cannot fit
+    even its lightest variant would otherwise run anyway and take the command far past its limit."""
     exp = run.exp
     candidates = [exp, *(exp.fallback(i) for i in range(len(exp.fallbacks)))]
     n = {k: len(run.idx[k]) for k in ("train", "val")}
@@ -582,9 +579,8 @@ INFER_PROBE = 128  # images of the forward pass timed for a fallback's evaluatio
 def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> float:
     """Seconds a frozen-backbone candidate would spend extracting the features that the cache
     does not hold yet (none where it holds them all): the rows of every split in each view it
-    needs, at the rate timed here (features.extraction_seconds). On a 2-core AVX2-only EPYC (fp32) the
-    backbone at 224 px extracts about 55 image views a second, at 160 px about 130: `best`'s
-    48,000 views at 224 px would take 15 minutes there."""
+    needs, at the rate timed here (features.extraction_seconds). On a CPU that runs in fp32,
+    `best`'s 48,000 views at 224 px would take longer than its whole limit."""
     prec = feature_precision(exp.train.precision, run.device)
     rows = np.concatenate([run.idx[k] for k in ("train", "val", "test")])
     todo = pending(model, run.ds, rows, feature_views(exp), prec)
@@ -593,9 +589,8 @@ def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> f
     return EXTRACTION_MARGIN * todo * extraction_seconds(model, run.ds.X, run.device, prec)
 
 
-# the whole extraction against its timed batches: 398 s against 345 s expected at 160 px on the
-# AVX2-only EPYC (mirrored views, copies to the host and the cache's saves are not in the probe);
-# on a 2-core AMX Xeon 186 s against 258 s at 160 px, 363 s against 300 s at 224 px
+# the whole extraction against its timed batches: mirrored views, copies to the host and the
+# cache's saves are not in the probe, and on some CPUs the whole took a fifth longer than timed
 EXTRACTION_MARGIN = 1.2
 
 

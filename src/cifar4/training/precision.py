@@ -8,15 +8,14 @@ they were) and keeps the faster; bf16 must win by MARGIN to be chosen, since fp3
 answer is cached per CPU model and features (device.cpu_features), torch version, thread count,
 oneDNN instruction-set limit and model, in <cache>/precision.json ($CIFAR4_CACHE or the user
 cache folder), so each machine measures each model once. A CPU without AVX-512 (AVX2 only: no
-bf16 arithmetic at all, oneDNN would emulate it) is not timed: fp32, and the run says why (on a
-2-core AVX2 EPYC the emulated fast-net steps took 3.6 s against 0.29 s in fp32, and timing them
-cost the first run 25 s). So is an AVX-512 CPU without bf16 instructions (neither AVX512-BF16
-nor AMX: Skylake, Cascade Lake), where oneDNN emulates bf16 at about half fp32's speed (a 2-core
-Cascade Lake Xeon: 241 ms against 116 ms a fast-net step at the probe's batch of 128; timing a
-tiny net's emulated steps took 6 s of a fresh run's first seconds there). A model with 3x3
+bf16 arithmetic at all, oneDNN would emulate it) is not timed: fp32, and the run says why
+(emulated steps are many times slower than fp32's, so timing them would cost a first run more
+than any choice could save). So is an AVX-512 CPU without bf16 instructions (neither
+AVX512-BF16 nor AMX: Skylake, Cascade Lake), where oneDNN emulates bf16 at about half fp32's
+speed. A model with 3x3
 convolutions (models/layers.Conv3x3: the fast nets) is also timed in bf16 with the weight
-gradients of its small, wide maps taken as matmuls; that is kept where it wins by MARGIN (on the
-AMX Xeon, oneDNN's bf16 weight-gradient kernel is 3-4x slower than its forward one for those
+gradients of its small, wide maps taken as matmuls; that is kept where it wins by MARGIN (on some
+CPUs oneDNN's bf16 weight-gradient kernel is several times slower than its forward one for those
 maps). On a GPU, "auto" is bf16 where the GPU supports it (tensor cores). An explicit fp32, bf16
 or bf16-matmul-wgrad (`--precision`) is used as given, untimed: the last is the matmul variant
 that "auto" may choose, so a run that used it can be repeated without the cache (for models
@@ -201,9 +200,9 @@ def measure(model: nn.Module, x: torch.Tensor, device: torch.device,
             net = to_device(copy.deepcopy(model), device)
             if mode == MATMUL and (device.type != "cpu" or not matmul_weight_grads(net, True)):
                 continue  # a GPU, or no 3x3 convolutions
-            # emulated bf16 (oneDNN held to AVX2 on an AVX-512 CPU: a fast-net step took 25.6 s
-            # against 1.7 s in fp32) loses at once, without the timed steps. A native bf16
-            # warm-up (oneDNN generating its kernels) measured up to 3.5x fp32's step.
+            # emulated bf16 (oneDNN held to AVX2 on an AVX-512 CPU: many times fp32's step)
+            # loses at once, without the timed steps. A native bf16 warm-up (oneDNN generating
+            # its kernels) can take a few times fp32's step, so EMULATED is drawn well above it.
             times = step_times(net, x, device, prec, optimizer, PROBE_STEPS,
                                give_up=EMULATED * out["fp32"] if mode == "bf16" else None)
             out[mode] = round(min(times[1:] or times), 5)

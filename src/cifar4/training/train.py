@@ -61,8 +61,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params: list = [{"params": groups[s], "lr": lr * s} for s in order]
     if not params:
         raise ConfigError("the model has no trainable parameters; expected at least its head")
-    # Fused kernels update all parameters in one pass: measured 5x faster Adam steps on the
-    # 4.5M-parameter MLP (17.7 -> 3.3 ms per step on 2 cores), the step's largest cost there.
+    # Fused kernels update all parameters in one pass: several times faster Adam steps on the
+    # 4.5M-parameter MLP, where the optimizer's step was the training step's largest cost.
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=True)
     if cfg.optimizer == "sgd":
@@ -387,8 +387,8 @@ class Trainer:
                 # In the epoch where the run ends, plan again on its steps so far, so that a host
                 # that slows down now still ends in time (the epoch's end would be too late to
                 # notice). After the first epoch (whose first steps are the slowest), an earlier
-                # epoch is planned again where a plan now would cut the run: a host slowed to a
-                # third in the epoch before the last overran `fast`'s 87 s limit by 38 s. (That
+                # epoch is planned again where a plan now would cut the run, since a host that slows
+                # down in the epoch before the last would otherwise overrun the limit. (That
                 # check reads the clock without draining a GPU's queue of launched steps.)
                 again = self.total_steps - self.steps_done <= self.steps_per_epoch - step or (
                     self.steps_done > self.steps_per_epoch

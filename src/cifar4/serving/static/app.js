@@ -1,18 +1,76 @@
 // The cifar4 page: pick a run, send images to /api/predict, show what the model saw and said.
+// Sections: access token, API calls, model card, results, classify, start. A feature that adds
+// to the page (an API option, a view of each prediction) registers in `extensions` below rather
+// than editing classify() or showPrediction().
 "use strict";
 const $ = (id) => document.getElementById(id);
 let runs = [];
 
+const extensions = {
+  formFields: [],       // (form: FormData) => void: more fields for /api/predict
+  predictionViews: [],  // (prediction, element: HTMLElement) => void: more to show under a prediction
+};
+window.cifar4 = { extensions, api: (path, options) => api(path, options), authorized: (p) => authorizedUrl(p) };
+
 function fmt(x) { return x == null ? "-" : (typeof x === "number" ? x.toLocaleString() : String(x)); }
 function pct(x) { return x == null ? "-" : (100 * x).toFixed(2) + " %"; }
 
-async function api(path, options) {
-  const r = await fetch(path, options);
+// ---------------------------------------------------------------- access token
+// A server started with --token answers 401 to the API without it: the page asks once and keeps
+// the token in sessionStorage, so it lasts while the tab is open and never leaves this browser
+// except in the Authorization header.
+const TOKEN_KEY = "cifar4-token";
+class AuthError extends Error {}
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function askForToken(refused) {
+  $("token-message").textContent = refused ? "That token was refused; check it and try again." : "";
+  $("token-form").hidden = false;
+  $("token").focus();
+}
+
+$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  $("token-form").hidden = true;
+  start();
+});
+
+// ---------------------------------------------------------------- API calls
+async function api(path, options = {}) {
+  const r = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
   const body = await r.json().catch(() => ({ error: `HTTP ${r.status}` }));
+  if (r.status === 401) throw new AuthError(body.error || "an access token is needed");
   if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
   return body;
 }
 
+const objectUrls = new Map();  // element id -> the blob URL it shows (revoked when replaced)
+async function authorizedUrl(path) {  // an <img> cannot send a header: fetch it, show a blob
+  const r = await fetch(path, { headers: authHeaders() });
+  if (r.status === 401) throw new AuthError("an access token is needed");
+  if (!r.ok) return "";
+  return URL.createObjectURL(await r.blob());
+}
+
+async function showImage(id, path) {
+  const url = await authorizedUrl(path).catch(() => "");
+  if (objectUrls.has(id)) URL.revokeObjectURL(objectUrls.get(id));
+  objectUrls.set(id, url);
+  $(id).src = url;
+}
+
+function failed(e) {
+  if (e instanceof AuthError) askForToken(sessionStorage.getItem(TOKEN_KEY) !== null);
+  else $("message").textContent = e.message;
+}
+
+// ---------------------------------------------------------------- model card
 function showCard() {
   const run = runs.find((r) => r.name === $("run").value);
   if (!run) return;
@@ -25,8 +83,24 @@ function showCard() {
     const dd = document.createElement("dd"); dd.textContent = v;
     return [dt, dd];
   }));
-  $("card-curves").src = run.curves;
-  $("card-confusion").src = run.confusion;
+  showImage("card-curves", run.curves);
+  showImage("card-confusion", run.confusion);
+}
+
+// ---------------------------------------------------------------- results
+function probabilityBars(probabilities) {
+  const top = Object.entries(probabilities).sort((a, b) => b[1] - a[1])[0][0];
+  return Object.entries(probabilities).map(([c, v]) => {
+    const bar = document.createElement("div"); bar.className = "bar" + (c === top ? " top" : "");
+    const n = document.createElement("span"); n.textContent = c;
+    const track = document.createElement("span"); track.className = "track";
+    const fill = document.createElement("span"); fill.className = "fill"; fill.style.display = "block";
+    fill.style.width = `${(100 * v).toFixed(1)}%`;
+    track.append(fill);
+    const val = document.createElement("span"); val.textContent = (100 * v).toFixed(1) + " %";
+    bar.append(n, track, val);
+    return bar;
+  });
 }
 
 function showPrediction(p, truth) {
@@ -44,33 +118,25 @@ function showPrediction(p, truth) {
     t.textContent = `true class: ${truth} (${truth === p.class ? "right" : "wrong"})`;
     info.append(t);
   }
-  const top = Object.entries(p.probabilities).sort((a, b) => b[1] - a[1])[0][0];
-  for (const [c, v] of Object.entries(p.probabilities)) {
-    const bar = document.createElement("div"); bar.className = "bar" + (c === top ? " top" : "");
-    const n = document.createElement("span"); n.textContent = c;
-    const track = document.createElement("span"); track.className = "track";
-    const fill = document.createElement("span"); fill.className = "fill"; fill.style.display = "block";
-    fill.style.width = `${(100 * v).toFixed(1)}%`;
-    track.append(fill);
-    const val = document.createElement("span"); val.textContent = (100 * v).toFixed(1) + " %";
-    bar.append(n, track, val);
-    info.append(bar);
-  }
+  info.append(...probabilityBars(p.probabilities));
   div.append(img, info);
+  for (const view of extensions.predictionViews) view(p, div);
   $("results").prepend(div);
 }
 
+// ---------------------------------------------------------------- classify
 async function classify(files, truth) {
   if (!files.length) return;
   $("message").textContent = "";
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
   form.append("run", $("run").value);
+  for (const add of extensions.formFields) add(form);
   try {
     const body = await api("/api/predict", { method: "POST", body: form });
     for (const p of body.predictions) showPrediction(p, truth);
   } catch (e) {
-    $("message").textContent = e.message;
+    failed(e);
   }
 }
 
@@ -80,10 +146,11 @@ async function tryTestImage() {
     const blob = await (await fetch(t.image)).blob();
     await classify([new File([blob], `test image (${t.label}).png`, { type: "image/png" })], t.label);
   } catch (e) {
-    $("message").textContent = e.message;
+    failed(e);
   }
 }
 
+// ---------------------------------------------------------------- start
 async function start() {
   try {
     const body = await api("/api/runs");
@@ -97,7 +164,7 @@ async function start() {
     $("run").value = body.default;
     showCard();
   } catch (e) {
-    $("message").textContent = e.message;
+    failed(e);
   }
 }
 

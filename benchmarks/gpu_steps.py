@@ -35,9 +35,10 @@ from cifar4.training.evaluate import evaluate
 
 def build(exp, ds, folder: Path):
     run = pipeline._prepare(exp, ds, folder)
+    pipeline._build_model(run)  # no plan: the trainer decides its precision and kernels itself
     pipeline._build_trainer(run, None, save_state=False, extra=None, progress=False)
     tr = run.trainer
-    x_store, y_store = tr._prepare(run.x["train"], run.y["train"])
+    x_store, y_store = tr._schedule_and_store(run.x["train"], run.y["train"])
     return run, tr, x_store, y_store
 
 

@@ -31,6 +31,7 @@ STEPS = [
     "cifar4.data.split:split_indices",
     "cifar4.training.pipeline:train", "cifar4.training.pipeline:_train_ensemble",
     "cifar4.training.pipeline:_run", "cifar4.training.pipeline:_prepare",
+    "cifar4.training.pipeline:_make_plan", "cifar4.training.pipeline:_build_model",
     "cifar4.training.pipeline:_fit_to_limit", "cifar4.training.pipeline:_build_trainer",
     "cifar4.training.pipeline:_fit", "cifar4.training.pipeline:_evaluate_splits",
     "cifar4.training.pipeline:_write_artifacts", "cifar4.training.pipeline:_metrics",

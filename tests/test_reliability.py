@@ -4,7 +4,6 @@ result as an uninterrupted run."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cifar4 import data, io, runs
@@ -75,10 +74,29 @@ def test_any_bytes_as_an_image_is_an_image_error(tmp_path, blob):
 
 @FUZZ
 @given(blob=st.binary(max_size=300))
+@example(blob=b"")
+@example(blob=b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
 def test_any_bytes_as_weights_is_a_checkpoint_error(tmp_path, blob):
+    """Garbage never loads silently: it is a CheckpointError naming the file; bytes that do
+    load are a well-formed file, read as the library itself reads it, tensor for tensor."""
+    import io as _io
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
     for p in _each_as(tmp_path, blob, ("w.safetensors", "w.pth")):
-        with contextlib.suppress(CheckpointError):
-            runs.read_weights(p)
+        try:
+            got = runs.read_weights(p)
+        except CheckpointError as e:
+            assert str(p) in str(e)
+            continue
+        try:
+            ref = st_load(blob) if p.suffix == ".safetensors" else \
+                torch.load(_io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except (SafetensorError, Exception) as e:  # the library refuses what was loaded: a silent load
+            raise AssertionError(f"{p.name}: {blob!r} loaded, but is no weights file ({e})") from None
+        assert isinstance(got, dict) and got.keys() == ref.keys()
+        assert all(isinstance(v, torch.Tensor) and torch.equal(v, ref[k]) for k, v in got.items())
 
 
 def test_a_damaged_pth_is_one_line_without_torchs_warning(tmp_path):

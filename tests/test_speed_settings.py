@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -365,7 +366,8 @@ def test_a_budget_run_is_evaluated_and_recorded_with_the_views_it_chose(tiny, tm
     with pytest.raises(Died):
         pipeline.train(exp, tiny, run_dir=tmp_path / "part", progress=False)
     monkeypatch.setattr(pipeline, "_callbacks", orig)
-    assert config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == 2  # the experiment's, until the end
+    # the plan chose the views before training, and config.toml holds them from the start
+    assert config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == tta
     resumed = pipeline.resume(tmp_path / "part", tiny, progress=False).metrics
     assert resumed["tta"] == tta and config.read_toml(tmp_path / "part" / "config.toml")["train"]["tta"] == tta
 
@@ -428,7 +430,15 @@ def test_a_time_limit_takes_the_first_variant_that_fits(tiny, tmp_path, monkeypa
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": epochs, "time_limit": 600}}),
                             "fallbacks": [{"model": {"options": {"widths": [8, 16, 16]}}},
                                           {"model": {"options": {"widths": [8, 8, 8]}}, "train": {"epochs": 1}}]})
+    from cifar4 import io as cio
+    written, atomic_open = [], cio.atomic_open
+    monkeypatch.setattr(cio, "atomic_open", lambda path, *a, **k: (written.append(Path(path).name),
+                                                                   atomic_open(path, *a, **k))[1])
     r = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False)
+    assert written.count("config.toml") == written.count("run.json") == 1  # the plan, written once
+    plan = json.loads((r.run_dir / "run.json").read_text())["plan"]
+    assert plan["fallback"] == used and plan["precision"] == r.metrics["precision"]
+    assert any("fallbacks[1] instead" in why for why in plan["reasons"]) == (used is not None)
     fb = r.metrics["fallback"]
     assert fb["used"] == used and fb["fits"] == config.FALLBACK_FITS
     assert [t["fallback"] for t in fb["tried"]] == ([None] if used is None else [None, 0])

@@ -10,7 +10,7 @@ import torch
 from cifar4 import config
 from cifar4.errors import ConfigError
 from cifar4.training import pipeline
-from cifar4.training.callbacks import EarlyStopping
+from cifar4.training.callbacks import Callback, CallbackList, EarlyStopping
 from cifar4.training.train import lr_factor
 from conftest import DieAt, Died
 
@@ -49,29 +49,83 @@ def test_l2_and_augmentation_and_bf16_train(tiny, tmp_path):
                           "train": {"epochs": 2, "batch_size": 32, "l2": 1e-4, "precision": "bf16",
                                     "schedule": "linear", "warmup": 0.2, "label_smoothing": 0.1},
                           "augment": {"flip": True, "rotation": 15, "shift": 0.1}})
-    r = pipeline.train(e, tiny, runs_root=tmp_path, progress=False)
+    seen = _Seen()
+    r = pipeline.train(e, tiny, runs_root=tmp_path, progress=False, callbacks=[seen])
     assert all(math.isfinite(h["loss"]) for h in r.history)
+    assert seen.logits_dtype == torch.bfloat16  # the steps ran under bf16 autocast
+
+
+class _Seen(Callback):
+    """What the first training step's forward pass was given and gave back."""
+
+    inputs: torch.Tensor | None = None
+    logits_dtype: torch.dtype | None = None
+    initial: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, logs=None):
+        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+        def seen(module, args, out):
+            if module.training and self.inputs is None:
+                self.inputs, self.logits_dtype = args[0].detach().clone(), out.dtype
+        self.model.register_forward_hook(seen)
+
+
+def _one_step(tiny, tmp_path, **train):
+    """A one-step run (the whole training split is one batch), plain SGD, dropout off."""
+    e = config.from_dict({"name": "one", "model": {"name": "mlp-deep", "options": {"dropout": 0.0}},
+                          "data": {"train_subset": 64},
+                          "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.1,
+                                    "precision": "fp32", **train.pop("train", {})}, **train})
+    seen = _Seen()
+    r = pipeline.train(e, tiny, runs_root=tmp_path, progress=False, callbacks=[seen])
+    assert r.metrics["iterations"] == 1
+    return seen, {k: v.detach() for k, v in r.model.state_dict().items()}
+
+
+def test_l2_adds_its_exact_decay_to_the_kernels_and_leaves_biases_alone(tiny, tmp_path):
+    """Keras' l2(lam) adds lam * sum(w^2) to the loss: one SGD step at rate lr moves each
+    kernel by a further -2 * lr * lam * w, and no bias."""
+    lam, lr = 0.05, 0.1
+    seen, plain = _one_step(tiny, tmp_path / "a")
+    _, l2 = _one_step(tiny, tmp_path / "b", train={"l2": lam})
+    kernels = [k for k, v in plain.items() if k.endswith("weight") and v.ndim > 1]
+    assert kernels
+    for k, v in plain.items():
+        expected = -2 * lr * lam * seen.initial[k] if k in kernels else torch.zeros_like(v)
+        torch.testing.assert_close(l2[k] - v, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_augmentation_changes_the_batches_the_model_sees(tiny, tmp_path):
+    """The same seed draws the same first batch; with flips, each of its images is the plain
+    one or its mirror, and some are mirrored."""
+    plain, _ = _one_step(tiny, tmp_path / "a")
+    flipped, _ = _one_step(tiny, tmp_path / "b", augment={"flip": True})
+    a, b = plain.inputs, flipped.inputs
+    assert a is not None and b is not None and a.shape == b.shape and a.ndim == 4
+    same = (a == b).flatten(1).all(1)
+    mirrored = (a.flip(3) == b).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 0 < int((mirrored & ~same).sum()) < len(a)
+    assert plain.logits_dtype == torch.float32  # fp32 asked: no autocast
 
 
 def _stop_epoch(losses, **kw):
     """Feed val_loss values to EarlyStopping as a fit loop would; (last epoch trained, weight
     left in the model: each epoch's weight is its epoch number)."""
-    class T:  # the slice of a Trainer the callback touches
-        stop_training = False
-        restored_epoch = None
-        start_epoch = 0
-        model = torch.nn.Linear(1, 1)
-    es, t = EarlyStopping("val_loss", **kw), T()
-    es.on_train_begin(t)
+    model = torch.nn.Linear(1, 1)
+    es = EarlyStopping("val_loss", **kw)
+    CallbackList([es], model, {"epochs": len(losses), "steps": 1, "initial_epoch": 0}, None)
+    model.stop_training = False
+    es.on_train_begin()
     last = 0
     for epoch, loss in enumerate(losses, start=1):
-        if t.stop_training:
+        if model.stop_training:
             break
-        t.model.weight.data.fill_(epoch)
-        es.on_epoch_end(t, epoch, {"val_loss": loss})
+        model.weight.data.fill_(epoch)
+        es.on_epoch_end(epoch, {"val_loss": loss})
         last = epoch
-    es.on_train_end(t)
-    return last, t.model.weight.item(), es
+    es.on_train_end()
+    return last, model.weight.item(), es
 
 
 @pytest.mark.parametrize("patience,stops_at", [(0, 3), (1, 3), (2, 4), (3, 5)])
@@ -101,7 +155,7 @@ def test_early_stopping_has_keras_defaults_and_min_delta():
 def test_early_stopping_warns_when_the_monitored_key_is_missing():
     es = EarlyStopping("val_auc")
     with pytest.warns(UserWarning, match="val_auc"):
-        es.on_epoch_end(None, 1, {"val_loss": 1.0})
+        es.on_epoch_end(1, {"val_loss": 1.0})
 
 
 def test_model_checkpoint_writes_the_best_epoch_and_the_run_keeps_it(tiny, tmp_path):
@@ -193,3 +247,35 @@ def test_the_confusion_matrix_counts_true_classes_by_row_as_scikit_learn_does():
     assert out["confusion"] == want.tolist()
     assert out["per_class_accuracy"]["b"] == pytest.approx(want[1, 1] / want[1].sum())
     assert np.array(out["confusion"]).sum() == 500
+
+
+def test_a_callback_sees_the_model_params_and_plan_and_stops_training_as_in_keras(tiny, tmp_path):
+    class Watch(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seen.append((epoch, dict(self.params), self.plan.precision.precision, logs["val_loss"]))
+            if epoch == 2:
+                self.model.stop_training = True
+
+    w = Watch()
+    r = pipeline.train(exp(epochs=5), tiny, runs_root=tmp_path, progress=False, callbacks=[w])
+    assert [s[0] for s in w.seen] == [1, 2] and r.metrics["epochs"] == 2  # stopped where it asked
+    assert w.seen[0][1]["epochs"] == 5 and w.seen[0][1]["steps"] == r.metrics["steps_per_epoch"]
+    assert w.seen[0][1]["initial_epoch"] == 0 and w.seen[0][2] == r.metrics["precision"]
+    assert w.model is r.model
+
+
+def test_a_callback_written_for_the_trainer_still_works_with_a_deprecation_note(tiny, tmp_path):
+    class Old(Callback):
+        epochs: list[int] = []
+
+        def on_epoch_end(self, trainer, epoch, logs):
+            self.epochs = [*self.epochs, epoch]
+            trainer.stop_training = epoch == 1
+
+    old = Old()
+    with pytest.warns(DeprecationWarning, match="Old: callback hooks that take the trainer are deprecated"):
+        r = pipeline.train(exp(epochs=3), tiny, runs_root=tmp_path, progress=False, callbacks=[old])
+    assert old.epochs == [1] and r.metrics["epochs"] == 1

@@ -873,6 +873,64 @@ def data_show(data: Optional[Path] = DataOpt,
     out.print(f"sample grid written: {out_path}")
 
 
+# ---------------------------------------------------------------- interpret / lr-find
+
+@app.command()
+def interpret(run: Path = typer.Argument(..., help="A run directory."),
+              out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the figures and "
+                                                     "interpretation.json (default: RUN/interpret)."),
+              split: str = typer.Option("test", "--split", help="train, val or test: the images to interpret."),
+              data: Optional[Path] = DataOpt,
+              as_json: bool = typer.Option(False, "--json", help="Print interpretation.json to stdout."),
+              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Why the model fails and where it looks: confused pairs, top losses, per-class precision /
+    recall / F1, calibration before and after temperature scaling, attention maps (Grad-CAM;
+    saliency for an MLP)."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from .interpret import STEPS, interpret_run
+    with Progress(TextColumn("interpret {task.description}"), BarColumn(), console=err, transient=True,
+                  disable=quiet) as bar:
+        task = bar.add_task("", total=len(STEPS))
+        res = interpret_run(run, out_dir, split, data,
+                            on_step=lambda name: bar.update(task, description=name, completed=STEPS.index(name)))
+    if as_json:
+        _print_json(res)
+        return
+    out.print(res["summary"], highlight=False)
+    out.print(f"figures and interpretation.json written: {out_dir or run / 'interpret'}")
+
+
+@app.command("lr-find")
+def lr_find(experiment: str = typer.Argument(..., help="Built-in experiment name or a TOML file."),
+            out_dir: Path = typer.Option(Path("lr-find"), "--out", help="Folder for the plot and JSON."),
+            start: float = typer.Option(1e-7, "--start", help="First learning rate."),
+            end: float = typer.Option(10.0, "--end", help="Last learning rate."),
+            steps: int = typer.Option(300, "--steps", help="Optimizer steps, one per rate (100 hardly "
+                                      "move the session CNN's loss)."),
+            data: Optional[Path] = DataOpt,
+            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """The learning-rate range test: a short run whose learning rate grows from --start to --end,
+    stopped when the loss diverges; writes its plot and prints the suggested rate and the
+    'cifar4 train' command that uses it."""
+    from dataclasses import asdict
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .training.lr_find import lr_find as find
+    with Progress(TextColumn("lr-find"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
+                  disable=quiet) as bar:
+        task = bar.add_task("", total=steps)
+        res = find(experiment, data, out_dir, start, end, steps, on_step=lambda i: bar.update(task, completed=i))
+    if as_json:
+        _print_json(asdict(res))
+        return
+    out.print(f"suggested learning rate {res.suggested:.3g} (steepest descent of the smoothed loss; minimum / 10: "
+              f"{res.min_over_10:.3g}; the experiment's own: {res.default_lr:.3g})", highlight=False)
+    out.print(f"plot: {res.files['plot']}; to train with it: {res.command(experiment)}", highlight=False)
+
+
 # ---------------------------------------------------------------- entry point
 
 def _expand_seeds(argv: list[str]) -> list[str]:

@@ -1,5 +1,6 @@
 """Figures (matplotlib, Agg backend, no display needed): the session's training curves (loss,
-accuracy; train vs validation), confusion matrices, sample grids, overlaid curves of runs."""
+accuracy; train vs validation), confusion matrices, sample grids, overlaid curves of runs, the
+learning-rate range test."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _epoch_axis(ax) -> None:
+    """Whole epochs on the x axis: a one-epoch run's axis read 0.96 ... 1.04 with the default
+    ticks (min_n_ticks=1: MaxNLocator gives up on integers when fewer than two fit, as one
+    epoch's)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+
+
 def _save(fig, path: Path) -> None:
     plt = _pyplot()
     cio.write_with(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
@@ -35,7 +45,7 @@ def curves(rows: list[dict], path: Path, title: str = "") -> None:
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         ax.plot(ep, [r[key] for r in rows], "o-", ms=3, label=key)
         ax.plot(ep, [r[f"val_{key}"] for r in rows], "o-", ms=3, label=f"val_{key}")
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -52,7 +62,7 @@ def member_curves(members: list[tuple[str, list[dict]]], path: Path, title: str 
         if rows:
             ax.plot([r["epoch"] for r in rows], [r["val_accuracy"] for r in rows], "o-", ms=3,
                     label=f"{label} (val_accuracy)")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     if title:
@@ -122,7 +132,33 @@ def compare(runs: list[tuple[str, list[dict]]], path: Path) -> None:
         axes[1].plot(ep, [r["val_accuracy"] for r in rows], label=label)
     for ax, t in zip(axes, ("val_loss", "val_accuracy"), strict=True):
         ax.set_title(t)
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
+    _save(fig, path)
+
+
+def lr_range(lrs: list[float], losses: list[float], smoothed: list[float], suggested: float, min_over_10: float,
+             default: float, path: Path, title: str = "") -> None:
+    """Loss against learning rate (log axis): each step's loss, its smoothed curve, and the
+    suggested, minimum/10 and default rates as vertical lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(lrs, losses, color="0.7", lw=0.8, label="loss (each step)")
+    ax.plot(lrs, smoothed, lw=1.8, label="smoothed loss")
+    for x, style, label in ((suggested, "r-", f"suggested {suggested:.2g} (steepest descent)"),
+                            (min_over_10, "g--", f"minimum / 10: {min_over_10:.2g}"),
+                            (default, "k:", f"experiment's rate {default:.2g}")):
+        ax.axvline(x, color=style[0], ls=style[1:], lw=1.2, label=label)
+    finite = [v for v in smoothed[10:] if np.isfinite(v)]
+    if finite:  # the diverging tail would flatten the part worth reading
+        low, first = min(finite), finite[0]
+        ax.set_ylim(low - 0.1 * abs(first - low) - 1e-3, max(first, low) + 0.6 * abs(first - low) + 1e-3)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
     _save(fig, path)

@@ -1,8 +1,10 @@
 """The lab report: `report/index.html` (one self-contained file, images embedded, readable
 offline) and `report/report.md` (with its figures beside it), written from measured results
 only: the dataset, one section per experiment (architecture, parameter count with its
-calculation, iterations, curves, accuracies, time, a computed overfitting verdict), the MLP vs
-CNN comparison beside the session's own numbers, and the session's numeric questions answered.
+calculation, iterations, curves, accuracies, time, a computed overfitting verdict, and what
+`cifar4 interpret` finds: the most confused pair, the top losses, Grad-CAM maps, calibration),
+the overfitting CNN's mistakes beside the regularised one's, the MLP vs CNN comparison beside
+the session's own numbers, and the session's numeric questions answered.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from torch import nn
 
+from .. import interpret, models, plots, record, runs
 from .. import io as cio
-from .. import models, plots, record, runs
 from ..config import Experiment
 from ..data import Dataset, dataset_name, info
 from ..data.split import make_split
@@ -91,6 +93,7 @@ class Block:
     name: str = ""                   # fig: file name under figures/
     alt: str = ""
     data_uri: str = ""               # fig: the image embedded in the HTML page
+    figs: list[Block] = field(default_factory=list)  # figs: figures side by side
 
 
 @dataclass
@@ -109,10 +112,18 @@ class Section:
         self.blocks.append(Block("table", head=head, rows=rows))
 
     def fig(self, src: Path, figdir: Path, name: str, alt: str) -> None:
-        dst = figdir / name
-        if src != dst:
-            cio.write_bytes(dst, src.read_bytes())
-        self.blocks.append(Block("fig", name=name, alt=alt, data_uri=_img(dst)))
+        self.blocks.append(_figure(src, figdir, name, alt))
+
+    def figs(self, figures: list[tuple[Path, str, str]], figdir: Path) -> None:
+        """(source, name, caption) figures shown side by side."""
+        self.blocks.append(Block("figs", figs=[_figure(src, figdir, name, alt) for src, name, alt in figures]))
+
+
+def _figure(src: Path, figdir: Path, name: str, alt: str) -> Block:
+    dst = figdir / name
+    if src != dst:
+        cio.write_bytes(dst, src.read_bytes())
+    return Block("fig", name=name, alt=alt, data_uri=_img(dst))
 
 
 def write_report(entries: list[tuple[str, Path]], ds: Dataset, out_dir: str | Path,
@@ -135,9 +146,14 @@ def write_report(entries: list[tuple[str, Path]], ds: Dataset, out_dir: str | Pa
                                     "(bird, cat, frog, horse), so they are not comparable with these."))
     reference = SESSION_PLAN.reference if comparable else {}
     sections = [_dataset_section(ds, metrics, figdir)]
-    sections += [_ensemble_section(name, folder, metrics[name], figdir) if metrics[name]["model"] == "ensemble"
-                 else _experiment_section(name, folder, metrics[name], figdir, reference)
+    interps = {name: interpretation(folder, ds, out_dir / "interpret" / name) for name, folder in entries}
+    sections += [_ensemble_section(name, folder, metrics[name], figdir, interps)
+                 if metrics[name]["model"] == "ensemble"
+                 else _experiment_section(name, folder, metrics[name], figdir, reference, interps)
                  for name, folder in entries]
+    pair = _overfit_pair(entries, metrics)
+    if pair:
+        sections.append(_mistakes_section(pair, metrics, interps, figdir))
     sections.append(_comparison_section(entries, metrics, reference))
     sections.append(_frontier_section(metrics, figdir))
     transfers = [(n, metrics[n]) for n, _ in entries if metrics[n]["model"] == "transfer"]
@@ -157,7 +173,7 @@ def _dataset_section(ds: Dataset, metrics: dict[str, dict[str, Any]], figdir: Pa
     inf = info(ds)
     s = Section("The dataset", "dataset")
     s.p(f"{inf['images']:,} images of shape {tuple(inf['X_shape'][1:])}, {inf['X_dtype']}, from "
-        f"{inf['source']} (sha256 of X {inf['X_sha256'][:16]}...). Pixel values "
+        f"{source_name(ds)} (sha256 of its pixels and labels {ds.checksum()[:16]}...). Pixel values "
         f"{inf['pixel_min']}-{inf['pixel_max']}; per-channel mean {inf['channel_mean']}, std "
         f"{inf['channel_std']} (after /255).")
     s.table(["class", "images"], [[c, f"{n:,}"] for c, n in inf["class_counts"].items()])
@@ -175,7 +191,7 @@ def _dataset_section(ds: Dataset, metrics: dict[str, dict[str, Any]], figdir: Pa
 
 
 def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path,
-                        reference: dict[str, Reference]) -> Section:
+                        reference: dict[str, Reference], interps: dict[str, dict[str, Any]]) -> Section:
     exp: Experiment = record.read_experiment(folder)
     hist = runs.read_history(folder)
     loaded = runs.load_model(folder)
@@ -195,7 +211,7 @@ def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path
     aug = {k: val for k, val in exp.augment.model_dump().items() if val}
     s.p(f"Training: {m['epochs']} epochs x ceil({m['split']['train']:,} / {exp.train.batch_size}) "
         f"= {m['epochs']} x {m['steps_per_epoch']} = {m['iterations']:,} iterations (parameter updates); "
-        f"each training image is used {m['epochs']} times. Optimizer {exp.train.optimizer}, "
+        f"each training image is used {times(m['epochs'])}. Optimizer {exp.train.optimizer}, "
         f"pixels {'scaled to [0,1]' if exp.data.scale else 'raw 0-255'}"
         + (", augmentation " + ", ".join(f"{k}={val}" for k, val in aug.items()) if aug else "") + ".")
     s.fig(folder / "curves.png", figdir, f"{name}-curves.png", f"{name} training curves")
@@ -217,10 +233,63 @@ def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path
                          if m["train_accuracy"] < chance + 0.1 else
                          f"On this data it still reached {m['train_accuracy']:.3f} train accuracy. ")
             + "Scaling the pixels to [0,1] fixes it (data.scale = true).")
+    _interpretation(s, name, interps[name], figdir)
     return s
 
 
-def _ensemble_section(name: str, folder: Path, m: dict[str, Any], figdir: Path) -> Section:
+def times(n: int) -> str:
+    """'once', '2 times': how often each training image is used."""
+    return "once" if n == 1 else f"{n:,} times"
+
+
+def source_name(ds: Dataset) -> str:
+    """The dataset's file name and where it came from, without the folder it sits in on the
+    machine that ran the lab (a report is read elsewhere)."""
+    path, _, origin = ds.source.partition(" (")
+    return Path(path).name + (f" ({origin}" if origin else "")
+
+
+def interpretation(folder: Path, ds: Dataset, spare: Path) -> dict[str, Any]:
+    """What `cifar4 interpret` finds for a run on the test split, with the folder its figures
+    are in ("folder"): read from <run>/interpret/ when it is of these weights and this data,
+    else computed there, or in `spare` where the run folder cannot be written (attention maps
+    only where the 'interpret' extra is installed: the report does not need it)."""
+    res = interpret.cached(folder, ds)
+    if res is not None:
+        return {**res, "folder": str(folder / interpret.FOLDER)}
+    kw: dict[str, Any] = {"data": ds, "device": "cpu", "with_attention": interpret.captum_available()}
+    try:
+        return {**interpret.interpret_run(folder, **kw), "folder": str(folder / interpret.FOLDER)}
+    except RunError:  # a read-only run folder: the interpretation goes beside the report
+        return {**interpret.interpret_run(folder, spare, **kw), "folder": str(spare)}
+
+
+def _interpretation(s: Section, name: str, res: dict[str, Any], figdir: Path) -> None:
+    """A sentence from the interpretation's numbers, the per-class table, the top losses, the
+    attention maps."""
+    out = Path(res["folder"])
+    s.p(f"Interpretation (test split, {res['images']:,} images): {res['summary']}")
+    rep = res["classification_report"]
+    s.table(["class", "precision", "recall", "F1", "images"],
+            [[c, f"{rep[c]['precision']:.3f}", f"{rep[c]['recall']:.3f}", f"{rep[c]['f1-score']:.3f}",
+              f"{int(rep[c]['support']):,}"] for c in _classes(res)])
+    figs = [(out / res["figures"]["top_losses"], f"{name}-top-losses.png",
+             f"{name}: the test images with the highest loss (true class, prediction, its probability)")]
+    if "attention" in res["figures"]:
+        figs.append((out / res["figures"]["attention"], f"{name}-attention.png",
+                     f"{name}: {res['attention'][0]['method']} maps for the predicted class"))
+    for src, fig_name, alt in figs:
+        s.fig(src, figdir, fig_name, alt)
+    if "attention" not in res["figures"]:
+        s.p("Attention maps need the 'interpret' extra: pip install 'cifar4[interpret]'.")
+
+
+def _classes(res: dict[str, Any]) -> list[str]:
+    return [k for k in res["classification_report"] if k not in ("accuracy", "macro avg", "weighted avg")]
+
+
+def _ensemble_section(name: str, folder: Path, m: dict[str, Any], figdir: Path,
+                      interps: dict[str, dict[str, Any]]) -> Section:
     """An ensemble run: its members (each a run of its own), their weights and numbers."""
     s = Section(name, name)
     exp: Experiment = record.read_experiment(folder)
@@ -237,7 +306,54 @@ def _ensemble_section(name: str, folder: Path, m: dict[str, Any], figdir: Path) 
     s.fig(folder / "curves.png", figdir, f"{name}-curves.png", f"{name}: the members' validation curves")
     s.p(f"Time: {m['total_seconds']:.0f} s for the whole run, members included "
         f"({m['machine']['device']}, {m['machine']['cpu']}).")
+    _interpretation(s, name, interps[name], figdir)
     return s
+
+
+def _regularised(folder: Path) -> bool:
+    """Trained with a cure for overfitting: augmentation, dropout, batch norm, L2 or weight decay."""
+    exp: Experiment = record.read_experiment(folder)
+    opts = exp.model.options
+    return any(bool(v) for v in exp.augment.model_dump().values()) or bool(opts.get("dropout")) \
+        or bool(opts.get("batchnorm")) or bool(exp.train.l2) or bool(exp.train.weight_decay)
+
+
+def _overfit_pair(entries: list[tuple[str, Path]],
+                  metrics: dict[str, dict[str, Any]]) -> tuple[tuple[str, Path], tuple[str, Path]] | None:
+    """(the session CNN run with the largest train-validation gap beyond the limit, the
+    regularised session CNN run with the best validation accuracy), or None."""
+    cnns = [(n, f, _regularised(f)) for n, f in entries if metrics[n]["model"] == "cnn"]
+    gap = {n: metrics[n]["train_accuracy"] - metrics[n]["val_accuracy"] for n, _, _ in cnns}
+    over = [(n, f) for n, f, cured in cnns if not cured and gap[n] > GAP_LIMIT]
+    cured = [(n, f) for n, f, c in cnns if c]
+    if not over or not cured:
+        return None
+    return max(over, key=lambda t: gap[t[0]]), max(cured, key=lambda t: metrics[t[0]]["val_accuracy"])
+
+
+def _mistakes_section(pair: tuple[tuple[str, Path], tuple[str, Path]], metrics: dict[str, dict[str, Any]],
+                      interps: dict[str, dict[str, Any]], figdir: Path) -> Section:
+    """The overfitting CNN's top losses beside the regularised one's, and how sure each was."""
+    s = Section("What overfitting gets wrong", "mistakes")
+    (over, _), (cured, _) = pair
+    gap = {n: (metrics[n]["train_accuracy"] - metrics[n]["val_accuracy"]) * 100 for n in (over, cured)}
+    ece = {n: interps[n]["calibration"]["ece_before"] for n in (over, cured)}
+    s.p(f"{over} (train-validation gap {gap[over]:.1f} points) beside {cured} (gap {gap[cured]:.1f}): test "
+        f"accuracy {metrics[over]['test_accuracy']:.4f} against {metrics[cured]['test_accuracy']:.4f}; "
+        f"{_sureness(over, interps[over])}; {_sureness(cured, interps[cured])}; the expected calibration error "
+        f"is {ece[over]:.3f} against {ece[cured]:.3f}.")
+    s.figs([(Path(interps[n]["folder"]) / interps[n]["figures"]["top_losses"], f"{n}-top-losses.png",
+             f"{n}: top losses") for n, _ in pair], figdir)
+    return s
+
+
+def _sureness(name: str, res: dict[str, Any]) -> str:
+    """How sure a model was of its worst mistakes (the wrong predictions among its top losses)."""
+    wrong = [t["probability"] for t in res["top_losses"] if t["true"] != t["predicted"]]
+    if not wrong:
+        return f"{name} made no mistake on the test split"
+    return (f"{name}'s {len(wrong)} worst mistakes gave the wrong class a mean probability of "
+            f"{float(np.mean(wrong)):.2f}")
 
 
 def _frontier_section(metrics: dict[str, dict[str, Any]], figdir: Path) -> Section:
@@ -298,7 +414,7 @@ def _questions_section(metrics: dict[str, dict[str, Any]], num_classes: int) -> 
     qa = []
     if q.iterations in metrics:
         m = metrics[q.iterations]
-        qa.append([f"How many times is each image used in training ({m['epochs']} epochs)?", f"{m['epochs']} times"])
+        qa.append([f"How many times is each image used in training ({m['epochs']} epochs)?", times(m["epochs"])])
         qa.append(["How many training iterations (parameter updates)?",
                    f"{m['epochs']} epochs x {m['steps_per_epoch']} batches of the {m['split']['train']:,} "
                    f"training images = {m['iterations']:,}"])

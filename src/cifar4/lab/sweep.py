@@ -116,7 +116,8 @@ class ReportToTrial(Callback):
     def __init__(self, trial: Any):
         self.trial = trial
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
+        assert logs is not None
         self.trial.report(float(logs["val_accuracy"]), epoch)
         if self.trial.should_prune():
             raise _optuna().TrialPruned(f"pruned after epoch {epoch}: val_accuracy {logs['val_accuracy']:.4f}")

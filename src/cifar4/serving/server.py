@@ -6,7 +6,8 @@
     GET  /api/runs          the runs offered, best validation accuracy first
     GET  /api/runs/NAME/curves.png, /api/runs/NAME/confusion.png   the model card's figures
     GET  /api/test-image    a random image of a run's test split, with its true class
-    POST /api/predict       multipart: `files` (one or more images), optional `run`
+    POST /api/predict       multipart: `files` (one or more images), optional `run`, optional
+                            `attention=true` (each image's attention map as an RGBA PNG overlay)
     GET  /metrics           Prometheus text format: requests, latency, images, batches, load times
     GET  /docs              FastAPI's OpenAPI page
     GET  /report/           the lab report, with --lab
@@ -175,6 +176,8 @@ class Served:
     loaded: LoadedModel | None = None
     batcher: Batcher | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    explainer: LoadedModel | None = None  # its own copy for attention maps: Captum hooks never touch the worker's
+    explain_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def card(self) -> dict[str, Any]:
         m = self.metrics
@@ -267,6 +270,16 @@ class ModelStore:
         assert s.batcher is not None
         images, probs = await asyncio.wrap_future(s.batcher.submit(uploads))
         return s, images, probs
+
+    def attention(self, s: Served, images: list[np.ndarray], classes: np.ndarray) -> tuple[str, list[np.ndarray]]:
+        """(method, an RGBA overlay per image) of where the model looks for the class it
+        answered (cifar4.interpret.attention_maps: Grad-CAM, saliency for an MLP)."""
+        from ..interpret import attention_maps, heat_image
+        with s.explain_lock:
+            if s.explainer is None:
+                s.explainer = load_model(s.folder, device=self.device)
+            maps = attention_maps(s.explainer, torch.from_numpy(np.stack(images)), torch.from_numpy(classes))
+        return maps.method, [heat_image(m) for m in maps.maps]
 
     def dataset(self) -> datamod.Dataset:
         with self._lock:
@@ -486,7 +499,10 @@ def _api_router(store: ModelStore, metrics: ServerMetrics | None, dependencies: 
     @router.post("/predict")
     async def predict(files: list[UploadFile] = File(..., description="One or more images."),
                       run: str | None = Form(None, description="A run name from /api/runs (default: the "
-                                                               "best by validation accuracy).")) -> dict[str, Any]:
+                                                               "best by validation accuracy)."),
+                      attention: bool = Form(False, description="Also return each image's attention map "
+                                             "(Grad-CAM; saliency for an MLP) as a 32x32 RGBA PNG to lay "
+                                             "over it.")) -> dict[str, Any]:
         if len(files) > MAX_FILES:
             raise RequestError(413, f"{len(files)} files in one request; expected at most {MAX_FILES}")
         uploads = []
@@ -501,11 +517,13 @@ def _api_router(store: ModelStore, metrics: ServerMetrics | None, dependencies: 
         if metrics is not None:
             metrics.images.labels(s.name).inc(len(uploads))
         classes = s.loaded.classes if s.loaded else ()
-        return {"run": s.name, "predictions": [
-            {"file": name, "class": classes[int(p.argmax())],
-             "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p, strict=True)},
-             "image": png_data_uri(x)}
-            for (name, _), p, x in zip(uploads, probs, images, strict=True)]}
+        out = [{"file": name, "class": classes[int(p.argmax())],
+                "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p, strict=True)},
+                "image": png_data_uri(x)}
+               for (name, _), p, x in zip(uploads, probs, images, strict=True)]
+        if attention:
+            await _add_attention(store, s, images, probs, out)
+        return {"run": s.name, "predictions": out}
     return router
 
 
@@ -579,6 +597,14 @@ def create_app(runs: list[Path] | None = None, data: str | Path | None = None, l
     if counters is not None:
         app.add_middleware(counters.middleware)  # outermost: 401s are counted and timed too
     return app
+
+
+async def _add_attention(store: ModelStore, s: Served, images: list[np.ndarray], probs: np.ndarray,
+                         out: list[dict[str, Any]]) -> None:
+    """Each prediction's attention map (an RGBA PNG data URI), computed off the event loop."""
+    method, heat = await asyncio.to_thread(store.attention, s, images, probs.argmax(1))
+    for o, h in zip(out, heat, strict=True):
+        o.update({"attention": png_data_uri(h), "attention_method": method})
 
 
 def _decode_upload(name: str, data: bytes) -> np.ndarray:

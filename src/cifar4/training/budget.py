@@ -120,6 +120,13 @@ class Budget:
             total = max(done, 1, min(total, cap))
         return total
 
+    def choose_views(self, image_seconds: float) -> int:
+        """The test-time level a budget plans for, at this inference speed and time left (the
+        plan makes this choice before training: budget.steps then keeps it)."""
+        self._choose_views(time.perf_counter(), image_seconds)
+        assert self.tta is not None
+        return self.tta
+
     def _choose_views(self, now: float, image_seconds: float) -> None:
         """The most test-time views whose final evaluation takes at most EVAL_SHARE of the time
         left (the fewest where none does)."""

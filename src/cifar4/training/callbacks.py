@@ -6,9 +6,11 @@ meanings (`History`, `EarlyStopping(monitor, patience, restore_best_weights)`,
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,27 +23,122 @@ from ..models.weights import read_weights
 from ..runs import HISTORY_KEYS
 
 if TYPE_CHECKING:
-    from .train import Trainer
+    from .plan import Plan
 
 
 
 class Callback:
+    """Keras' Callback: the fit loop calls its hooks through a CallbackList, and it sees the
+    training through `self.model` (the network), `self.params` (epochs, steps per epoch, the
+    epoch a resumed run starts from) and `self.plan` (what the run decided before training,
+    training/plan.py; None for a trainer used on its own), never the trainer itself. To stop
+    training, set `self.model.stop_training = True`, as in Keras; a callback that puts back
+    earlier weights says which epoch in `self.restored_epoch`. `state_dict`/`load_state_dict`
+    carry its state across an interruption, so a resumed run behaves as an uninterrupted one."""
+
+    model: Any = None
+    params: dict[str, Any] = {}  # replaced per instance by set_params
+    plan: Plan | None = None
+    restored_epoch: int | None = None
+
+    def set_model(self, model: Any) -> None:
+        self.model = model
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def set_plan(self, plan: Plan | None) -> None:
+        self.plan = plan
+
     @property
     def wants_batch_logs(self) -> bool:
         """Whether on_batch_end needs the running loss and accuracy (reading them waits for
         the device at every step, which a GPU run should not do)."""
         return type(self).on_batch_end is not Callback.on_batch_end
 
-    def on_train_begin(self, trainer: Trainer) -> None: ...
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None: ...
-    def on_batch_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None: ...
-    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None: ...
-    def on_train_end(self, trainer: Trainer) -> None: ...
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None: ...
+    def on_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None: ...
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+HOOKS = ("on_train_begin", "on_epoch_begin", "on_batch_end", "on_epoch_end", "on_train_end")
+
+
+def _takes_trainer(cb: Callback) -> bool:
+    """A callback written for the earlier hooks, which took the trainer first
+    (`on_epoch_end(self, trainer, epoch, logs)`)."""
+    for name in HOOKS:
+        fn = getattr(type(cb), name, None)
+        if fn is None or fn is getattr(Callback, name):
+            continue
+        names = list(inspect.signature(fn).parameters)
+        return len(names) > 1 and names[1] == "trainer"
+    return False
+
+
+class CallbackList:
+    """Keras' CallbackList: one place that hands the model, params and plan to every callback
+    and fires each event on all of them, in order. A callback still written with the trainer
+    as its hooks' first argument works, with a one-line deprecation note."""
+
+    def __init__(self, callbacks: Sequence[Callback], model: Any, params: dict[str, Any],
+                 plan: Plan | None, trainer: Any = None):
+        self.callbacks, self.params, self._trainer = list(callbacks), params, trainer
+        self._legacy = {id(cb) for cb in self.callbacks if _takes_trainer(cb)}
+        for cb in self.callbacks:
+            cb.set_model(model)
+            cb.set_params(params)
+            cb.set_plan(plan)
+            if id(cb) in self._legacy:
+                warnings.warn(f"{type(cb).__name__}: callback hooks that take the trainer are deprecated; "
+                              f"use on_epoch_end(epoch, logs) with self.model, self.params and self.plan",
+                              DeprecationWarning, stacklevel=3)
+
+    def __iter__(self) -> Iterator[Callback]:
+        return iter(self.callbacks)
+
+    @property
+    def wants_batch_logs(self) -> bool:
+        return any(cb.wants_batch_logs for cb in self.callbacks)
+
+    def _fire(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            if id(cb) in self._legacy and getattr(type(cb), hook) is not getattr(Callback, hook):
+                getattr(cb, hook)(self._trainer, *args)
+            else:
+                getattr(cb, hook)(*args)
+
+    def on_train_begin(self) -> None:
+        self._fire("on_train_begin")
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        self._fire("on_epoch_begin", epoch)
+
+    def on_batch_end(self, batch: int, logs: dict[str, float]) -> None:
+        self._fire("on_batch_end", batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        self._fire("on_epoch_end", epoch, logs)
+
+    def on_train_end(self) -> None:
+        self._fire("on_train_end")
+
+    def restored_epoch(self) -> int | None:
+        """The epoch whose weights the model holds after training, where a callback put them
+        back (the last one to do so wins: ModelCheckpoint's end-of-training restore comes
+        after EarlyStopping's)."""
+        out = None
+        for cb in self.callbacks:
+            if cb.restored_epoch is not None:
+                out = cb.restored_epoch
+        return out
 
 
 class History(Callback):
@@ -54,7 +151,8 @@ class History(Callback):
     def history(self) -> dict[str, list[float]]:
         return {k: [r[k] for r in self.rows] for k in HISTORY_KEYS if k != "epoch"}
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
+        assert logs is not None
         self.rows.append({k: logs[k] for k in HISTORY_KEYS})
 
     def state_dict(self):
@@ -104,30 +202,31 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.best_weights: dict | None = None
         self.stopped_epoch: int | None = None
+        self.restored_epoch = None
 
-    def on_train_begin(self, trainer):
-        if trainer.start_epoch == 0:  # a resumed run keeps the state it saved
+    def on_train_begin(self, logs=None):
+        if not self.params.get("initial_epoch"):  # a resumed run keeps the state it saved
             self._reset()
 
-    def on_epoch_end(self, trainer, epoch, logs):
-        value = _monitored("EarlyStopping", self.monitor, logs)
+    def on_epoch_end(self, epoch, logs=None):
+        value = _monitored("EarlyStopping", self.monitor, logs or {})
         if value is None:
             return
         if self.restore_best_weights and self.best_weights is None:
-            self.best_weights = copy.deepcopy(trainer.model.state_dict())
+            self.best_weights = copy.deepcopy(self.model.state_dict())
             self.best_epoch = epoch
         self.wait += 1
         if self.best is None or _better(self.monitor, value, self.best, self.min_delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
-                self.best_weights = copy.deepcopy(trainer.model.state_dict())
+                self.best_weights = copy.deepcopy(self.model.state_dict())
             return
         if self.wait >= self.patience and epoch > 1:
             self.stopped_epoch = epoch
-            trainer.stop_training = True
+            self.model.stop_training = True
             if self.restore_best_weights and self.best_weights is not None:
-                trainer.model.load_state_dict(self.best_weights)
-                trainer.restored_epoch = self.best_epoch
+                self.model.load_state_dict(self.best_weights)
+                self.restored_epoch = self.best_epoch
 
     def state_dict(self):
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
@@ -150,19 +249,19 @@ class ModelCheckpoint(Callback):
         self.best: float | None = None
         self.best_epoch = 0
 
-    def on_epoch_end(self, trainer, epoch, logs):
-        value = _monitored("ModelCheckpoint", self.monitor, logs)
+    def on_epoch_end(self, epoch, logs=None):
+        value = _monitored("ModelCheckpoint", self.monitor, logs or {})
         if value is None:
             return
         if self.best is None or _better(self.monitor, value, self.best, 0.0):
             self.best, self.best_epoch = value, epoch
-            state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             cio.write_bytes(self.filepath, st_save(state))
 
-    def on_train_end(self, trainer):
+    def on_train_end(self, logs=None):
         if self.restore_at_end and self.best is not None:
-            trainer.model.load_state_dict(read_weights(self.filepath))
-            trainer.restored_epoch = self.best_epoch
+            self.model.load_state_dict(read_weights(self.filepath))
+            self.restored_epoch = self.best_epoch
 
     def state_dict(self):
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -186,42 +285,34 @@ class ProgressBar(Callback):
     def wants_batch_logs(self) -> bool:
         return self.console.is_terminal  # the live bar; a log gets one line per epoch
 
-    def on_train_begin(self, trainer):
-        kernels = getattr(trainer, "kernels", None)
-        if kernels is not None and (kernels.build_seconds or not kernels.compiled):  # news only
-            self.console.print(f"{self.title}pooling: {kernels.reason}", highlight=False, soft_wrap=True)
-        choice = trainer.precision_choice
-        if choice is not None and choice.reason and choice.reason != "as asked":
-            self.console.print(f"{self.title}precision {choice.precision}: {choice.reason}"
-                               + (" (measured earlier on this machine)" if choice.cached else ""),
-                               highlight=False, soft_wrap=True)
-
-    def on_epoch_begin(self, trainer, epoch):
+    def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.perf_counter()
         if self.console.is_terminal:
             self.progress = Progress(
-                TextColumn(f"{self.title}epoch {epoch}/{trainer.epochs}"), BarColumn(),
+                TextColumn(f"{self.title}epoch {epoch}/{self.params['epochs']}"), BarColumn(),
                 MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
                 console=self.console, transient=True)
             self.progress.start()
-            self.task = self.progress.add_task("train", total=trainer.steps_per_epoch, stats="")
+            self.task = self.progress.add_task("train", total=self.params["steps"], stats="")
 
-    def on_batch_end(self, trainer, step, logs):
-        if self.progress is not None and self.task is not None:
+    def on_batch_end(self, batch, logs=None):
+        if self.progress is not None and self.task is not None and logs is not None:
             self.progress.update(self.task, advance=1,
                                  stats=f"loss {logs['loss']:.4f} acc {logs['accuracy']:.4f}")
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
+        assert logs is not None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        ms = 1000 * logs["seconds"] / max(trainer.steps_per_epoch, 1)
+        steps = self.params["steps"]
+        ms = 1000 * logs["seconds"] / max(steps, 1)
         self.console.print(
-            f"{self.title}Epoch {epoch}/{trainer.epochs} - {trainer.steps_per_epoch} steps "
+            f"{self.title}Epoch {epoch}/{self.params['epochs']} - {steps} steps "
             f"{logs['seconds']:.1f}s ({ms:.0f}ms/step) - accuracy: {logs['accuracy']:.4f} - "
             f"loss: {logs['loss']:.4f} - val_accuracy: {logs['val_accuracy']:.4f} - "
             f"val_loss: {logs['val_loss']:.4f}", highlight=False, soft_wrap=True)
 
-    def on_train_end(self, trainer):
+    def on_train_end(self, logs=None):
         if self.progress is not None:
             self.progress.stop()

@@ -159,22 +159,64 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, 
     is left (the others skipped under its time limit; `extra`: metrics.json keys saying so)."""
     t0 = time.perf_counter()
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    # an ensemble experiment's members may have been skipped: one is enough there
-    fewest, words = (1, "one run") if experiment is not None else (2, "two runs")
+    ms = _check_members(members, one_is_enough=experiment is not None)
+    w_spec = parse_weights(weights, len(ms))
+    ds = data if isinstance(data, Dataset) else datamod.load(data)
+    if ds.checksum() != ms[0].metrics["data"]["sha256"]:
+        raise RunError(f"the members were trained on other data (sha256 {ms[0].metrics['data']['sha256'][:12]}...) "
+                       f"than '{ds.source}'; pass the same --data")
+    c = _combine(ms, ds, w_spec, pick_device(device))
+    options = {"members": [m.spec for m in ms], "weights": c.weights}
+    model = _ensemble_model(ms, options, len(ds.classes))
+    exp = _ensemble_experiment(ms, name, options, experiment)
+    with contextlib.ExitStack() as held:
+        folder = runs.open_run(held, runs_root, name, out, overwrite)
+        _write_files(folder, exp, model, options, ms, ds, c)
+        metrics = _ensemble_metrics(ms, ds, c, model, name, w_spec, started_at)
+        # a trained ensemble: from its start; runs combined afterwards: the members' own, added
+        own = time.perf_counter() - t0
+        metrics["ensemble_seconds"] = round(own, 3)
+        metrics["total_seconds"] = round(time.perf_counter() - started, 3) if started is not None \
+            else round(sum(float(m.metrics.get("total_seconds") or 0) for m in ms) + own, 3)
+        summ = models.summary(model, "ensemble").text()
+        cio.write_text(folder / "summary.txt", summ + "\n\n" + _text(metrics) + "\n")
+        metrics.update(extra or {})
+        metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        record.write_metrics(folder, metrics)  # last: its presence means finished
+        return runs.Result(folder, metrics, [], model)
+
+
+def _check_members(members: Sequence[str | Path], one_is_enough: bool) -> list[Member]:
+    """The member runs, read and checked to share classes, data and split (an ensemble
+    experiment's members may have been skipped: there one is enough)."""
+    fewest, words = (1, "one run") if one_is_enough else (2, "two runs")
     if len(members) < fewest:
         raise ConfigError(f"an ensemble needs at least {words}; got {len(members)}")
     if len({Path(m).resolve() for m in members}) != len(members):
         raise ConfigError("the same run is named twice; expected distinct member runs")
     ms = [_member(m) for m in members]
     _check_compatible(ms)
-    w_spec = parse_weights(weights, len(ms))
-    ds = data if isinstance(data, Dataset) else datamod.load(data)
-    if ds.checksum() != ms[0].metrics["data"]["sha256"]:
-        raise RunError(f"the members were trained on other data (sha256 {ms[0].metrics['data']['sha256'][:12]}...) "
-                       f"than '{ds.source}'; pass the same --data")
+    return ms
+
+
+@dataclass
+class _Combined:
+    """The members' logits on each part, their weights and the weighted average's numbers."""
+
+    split: Any
+    idx: dict[str, np.ndarray]
+    weights: list[float]
+    combined: dict[str, torch.Tensor]
+    res: dict[str, dict[str, Any]]
+    member_res: list[dict[str, float]]
+    device: torch.device
+
+
+def _combine(ms: list[Member], ds: Dataset, w_spec: Sequence[float] | str, dev: torch.device) -> _Combined:
+    """Each member's final-evaluation logits, the weights (given, equal, or chosen on the
+    validation split) and the combined probabilities' numbers on every part."""
     sp, idx = split_indices(ms[0].exp.data, ds)
     idx["train"] = idx["train"][:_train_rows(ms[0])]
-    dev = pick_device(device)
     logits = [_logits(m, ds, idx, dev) for m in ms]
     y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
     w: list[float] = choose_weights([lg["val"] for lg in logits], y["val"]) if w_spec == "val" else \
@@ -184,74 +226,81 @@ def make_ensemble(members: Sequence[str | Path], out: str | Path | None = None, 
     combined = {k: combine_probs([lg[k] for lg in logits], w) for k in PARTS}
     res = {k: summarize(combined[k], y[k], ds.classes) for k in PARTS}
     member_res = [{k: float((lg[k].argmax(1) == y[k]).float().mean()) for k in PARTS} for lg in logits]
+    return _Combined(sp, idx, w, combined, res, member_res, dev)
 
-    options = {"members": [m.spec for m in ms], "weights": w}
-    model = models.build("ensemble", num_classes=len(ds.classes), **options)
+
+def _ensemble_model(ms: list[Member], options: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    """One model holding every member's weights: the run stands alone."""
+    model = models.build("ensemble", num_classes=num_classes, **options)
     nets: torch.nn.ModuleList = model.members  # type: ignore[assignment]
     for net, m in zip(nets, ms, strict=True):
         net.load_state_dict(m.loaded.model.state_dict())
-    exp = cfgmod.from_dict({
-        "name": name,
-        "description": "ensemble of " + ", ".join(f"{m.exp.name} ({m.folder.name})" for m in ms),
+    return model
+
+
+def _ensemble_experiment(ms: list[Member], name: str, options: dict[str, Any],
+                         experiment: Experiment | None) -> Experiment:
+    """config.toml of the ensemble: the experiment that trained it, else one naming its members."""
+    description = "ensemble of " + ", ".join(f"{m.exp.name} ({m.folder.name})" for m in ms)
+    if experiment is not None:  # the experiment that made it, so that `cifar4 train -e config.toml` repeats it
+        return cfgmod.from_dict({**experiment.to_dict(), "description": description}, "ensemble")
+    return cfgmod.from_dict({
+        "name": name, "description": description,
         "model": {"name": "ensemble", "options": options},
         "data": ms[0].exp.data.model_dump(),
         "train": {"seed": ms[0].exp.train.seed, "epochs": 1, "tta": 0},
     }, "ensemble")
-    if experiment is not None:  # the experiment that made it, so that `cifar4 train -e config.toml` repeats it
-        exp = cfgmod.from_dict({**experiment.to_dict(), "description": exp.description}, "ensemble")
-    with contextlib.ExitStack() as held:
-        folder = runs.open_run(held, runs_root, name, out, overwrite)
-        record.write_experiment(folder, exp)
-        record.write_run_info(folder, ds.source, ds.checksum())
-        runs.save_model(folder, model, "ensemble", options, ds.classes, Normalization(), "fp32")
-        runs.write_history(folder, [])
-        plots.member_curves([(m.exp.name, runs.read_history(m.folder)) for m in ms], folder / "curves.png",
-                            title=f"{name}: the members' validation accuracy")
-        plots.confusion(res["test"]["confusion"], ds.classes, folder / "confusion.png",
-                        title=f"{name}: test accuracy {res['test']['accuracy']:.4f}")
-        runs.write_predictions(folder, {k: (idx[k], combined[k].numpy()) for k in PARTS})
-        own = time.perf_counter() - t0
-        member_seconds = sum(float(m.metrics.get("total_seconds") or 0) for m in ms)
-        trainable, non_trainable = models.count_params(model)
-        metrics: dict[str, Any] = {
-            "experiment": name, "model": "ensemble", "model_options": {"weights": w},
-            "members": [{"run": str(m.folder), "experiment": m.exp.name, "weight": wi,
-                         **{f"{k}_accuracy": r[k] for k in PARTS},
-                         "fit_seconds": m.metrics.get("fit_seconds"),
-                         "warmup_seconds": m.metrics.get("warmup_seconds"),
-                         "feature_seconds": m.metrics.get("feature_seconds"),
-                         "total_seconds": m.metrics.get("total_seconds")}
-                        for m, wi, r in zip(ms, w, member_res, strict=True)],
-            "weights_chosen": "validation" if w_spec == "val" else ("equal" if w_spec == "equal" else "given"),
-            "train_accuracy": res["train"]["accuracy"], "val_accuracy": res["val"]["accuracy"],
-            "test_accuracy": res["test"]["accuracy"], "train_loss": res["train"]["loss"],
-            "val_loss": res["val"]["loss"], "test_loss": res["test"]["loss"],
-            "per_class_accuracy": res["test"]["per_class_accuracy"], "confusion": res["test"]["confusion"],
-            "train_seconds": round(sum(float(m.metrics.get("train_seconds") or 0) for m in ms), 3),
-            # the members' fits one after the other (a frozen backbone's feature extraction, which
-            # its cache saves on later runs, is feature_seconds beside it)
-            "fit_seconds": round(sum(float(m.metrics.get("fit_seconds") or 0) for m in ms), 3),
-            "feature_seconds": round(sum(float(m.metrics.get("feature_seconds") or 0) for m in ms), 3),
-            "warmup_seconds": round(sum(float(m.metrics.get("warmup_seconds") or 0) for m in ms), 3),
-            "ensemble_seconds": round(own, 3),
-            "epochs": 0, "params": trainable + non_trainable, "trainable_params": trainable,
-            "seed": ms[0].exp.train.seed,
-            "split": {"kind": sp.kind, "seed": sp.seed, "train": len(split_indices(ms[0].exp.data, ds)[1]["train"]),
-                      "val": len(idx["val"]), "test": len(idx["test"])},
-            "train_accuracy_images": len(idx["train"]),
-            "data": {"source": ds.source, "sha256": ds.checksum(), "images": len(ds)},
-            "normalization": Normalization().to_dict(), "precision": "fp32", "tta": 0,
-            "versions": runs.versions(), "machine": runs.machine(dev), "started_at": started_at,
-        }
-        # a trained ensemble: from its start; runs combined afterwards: the members' own, added
-        metrics["total_seconds"] = round(time.perf_counter() - started, 3) if started is not None \
-            else round(member_seconds + (time.perf_counter() - t0), 3)
-        summ = models.summary(model, "ensemble").text()
-        cio.write_text(folder / "summary.txt", summ + "\n\n" + _text(metrics) + "\n")
-        metrics.update(extra or {})
-        metrics["finished_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        record.write_metrics(folder, metrics)  # last: its presence means finished
-        return runs.Result(folder, metrics, [], model)
+
+
+def _write_files(folder: Path, exp: Experiment, model: torch.nn.Module, options: dict[str, Any],
+                 ms: list[Member], ds: Dataset, c: _Combined) -> None:
+    """config.toml, run.json, the model, an empty history, the figures and predictions.npz."""
+    record.write_experiment(folder, exp)
+    record.write_run_info(folder, ds.source, ds.checksum())
+    name = exp.name
+    runs.save_model(folder, model, "ensemble", options, ds.classes, Normalization(), "fp32")
+    runs.write_history(folder, [])
+    plots.member_curves([(m.exp.name, runs.read_history(m.folder)) for m in ms], folder / "curves.png",
+                        title=f"{name}: the members' validation accuracy")
+    plots.confusion(c.res["test"]["confusion"], ds.classes, folder / "confusion.png",
+                    title=f"{name}: test accuracy {c.res['test']['accuracy']:.4f}")
+    runs.write_predictions(folder, {k: (c.idx[k], c.combined[k].numpy()) for k in PARTS})
+
+
+def _ensemble_metrics(ms: list[Member], ds: Dataset, c: _Combined, model: torch.nn.Module, name: str,
+                      w_spec: Sequence[float] | str, started_at: str) -> dict[str, Any]:
+    """metrics.json of the ensemble (record.Metrics), before its timings."""
+    res, w = c.res, c.weights
+    trainable, non_trainable = models.count_params(model)
+
+    def summed(key: str) -> float:
+        return round(sum(float(m.metrics.get(key) or 0) for m in ms), 3)
+    return record.metrics(
+        experiment=name, model="ensemble", model_options={"weights": w},
+        members=[{"run": str(m.folder), "experiment": m.exp.name, "weight": wi,
+                  **{f"{k}_accuracy": r[k] for k in PARTS},
+                  **{k: m.metrics.get(k) for k in ("fit_seconds", "warmup_seconds", "feature_seconds",
+                                                   "total_seconds")}}
+                 for m, wi, r in zip(ms, w, c.member_res, strict=True)],
+        weights_chosen="validation" if w_spec == "val" else ("equal" if w_spec == "equal" else "given"),
+        train_accuracy=res["train"]["accuracy"], val_accuracy=res["val"]["accuracy"],
+        test_accuracy=res["test"]["accuracy"], train_loss=res["train"]["loss"],
+        val_loss=res["val"]["loss"], test_loss=res["test"]["loss"],
+        per_class_accuracy=res["test"]["per_class_accuracy"], confusion=res["test"]["confusion"],
+        train_seconds=summed("train_seconds"),
+        # the members' fits one after the other (a frozen backbone's feature extraction, which
+        # its cache saves on later runs, is feature_seconds beside it)
+        fit_seconds=summed("fit_seconds"), feature_seconds=summed("feature_seconds"),
+        warmup_seconds=summed("warmup_seconds"),
+        epochs=0, params=trainable + non_trainable, trainable_params=trainable,
+        seed=ms[0].exp.train.seed,
+        split={"kind": c.split.kind, "seed": c.split.seed,
+               "train": len(split_indices(ms[0].exp.data, ds)[1]["train"]),
+               "val": len(c.idx["val"]), "test": len(c.idx["test"])},
+        train_accuracy_images=len(c.idx["train"]),
+        data={"source": ds.source, "sha256": ds.checksum(), "images": len(ds)},
+        normalization=Normalization().to_dict(), precision="fp32", tta=0,
+        versions=runs.versions(), machine=runs.machine(c.device), started_at=started_at)
 
 
 def _train_rows(m: Member) -> int:

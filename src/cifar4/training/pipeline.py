@@ -30,14 +30,16 @@ from ..data.split import Split, split_indices
 from ..data.transforms import Augment, FeatureInput, Normalization, tta_views
 from ..device import autocast, keep_freed_memory, pick_device, synchronize, to_device
 from ..errors import Cifar4Error, ConfigError, RunError
+from ..models import native
 from ..models.base import FrozenBackbone
 from ..models.layers import matmul_weight_grads
 from ..runs import CHECKPOINT_FILE, Result, machine, versions
-from . import distributed
-from .budget import Budget
+from . import distributed, precision
+from .budget import EVAL_SHARE, Budget
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures, extraction_seconds, feature_precision, feature_views, pending
+from .plan import Plan
 from .precision import PROBE_BATCH, step_times
 from .precision import choose as choose_precision
 from .tensorboard import TensorBoard
@@ -54,6 +56,13 @@ class _SaveEachEpoch(Callback):
         self.folder, self.extra = folder, extra
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._state: Callable[[], dict[str, Any]] | None = None  # the trainer's full state (bind)
+        self._history: History | None = None
+
+    def bind(self, state: Callable[[], dict[str, Any]], history: History) -> None:
+        """What it saves: the whole training state (model, optimizer, schedule, random
+        generators, every callback's state), which no callback's view holds."""
+        self._state, self._history = state, history
 
     def _wait(self) -> None:
         if self._thread is not None:
@@ -69,14 +78,15 @@ class _SaveEachEpoch(Callback):
         except BaseException as e:  # surfaced in the training thread by _wait
             self._error = e
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
+        assert self._state is not None and self._history is not None
         self._wait()
-        runs.write_history(self.folder, trainer.history.rows)
-        state = runs.snapshot(trainer.state_dict())
+        runs.write_history(self.folder, self._history.rows)
+        state = runs.snapshot(self._state())
         self._thread = threading.Thread(target=self._write, args=(state, epoch), daemon=True)
         self._thread.start()
 
-    def on_train_end(self, trainer):
+    def on_train_end(self, logs=None):
         self._wait()
 
     def settle(self) -> None:
@@ -112,10 +122,8 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
     main = distributed.world().main
     with contextlib.ExitStack() as held:
         def make_folder() -> str:
-            folder = runs.open_run(held, runs_root, run_name or exp_.name, run_dir, overwrite)
-            cio.write_text(folder / "config.toml", exp_.to_toml())
-            record.write_run_info(folder, ds.source, ds.checksum())
-            return str(folder)
+            # config.toml and run.json come with the plan, once it is made (_run)
+            return str(runs.open_run(held, runs_root, run_name or exp_.name, run_dir, overwrite))
         folder = Path(_on_main(make_folder))  # under torchrun, rank 0 makes it and tells the others
         tb = TensorBoard(Path(tensorboard) / folder.name) if tensorboard is not None and main else None
         try:
@@ -329,9 +337,10 @@ class _Fit:
     idx: dict[str, np.ndarray]
     device: torch.device
     norm: Normalization
-    model: torch.nn.Module
     y: dict[str, torch.Tensor]
-    generator: torch.Generator  # data order and augmentation
+    model: torch.nn.Module = field(default_factory=torch.nn.Identity)  # built once the plan knows what runs
+    generator: torch.Generator = field(default_factory=torch.Generator)  # data order and augmentation
+    plan: Plan | None = None
     x: dict[str, torch.Tensor] = field(default_factory=dict)
     cached: CachedFeatures | None = None
     trainer: Trainer | None = None
@@ -342,65 +351,48 @@ class _Fit:
 def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state: bool,
          resume_state: tuple[dict, dict] | None, extra: list[Callback] | None = None,
          evaluate_test: bool = True, started: float | None = None, skippable: bool = False) -> Result:
-    """One run, step by step: data, model, trainer, fit, final evaluation, artifacts."""
+    """One run, step by step: data, plan (written once), model, trainer, fit, final evaluation,
+    artifacts."""
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_start = time.perf_counter() if started is None else started
     main = distributed.world().main
-    gpu = None
-    if exp.gpu and resume_state is None and _on_gpu(exp):
-        gpu, exp = exp.gpu, exp.on_gpu()  # what runs on a GPU; a resumed run's config.toml has it
-        if main:
-            cio.write_text(folder / "config.toml", exp.to_toml())
-    run = _prepare(exp, ds, folder)
-    run.test = evaluate_test
     if not main:  # another torchrun rank: it trains its share; rank 0 saves, evaluates and writes
         progress, save_state, extra = False, False, []
     bar = ProgressBar(title=f"{exp.name} ") if progress else None
-    if bar is not None:
-        bar.console.print(f"{exp.name}: {exp.model.name} on {len(run.idx['train'])} images "
-                          f"({run.split.kind} split), {exp.train.epochs} epochs, {run.device.type}; "
-                          f"run directory {folder}", highlight=False, soft_wrap=True)
-    fallback, limit_spent = None, None
-    if resume_state is None and exp.fallbacks and exp.train.time_limit and exp.train.time_budget is None \
-            and distributed.world().size == 1:  # (torchrun's ranks would have to agree: as written)
-        exp, fallback = _fit_to_limit(run, t_start, None if bar is None else
-                                      lambda msg: bar.console.print(msg, highlight=False, soft_wrap=True),
-                                      skippable)
-        if fallback["used"] is not None:
-            run = _prepare(exp, ds, folder)
-            run.test = evaluate_test
-        if main:  # what runs; a resumed run continues it
-            cio.write_text(folder / "config.toml", exp.to_toml())
+    log = None if bar is None else (lambda msg: bar.console.print(msg, highlight=False, soft_wrap=True))
+    gpu = None
+    if exp.gpu and resume_state is None and _on_gpu(exp):
+        gpu, exp = exp.gpu, exp.on_gpu()  # what runs on a GPU; a resumed run's config.toml has it
+    run = _prepare(exp, ds, folder, evaluate_test)
+    if log is not None:
+        log(f"{exp.name}: {exp.model.name} on {len(run.idx['train'])} images "
+            f"({run.split.kind} split), {exp.train.epochs} epochs, {run.device.type}; "
+            f"run directory {folder}")
+    plan = _make_plan(run, t_start, log, skippable, resumed=resume_state is not None, gpu=gpu)
+    if main and resume_state is None:  # written once, before training; a resumed run keeps its own
+        record.write_experiment(folder, plan.exp)
+        record.write_run_info(folder, ds.source, ds.checksum(), plan.to_record())
     _build_trainer(run, bar, save_state, extra, progress)
     assert run.trainer is not None
-    if bar is not None:
-        run.trainer.log = lambda msg: bar.console.print(msg, highlight=False, soft_wrap=True)
+    run.trainer.log = log
+    limit_spent = None
     if resume_state is not None:
         _restore(run, resume_state)
-    elif exp.train.time_budget is not None or exp.train.time_limit:  # a resumed run keeps its planned steps
-        limit_spent = _start_budget(run, exp, t_start)
+    elif plan.exp.train.time_budget is not None or plan.exp.train.time_limit:  # a resumed run keeps its steps
+        limit_spent = _start_budget(run, plan.exp, t_start)
     # a GPU loads its kernels on first use: done before the fit's clock (counted in total_seconds)
     warmup_seconds = run.trainer.warm_up(run.x["train"], run.y["train"], run.x["val"], run.y["val"])
     rows, fit_seconds = _fit(run)
     if not main:
         return Result(folder, {}, rows, run.model)
-    if run.trainer.eval_tta is not None and run.trainer.eval_tta != exp.train.tta:
-        # the budget cut the final evaluation's views: the run's config says what it was evaluated
-        # with, so that `evaluate`, `export` and `serve` use the same views
-        exp = exp.model_copy(update={"train": exp.train.model_copy(update={"tta": run.trainer.eval_tta})})
-        run.exp = exp
-        cio.write_text(folder / "config.toml", exp.to_toml())
     t_eval = time.perf_counter()
     res, precision, preds = _evaluate_splits(run)
     eval_seconds = time.perf_counter() - t_eval
     metrics = _metrics(run, rows, res, precision, (warmup_seconds, fit_seconds), eval_seconds, resume_state,
                        started_at)
-    if fallback is not None:
-        metrics["fallback"] = fallback
-    if limit_spent is not None:
-        metrics["time_limit"] = limit_spent
-    if gpu is not None:
-        metrics["gpu"] = gpu
+    for key, value in (("fallback", plan.fallback), ("time_limit", limit_spent), ("gpu", plan.gpu)):
+        if value is not None:
+            metrics[key] = value
     _write_artifacts(run, rows, res, precision, metrics)
     runs.write_predictions(folder, preds)
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 3)
@@ -408,6 +400,64 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     record.write_metrics(folder, metrics)  # written last: its presence means finished
     shutil.rmtree(folder / "state", ignore_errors=True)
     return Result(folder, metrics, rows, run.model)
+
+
+def _make_plan(run: _Fit, t_start: float, log: Callable[[str], None] | None, skippable: bool,
+               resumed: bool, gpu: dict[str, Any] | None = None) -> Plan:
+    """Decide, before anything is written or trained: the GPU variant, the variant that fits a
+    time limit, then (the model built once, for what runs) its kernels, its precision and a
+    time budget's test-time views. Prints what was chosen and why."""
+    exp, fallback, reasons = run.exp, None, []
+    if gpu is not None:
+        reasons.append(f"{exp.name}: on a GPU, with its gpu table ({', '.join(cfgmod.flatten(gpu))})")
+    choice = None
+    if not resumed and exp.fallbacks and exp.train.time_limit and exp.train.time_budget is None \
+            and distributed.world().size == 1:  # (torchrun's ranks would have to agree: as written)
+        exp, fallback, choice = _fit_to_limit(run, t_start, reasons.append, skippable)
+        run.exp = exp
+    _build_model(run)
+    net = run.model.head if models.cached_features_only(run.model) else run.model
+    kernels = native.prepare(net, run.device)  # built once per machine, before any step is timed
+    if choice is None:  # (a fallback's timing measured it already)
+        choice = precision.decide(exp.train, run.device, net, _probe_inputs(run, net, PROBE_BATCH, "train"),
+                                  lambda m: make_optimizer(m, exp.train))
+    matmul_weight_grads(net, choice.matmul_weight_grads)
+    if not resumed and exp.train.time_budget is not None and exp.train.tta:
+        exp = _budget_views(run, net, choice.precision, t_start, reasons)
+        run.exp = exp
+    plan = Plan(exp, run.device, choice, kernels, math.ceil(len(run.idx["train"]) / exp.train.batch_size),
+                gpu, fallback, tuple(reasons))
+    if log is not None:
+        for line in plan.news():
+            log(f"{exp.name} {line}" if not line.startswith(exp.name) else line)
+    run.plan = plan
+    return plan
+
+
+def _probe_inputs(run: _Fit, net: torch.nn.Module, n: int, part: str) -> torch.Tensor:
+    """The first `n` rows of a split as `net` takes them: normalized images, or for the head of
+    a frozen backbone, inputs of its features' shape (their values do not change the timing)."""
+    rows = run.idx[part][:n]
+    if net is not run.model:
+        return torch.randn(len(rows), cast(FrozenBackbone, run.model).num_features, device=run.device)
+    return run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
+
+
+def _budget_views(run: _Fit, net: torch.nn.Module, prec: str, t_start: float, reasons: list[str]) -> Experiment:
+    """A time budget's test-time views, chosen before training: the experiment's, or fewer where
+    its final evaluation would take more than EVAL_SHARE of the time left (budget.py), at the
+    inference speed timed here on validation images."""
+    exp = run.exp
+    views = {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}
+    b = Budget.starting(exp.train.time_budget or 0.0, t_start, views)
+    image = _forward_seconds(net, _probe_inputs(run, net, 256, "val"), run.device, prec)
+    level = b.choose_views(image)
+    if level == exp.train.tta:
+        return exp
+    reasons.append(f"{exp.name}: time budget {b.seconds:g} s: final evaluation with test-time level "
+                   f"{level} instead of {exp.train.tta} (its views would take more than "
+                   f"{EVAL_SHARE:.0%} of the time left)")
+    return exp.model_copy(update={"train": exp.train.model_copy(update={"tta": level})})
 
 
 def _start_budget(run: _Fit, exp: Experiment, t_start: float) -> dict[str, Any] | None:
@@ -418,8 +468,7 @@ def _start_budget(run: _Fit, exp: Experiment, t_start: float) -> dict[str, Any] 
     assert trainer is not None
     budget = exp.train.time_budget  # a budget replaces a limit
     # a budget may cut the final evaluation's test-time views, so it is given each level's cost
-    images = _eval_images(run) if budget is None else \
-        {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}
+    images = _eval_images(run) if budget is None else {exp.train.tta: _eval_images(run)}  # views: planned
     b = trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, images,
                                          max_epochs=None if budget is not None else exp.train.epochs)
     spent = time.perf_counter() - t_start
@@ -451,7 +500,7 @@ def _eval_images(run: _Fit, exp: Experiment | None = None, tta: int | None = Non
 
 
 def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
-                  skippable: bool = False) -> tuple[Experiment, dict[str, Any]]:
+                  skippable: bool = False) -> tuple[Experiment, dict[str, Any], precision.Choice | None]:
     """Under its time limit, the experiment where its epochs (nearly: FALLBACK_FITS of them) fit,
     else the first of its fallbacks that fits that many epochs (its own `epochs` may be more:
     a ceiling), else the last one. Each candidate before the last is timed here: a
@@ -468,6 +517,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
     rows = run.idx["train"][:max(c.train.batch_size for c in candidates)]
     x = run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
     tried: list[dict[str, Any]] = []
+    choices: list[precision.Choice] = []  # each timed candidate's precision: the plan keeps the winner's
     used = len(candidates) - 1
     for i, cand in enumerate(candidates if skippable else candidates[:-1]):
         def optimizer(m: torch.nn.Module, c: cfgmod.TrainConfig = cand.train) -> torch.optim.Optimizer:
@@ -487,6 +537,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
             choice = choose_precision(cand.train.precision, run.device, net, cand.train, xin[:PROBE_BATCH],
                                       optimizer)
             matmul_weight_grads(net, choice.matmul_weight_grads)
+            choices.append(choice)
             step = min(step_times(net, xin[:cand.train.batch_size], run.device, choice.precision, optimizer,
                                   steps=2)[1:])
             image = _forward_seconds(net, xin[:INFER_PROBE], run.device, choice.precision)
@@ -519,7 +570,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
             + (f", after {t['extraction_seconds']:.0f} s extracting features" if t.get("extraction_seconds") else "")
             + "): "
             f"fallbacks[{used - 1}] instead ({_differences(exp, chosen)})")
-    return chosen, record
+    return chosen, record, choices[used] if used < len(choices) else None
 
 
 INFER_PROBE = 128  # images of the forward pass timed for a fallback's evaluation cost
@@ -563,19 +614,27 @@ def _differences(a: Experiment, b: Experiment) -> str:
     return ", ".join(f"{k}={v}" for k, v in lb.items() if la.get(k) != v and not k.startswith("fallbacks"))
 
 
-def _prepare(exp: Experiment, ds: Dataset, folder: Path) -> _Fit:
-    """Split, normalization from the training rows, the model built and initialised."""
+def _prepare(exp: Experiment, ds: Dataset, folder: Path, test: bool = True) -> _Fit:
+    """Split, device and normalization from the training rows (what the plan needs first)."""
     sp, idx = split_indices(exp.data, ds)
     if exp.train.batch_size > len(idx["train"]):  # before any costly step
         raise ConfigError(f"train.batch_size {exp.train.batch_size} is larger than the training set "
                           f"({len(idx['train'])} images); expected at most {len(idx['train'])}")
     device = pick_device(distributed.device_for(exp.train.device, distributed.world()))
     norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])
-    generator = seed_everything(exp.train.seed)
-    model = models.build(exp.model.name, num_classes=ds.num_classes, **exp.model.options)
-    _initialise(model, ds, norm, idx["train"])
     y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
-    return _Fit(exp, ds, folder, sp, idx, device, norm, model, y, generator)
+    return _Fit(exp, ds, folder, sp, idx, device, norm, y, test=test)
+
+
+def _build_model(run: _Fit) -> None:
+    """The model of what runs (run.exp), seeded, built and initialised: once per run."""
+    exp = run.exp
+    if exp.train.batch_size > len(run.idx["train"]):  # a variant's batch
+        raise ConfigError(f"train.batch_size {exp.train.batch_size} is larger than the training set "
+                          f"({len(run.idx['train'])} images); expected at most {len(run.idx['train'])}")
+    run.generator = seed_everything(exp.train.seed)
+    run.model = models.build(exp.model.name, num_classes=run.ds.num_classes, **exp.model.options)
+    _initialise(run.model, run.ds, run.norm, run.idx["train"])
 
 
 def _initialise(model: torch.nn.Module, ds: Dataset, norm: Normalization, train_rows: np.ndarray) -> None:
@@ -612,12 +671,15 @@ def _build_trainer(run: _Fit, bar: ProgressBar | None, save_state: bool,
     if models.cached_features_only(model):  # only the head trains, on features computed once
         run.cached = CachedFeatures(exp, run.model, run.ds, run.idx, run.device, progress)
         run.trainer = Trainer(model.head, exp.train, FeatureInput(), run.cached.augment, run.device,
-                              cbs, generator)
+                              cbs, generator, plan=run.plan)
         run.x = run.cached.train_inputs()
     else:
         run.trainer = Trainer(run.model, exp.train, run.norm, Augment(**exp.augment.model_dump()),
-                              run.device, cbs, generator)
+                              run.device, cbs, generator, plan=run.plan)
         run.x = {k: torch.from_numpy(run.ds.X[v]) for k, v in run.idx.items()}
+    if run.saver is not None:
+        assert run.trainer.history is not None
+        run.saver.bind(run.trainer.state_dict, run.trainer.history)
 
 
 def _restore(run: _Fit, resume_state: tuple[dict, dict]) -> None:

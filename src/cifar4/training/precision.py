@@ -62,6 +62,21 @@ class Choice:
     matmul_weight_grads: bool = False  # bf16 steps take the small maps' weight gradients as matmuls
 
 
+def decide(cfg: TrainConfig, device: torch.device, model: nn.Module, sample: torch.Tensor | None,
+           optimizer: Optimizer | None = None) -> Choice:
+    """A run's precision (choose), measured once: under torchrun rank 0 measures and every rank
+    takes its answer, since the ranks must compute alike."""
+    from dataclasses import asdict
+
+    from . import distributed
+    w = distributed.world()
+    choice = choose(cfg.precision, device, model, cfg, sample, optimizer) if w.main else None
+    if w.size > 1:
+        choice = Choice(**distributed.broadcast(asdict(choice) if choice else None))
+    assert choice is not None
+    return choice
+
+
 def arithmetic(asked: str) -> str:
     """The number format a precision setting computes in: the matmul variant is bf16 (it only
     changes how training takes some weight gradients; inference and extraction have none)."""

@@ -43,7 +43,8 @@ class TensorBoard(Callback):
         self.log_dir = Path(log_dir)
         self.writer = _writer(self.log_dir)
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
         for k in SCALARS:
             if k in logs:
                 self.writer.add_scalar(k, float(logs[k]), epoch)

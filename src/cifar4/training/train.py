@@ -14,7 +14,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,8 +29,9 @@ from ..models import native
 from ..models.layers import matmul_weight_grads
 from . import distributed, precision
 from .budget import EVAL_SHARE, PLAN_AFTER, REPLAN_EVERY, Budget
-from .callbacks import Callback, History
+from .callbacks import Callback, CallbackList, History
 from .evaluate import evaluate
+from .plan import Plan
 
 KERAS_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
 
@@ -114,6 +115,7 @@ class Trainer:
     budget: Budget | None = None  # --time-budget: the number of steps is fitted to it
     eval_tta: int | None = None  # the final evaluation's test-time level a budget chose (None: the experiment's)
     log: Callable[[str], None] | None = None  # where the trainer says what it chose
+    plan: Plan | None = None  # what the run decided before training (precision, kernels); None: decided here
 
     def __post_init__(self) -> None:
         to_device(self.model, self.device)
@@ -138,19 +140,25 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, self.cfg)
+        self.params: dict[str, Any] = {}  # the callbacks' view of the run (_sync_params)
+        self._cbs = CallbackList([], self.model, self.params, self.plan)
         self.history = next((c for c in self.callbacks if isinstance(c, History)), None)
         if self.history is None:
             self.history = History()
             self.callbacks = [self.history, *self.callbacks]
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-        # compiled CPU kernels the model uses (the session CNN's pools), built once per machine
-        # here, before any step is timed; None where it uses none
-        self.kernels: native.Status | None = native.prepare(self.model, self.device)
-        # "auto" on a CPU is measured on the first training rows (in _prepare); else known now
+        # compiled CPU kernels the model uses (the session CNN's pools) and the precision: the
+        # run's plan decided them; a trainer used on its own decides them the same way here
+        # (kernels built once per machine; "auto" on a CPU measured on the first training rows)
         self.precision_choice: precision.Choice | None = None
         self.precision = ""
-        if self.cfg.precision != "auto" or self.device.type != "cpu":
-            self._choose_precision(None)
+        if self.plan is not None:
+            self.kernels: native.Status | None = self.plan.kernels
+            self._use_precision(self.plan.precision)
+        else:
+            self.kernels = native.prepare(self.model, self.device)
+            if self.cfg.precision != "auto" or self.device.type != "cpu":
+                self._choose_precision(None)
 
     def train_epochs(self, epochs: int, steps_per_epoch: int) -> None:
         """Train exactly `epochs` epochs of `steps_per_epoch` steps, the schedule fitted to them,
@@ -160,12 +168,11 @@ class Trainer:
 
     def _choose_precision(self, sample: torch.Tensor | None) -> None:
         cfg = self.cfg
-        choice = precision.choose(cfg.precision, self.device, self.model, cfg, sample,
-                                  lambda m: make_optimizer(m, cfg)) if self.world.main else None
-        if self.world.size > 1:  # every rank computes alike: rank 0's measurement decides
-            choice = precision.Choice(**distributed.broadcast(asdict(choice) if choice else None))
-        assert choice is not None
+        self._use_precision(precision.decide(cfg, self.device, self.model, sample, lambda m: make_optimizer(m, cfg)))
+
+    def _use_precision(self, choice: precision.Choice) -> None:
         self.precision_choice, self.precision = choice, choice.precision
+        matmul_weight_grads(self.model, choice.matmul_weight_grads)
         matmul_weight_grads(self.model, choice.matmul_weight_grads)
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
@@ -175,17 +182,18 @@ class Trainer:
             y_val: torch.Tensor) -> History:
         """Train for the configured epochs (from `start_epoch` when resumed), validating after
         each; callbacks see every step, as in Keras' fit()."""
-        x_store, y_store = self._prepare(x_train, y_train)
+        x_store, y_store = self._schedule_and_store(x_train, y_train)
         self._x_val = x_val
-        for cb in self.callbacks:
-            cb.on_train_begin(self)
+        cbs = self._cbs = CallbackList(self.callbacks, self.model, self.params, self.plan, trainer=self)
+        model: Any = self.model
+        model.stop_training = False  # Keras' flag: a callback sets it to end training
+        cbs.on_train_begin()
         epoch = self.start_epoch
         while epoch < self.epochs and self.steps_done < self.total_steps:
-            if self.stop_training:
+            if self.stop_training or model.stop_training:
                 break
             epoch += 1
-            for cb in self.callbacks:
-                cb.on_epoch_begin(self, epoch)
+            cbs.on_epoch_begin(epoch)
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             loss, accuracy = self._train_epoch(x_store, y_store)
@@ -196,19 +204,20 @@ class Trainer:
             self._val_seconds = time.perf_counter() - t_val
             logs = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val["loss"],
                     "val_accuracy": val["accuracy"], "seconds": round(seconds, 4), "lr": lr}
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, epoch, logs)
+            cbs.on_epoch_end(epoch, logs)
             if self.budget is not None and self.steps_done < self.total_steps:
                 before = self.total_steps
                 self._plan(seconds / max(1, self._epoch_steps), len(x_val), announce=False)
                 if self.budget.max_epochs is not None and self.total_steps < before:
                     self._announce(seconds / max(1, self._epoch_steps))  # a time limit cuts in
-        for cb in self.callbacks:
-            cb.on_train_end(self)
+        cbs.on_train_end()
+        restored = cbs.restored_epoch()
+        if restored is not None:
+            self.restored_epoch = restored
         assert self.history is not None
         return self.history
 
-    def _prepare(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _schedule_and_store(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Schedule, and the training set on the device, normalized once and kept as NHWC
         floats: a batch is then one gather, and its NCHW view is already channels_last."""
         cfg, n = self.cfg, len(x_train)
@@ -219,6 +228,7 @@ class Trainer:
         if not self.total_steps:
             self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self._sync_params()
         if self.scheduler is None:  # the schedule follows total_steps (a time budget changes it)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lambda step: lr_factor(cfg.schedule, cfg.warmup, self.total_steps)(step))
@@ -229,6 +239,12 @@ class Trainer:
                 sample = sample[:, 0]
             self._choose_precision(sample.permute(0, 3, 1, 2) if sample.ndim == 4 else sample)
         return x_store, y_train.to(self.device)
+
+    def _sync_params(self) -> None:
+        """What callbacks see as `params` (Keras' epochs and steps, and where a resumed run
+        starts): kept current as a time budget or limit re-plans the steps."""
+        self.params.update({"epochs": self.epochs, "steps": self.steps_per_epoch, "initial_epoch": self.start_epoch,
+                            "total_steps": self.total_steps})
 
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs as the fit keeps them on the device: normalized once, images as NHWC (a
@@ -257,6 +273,7 @@ class Trainer:
         if self.budget.tta is not None:
             self.eval_tta = self.budget.tta
         self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))
+        self._sync_params()
         if announce:
             self._announce(step_seconds)
 
@@ -350,7 +367,7 @@ class Trainer:
         cfg, n = self.cfg, len(x_store)
         assert self.scheduler is not None
         decay = self._decay(self.optimizer)
-        batch_logs = any(cb.wants_batch_logs for cb in self.callbacks)  # else: no host sync per step
+        batch_logs = self._cbs.wants_batch_logs  # else: no host sync per step
         self.model.train()
         order = torch.randperm(n, generator=self.generator).to(self.device)
         loss_sum = torch.zeros((), device=self.device)
@@ -394,8 +411,7 @@ class Trainer:
             seen = min(step * cfg.batch_size, n)
             if batch_logs:
                 logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
-                for cb in self.callbacks:
-                    cb.on_batch_end(self, step, logs)
+                self._cbs.on_batch_end(step, logs)
         self._epoch_steps = step
         distributed.all_sum(loss_sum, correct)  # every rank's share of the epoch
         return float(loss_sum) / max(1, seen), float(correct) / max(1, seen)

@@ -108,6 +108,13 @@ function showPrediction(p, truth) {
   div.className = "result";
   const img = document.createElement("img");
   img.src = p.image; img.alt = `${p.file} as the model sees it (32x32)`;
+  const picture = document.createElement("span"); picture.className = "picture";
+  picture.append(img);
+  if (p.attention) {  // where the model looked, laid over the image; the checkbox shows or hides it
+    const heat = document.createElement("img");
+    heat.className = "heat"; heat.src = p.attention; heat.alt = `${p.attention_method} map of ${p.file}`;
+    picture.append(heat);
+  }
   const info = document.createElement("div");
   info.className = "bars";
   const name = document.createElement("div"); name.className = "name"; name.textContent = p.file;
@@ -119,7 +126,7 @@ function showPrediction(p, truth) {
     info.append(t);
   }
   info.append(...probabilityBars(p.probabilities));
-  div.append(img, info);
+  div.append(picture, info);
   for (const view of extensions.predictionViews) view(p, div);
   $("results").prepend(div);
 }
@@ -132,6 +139,7 @@ async function classify(files, truth) {
   for (const f of files) form.append("files", f, f.name);
   form.append("run", $("run").value);
   for (const add of extensions.formFields) add(form);
+  if ($("attention").checked) form.append("attention", "true");
   try {
     const body = await api("/api/predict", { method: "POST", body: form });
     for (const p of body.predictions) showPrediction(p, truth);
@@ -171,6 +179,9 @@ async function start() {
 $("run").addEventListener("change", showCard);
 $("files").addEventListener("change", (e) => { classify([...e.target.files]); e.target.value = ""; });
 $("test-image").addEventListener("click", tryTestImage);
+const showHeat = () => $("results").classList.toggle("no-heat", !$("attention").checked);
+$("attention").addEventListener("change", showHeat);
+showHeat();
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));

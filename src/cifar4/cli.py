@@ -875,20 +875,24 @@ def data_show(data: Optional[Path] = DataOpt,
 
 # ---------------------------------------------------------------- interpret / lr-find
 
-@app.command()
-def interpret(run: Path = typer.Argument(..., help="A run directory."),
-              out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the figures and "
+@command(LOOK, "Why a run's model fails and where it looks.")
+def interpret(run: Path = RunArg,
+              out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for the figures and "
                                                      "interpretation.json (default: RUN/interpret)."),
-              split: str = typer.Option("test", "--split", help="train, val or test: the images to interpret."),
+              old_out: Optional[Path] = _deprecated("--out", "--out-dir"),
+              part: str = _choice(("train", "val", "test"), "--part", default="test",
+                                  help="The part of the run's split whose images are interpreted."),
+              old_split: Optional[str] = _deprecated("--split", "--part"),
               data: Optional[Path] = DataOpt,
               as_json: bool = typer.Option(False, "--json", help="Print interpretation.json to stdout."),
-              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+              quiet: bool = QuietOpt) -> None:
     """Why the model fails and where it looks: confused pairs, top losses, per-class precision /
     recall / F1, calibration before and after temperature scaling, attention maps (Grad-CAM;
     saliency for an MLP)."""
     from rich.progress import BarColumn, Progress, TextColumn
 
     from .interpret import STEPS, interpret_run
+    out_dir, split = out_dir if out_dir is not None else old_out, old_split if old_split is not None else part
     with Progress(TextColumn("interpret {task.description}"), BarColumn(), console=err, transient=True,
                   disable=quiet) as bar:
         task = bar.add_task("", total=len(STEPS))
@@ -901,16 +905,18 @@ def interpret(run: Path = typer.Argument(..., help="A run directory."),
     out.print(f"figures and interpretation.json written: {out_dir or run / 'interpret'}")
 
 
-@app.command("lr-find")
-def lr_find(experiment: str = typer.Argument(..., help="Built-in experiment name or a TOML file."),
-            out_dir: Path = typer.Option(Path("lr-find"), "--out", help="Folder for the plot and JSON."),
+@command(TRAIN, "Find a learning rate: the range test.", "lr-find")
+def lr_find(experiment: str = typer.Argument(..., metavar="EXPERIMENT", help="Built-in experiment name or a "
+                                             "TOML file."),
+            out_dir: Path = typer.Option(Path("lr-find"), "--out-dir", help="Folder for the plot and JSON."),
+            old_out: Optional[Path] = _deprecated("--out", "--out-dir"),
             start: float = typer.Option(1e-7, "--start", help="First learning rate."),
             end: float = typer.Option(10.0, "--end", help="Last learning rate."),
             steps: int = typer.Option(300, "--steps", help="Optimizer steps, one per rate (100 hardly "
                                       "move the session CNN's loss)."),
             data: Optional[Path] = DataOpt,
             as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+            quiet: bool = QuietOpt) -> None:
     """The learning-rate range test: a short run whose learning rate grows from --start to --end,
     stopped when the loss diverges; writes its plot and prints the suggested rate and the
     'cifar4 train' command that uses it."""
@@ -919,6 +925,7 @@ def lr_find(experiment: str = typer.Argument(..., help="Built-in experiment name
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .training.lr_find import lr_find as find
+    out_dir = old_out if old_out is not None else out_dir
     with Progress(TextColumn("lr-find"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
                   disable=quiet) as bar:
         task = bar.add_task("", total=steps)

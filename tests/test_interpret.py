@@ -145,7 +145,8 @@ def test_without_captum_the_maps_name_the_extra_and_the_rest_still_works(tiny_ru
     assert not (tmp_path / "a").exists()  # said before any work
     res = interpret_run(folders["cnn"], tmp_path / "b", data=ds, device="cpu", with_attention=False)
     assert "ECE" in res["summary"] and not attribution.captum_available()
-    assert main(["interpret", str(folders["cnn"]), "--data", str(tiny_npz), "--out", str(tmp_path / "c"), "-q"]) == 2
+    assert main(["interpret", str(folders["cnn"]), "--data", str(tiny_npz), "--out-dir", str(tmp_path / "c"),
+                 "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'cifar4[interpret]'" in err
 
@@ -201,12 +202,13 @@ def test_grad_cam_maps_change_when_the_learned_weights_are_randomised(tiny):
 def test_interpret_command_writes_into_the_folder_it_is_given(tiny_runs, tiny_npz, tmp_path, capsys):
     from cifar4.cli import main
     _, folders = tiny_runs
-    assert main(["interpret", str(folders["mlp"]), "--data", str(tiny_npz), "--out", str(tmp_path / "i"), "-q"]) == 0
+    assert main(["interpret", str(folders["mlp"]), "--data", str(tiny_npz), "--out-dir", str(tmp_path / "i"),
+                 "-q"]) == 0
     said = capsys.readouterr().out
     assert "temperature scaling" in said and str(tmp_path / "i") in said
     assert json.loads((tmp_path / "i" / "interpretation.json").read_text())["attention"][0]["method"] == "saliency"
-    assert main(["interpret", str(folders["mlp"]), "--split", "holdout"]) == 2
-    assert "expected one of train, val, test" in capsys.readouterr().err
+    assert main(["interpret", str(folders["mlp"]), "--part", "holdout"]) == 2
+    assert "'holdout' is not one of train, val, test" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the learning-rate range test
@@ -254,7 +256,7 @@ def test_the_suggestion_is_the_steepest_descent_of_the_smoothed_loss():
 def test_lr_find_command_prints_the_train_command(tiny_npz, tmp_path, capsys):
     from cifar4.cli import main
     exp = _lr_exp(tmp_path)
-    assert main(["lr-find", str(exp), "--data", str(tiny_npz), "--out", str(tmp_path / "o"), "--steps", "20",
+    assert main(["lr-find", str(exp), "--data", str(tiny_npz), "--out-dir", str(tmp_path / "o"), "--steps", "20",
                  "--start", "1e-4", "--end", "1", "-q"]) == 0
     said = capsys.readouterr().out
     res = json.loads((tmp_path / "o" / "cnn-tiny-lr-find.json").read_text())

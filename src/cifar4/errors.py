@@ -6,6 +6,18 @@ was expected. The CLI turns these into that line on stderr and exit code 2; anyt
 bug and keeps its traceback.
 """
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """"; did you mean 'x'?" for the nearest of `choices` (difflib's ratio, at least 0.7), or ""
+    when none is near: the ending of a message that names an unknown value. `prefix` goes before
+    the suggestion ('train.' for a key), not into the comparison, where it would bring every key
+    near."""
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.7)  # 0.6 offered 'best' for 'resnet'
+    return f"; did you mean '{prefix}{near[0]}'?" if near else ""
+
 
 class Cifar4Error(Exception):
     """Base of every error cifar4 raises on purpose."""

@@ -180,13 +180,33 @@ def sweep(exp: Experiment, ds: datamod.Dataset, trials: int, study_name: str | N
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         return float(r.metrics["val_accuracy"])
 
-    finished = len(study.get_trials(deepcopy=False, states=done))
-    if finished < trials:
-        with _quiet_optuna():
-            study.optimize(objective, n_trials=trials - finished, timeout=timeout, catch=(),
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=done)])
+    with _quiet_optuna():
+        _run_trials(study, objective, trials, timeout, heartbeat)
     finished = len(study.get_trials(deepcopy=False, states=done))
     return SweepResult(name, url, folder, finished, best_trial(study, ds) if finished else None)
+
+
+def _run_trials(study: Any, objective: Any, trials: int, timeout: float | None, heartbeat: float) -> None:
+    """Start one trial at a time while the study's finished trials plus those running (in any
+    worker) are fewer than `trials`: `--trials N` finishes N, unless two workers start the last
+    one at the same instant. When the last ones run elsewhere, wait for them: one whose worker
+    was killed is failed by its silent heartbeat, and then replaced here."""
+    optuna = _optuna()
+    state = optuna.trial.TrialState
+    start = time.monotonic()
+    while timeout is None or time.monotonic() - start < timeout:
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trial stops counting as running
+        finished = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
+        running = len(study.get_trials(deepcopy=False, states=(state.RUNNING,)))
+        if finished >= trials:
+            return
+        if finished + running >= trials:
+            time.sleep(min(heartbeat, WAIT_SECONDS))
+            continue
+        study.optimize(objective, n_trials=1, catch=())
+
+
+WAIT_SECONDS = 1.0  # how often a worker with no trial left to start looks at the others' last ones
 
 
 def _check_same_space(study: Any, exp: Experiment) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ def names() -> list[str]:
 
 def spec(name: str) -> ModelSpec:
     if name not in _REGISTRY:
-        raise ModelError(f"model '{name}' is unknown; expected one of {', '.join(names())}")
+        raise ModelError(f"model '{name}' is unknown; expected one of {', '.join(names())}"
+                         f"{did_you_mean(name, names())}")
     return _REGISTRY[name]
 
 

@@ -88,7 +88,7 @@ class ExportReport:
         return asdict(self)
 
 
-def export(run: str | Path, out: str | Path | None = None, tta: bool | None = None,
+def export(run: str | Path, out: str | Path | None = None, tta: int | bool | None = None,
            data: str | Path | datamod.Dataset | None = None, batch_size: int = 256) -> ExportReport:
     """Export a finished run to ONNX (default `RUN/model.onnx`), check it on the run's test
     split, and keep it only if it agrees with PyTorch."""
@@ -98,8 +98,12 @@ def export(run: str | Path, out: str | Path | None = None, tta: bool | None = No
     loaded = load_model(folder)
     metrics = read_metrics(folder)
     exp = record.read_experiment(folder)
-    # default: the views the run was evaluated with; --tta: those, or at least the mirror; --no-tta: none
-    level = int(exp.train.tta) if tta is None else (max(int(exp.train.tta), 1) if tta else 0)
+    # tta: the test-time views in the graph, 0-2; default the run's. True / False, the earlier
+    # on/off form, still mean: the run's views or at least the mirror / none.
+    if isinstance(tta, bool):
+        level = max(int(exp.train.tta), 1) if tta else 0
+    else:
+        level = int(exp.train.tta) if tta is None else int(tta)
     target = Path(out) if out is not None else folder / "model.onnx"
     if target.is_dir():
         raise RunError(f"--out '{target}' is a folder; expected a .onnx file name")

@@ -90,10 +90,11 @@ def _range_test(exp: Experiment, ds: datamod.Dataset, out: Path, start: float, e
     """One optimizer step per rate, through the run's own Trainer; (rates, losses, smoothed,
     diverged)."""
     run = pipeline._prepare(exp, ds, out)
+    pipeline._build_model(run)  # the experiment's own network, built as a planned run builds it
     pipeline._build_trainer(run, None, False, None, False)
     trainer = run.trainer
     assert trainer is not None
-    x, y = trainer._prepare(run.x["train"], run.y["train"])
+    x, y = trainer._schedule_and_store(run.x["train"], run.y["train"])
     base = exp.train.lr or KERAS_LR[exp.train.optimizer]
     groups = [(g, g.get("initial_lr", g["lr"]) / base) for g in trainer.optimizer.param_groups]
     decay = trainer._decay(trainer.optimizer)

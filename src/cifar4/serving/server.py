@@ -10,7 +10,7 @@
                             `attention=true` (each image's attention map as an RGBA PNG overlay)
     GET  /metrics           Prometheus text format: requests, latency, images, batches, load times
     GET  /docs              FastAPI's OpenAPI page
-    GET  /report/           the lab report, with --lab
+    GET  /report/           the lab report, with --lab-dir
 
 With a token (`--token`, or CIFAR4_TOKEN; required when listening beyond the loopback), every
 request needs `Authorization: Bearer TOKEN` (or HTTP Basic with the token as password, which a
@@ -621,7 +621,7 @@ def _report_dir(lab: Path) -> Path:
     for cand in (Path(lab), Path(lab) / "report"):
         if (cand / "index.html").is_file():
             return cand
-    raise RunError(f"--lab '{lab}' holds no report (index.html); run 'cifar4 lab' first")
+    raise RunError(f"--lab-dir '{lab}' holds no report (index.html); run 'cifar4 lab' first")
 
 
 def _version() -> str:

@@ -217,23 +217,28 @@ def test_a_run_that_falls_behind_within_an_epoch_is_planned_again_there(tiny, tm
     """A host that slows down in the second epoch, the last (2) or not (4): the trainer notices
     at its next check (every REPLAN_EVERY steps), not at the epoch's end, and the run ends there."""
 
-    from cifar4.training.budget import REPLAN_EVERY
-    from cifar4.training.callbacks import Callback
+    from cifar4.training.budget import REPLAN_EVERY, Deadline
 
-    class TimeRunsOut(Callback):
+    class TimeRunsOut(Deadline):
+        """The run's own deadline callback, whose deadline is suddenly behind it before the
+        sixth step of the second epoch."""
+
         epoch = 0
 
-        def on_epoch_begin(self, trainer, epoch):
+        def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
+            super().on_epoch_begin(epoch, logs)
 
-        def on_batch_end(self, trainer, step, logs):
-            if self.epoch == 2 and step == 5:  # the deadline is suddenly behind us
-                trainer.budget.deadline = time.perf_counter() - 1000
+        def on_batch_begin(self, batch, logs=None):
+            if self.epoch == 2 and batch == 5 and self.budget is not None:
+                self.budget.deadline = time.perf_counter() - 1000
+            super().on_batch_begin(batch, logs)
 
+    monkeypatch.setattr(pipeline, "Deadline", TimeRunsOut)
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"batch_size": 4, "time_limit": 600,
                                                                                "epochs": epochs}})})
-    m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False, callbacks=[TimeRunsOut()]).metrics
+    m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False).metrics
     spe, plans = m["steps_per_epoch"], m["time_limit"]["plans"]
     assert spe > 2 * REPLAN_EVERY
     assert m["steps"] == spe + REPLAN_EVERY == plans[-1]["total_steps"] == plans[-1]["after_steps"]
@@ -243,11 +248,18 @@ def test_a_run_that_falls_behind_within_an_epoch_is_planned_again_there(tiny, tm
 def test_plans_before_the_first_validation_time_the_inference_once(tiny, tmp_path, monkeypatch):
     """A one-epoch run under a limit is planned after 4 steps and again every REPLAN_EVERY
     steps; the inference pass those plans need is timed once, then validation counts."""
+    from cifar4.training import budget as budgetmod
     from cifar4.training import train as trainmod
 
     calls: list[int] = []
     real = trainmod.evaluate
-    monkeypatch.setattr(trainmod, "evaluate", lambda model, x, *a, **k: calls.append(len(x)) or real(model, x, *a, **k))
+
+    def counted(model, x, *a, **k):
+        calls.append(len(x))
+        return real(model, x, *a, **k)
+
+    for module in (trainmod, budgetmod):  # the validation, and the deadline callback's timing
+        monkeypatch.setattr(module, "evaluate", counted)
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"batch_size": 4, "epochs": 1,
                                                                                "time_limit": 600}})})

@@ -255,6 +255,18 @@ class Trainer:
             self._choose_precision(sample.permute(0, 3, 1, 2) if sample.ndim == 4 else sample)
         return x_store, y_train.to(self.device)
 
+    def store(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training set as the fit keeps it on the device (normalized once, images as NHWC),
+        with the schedule and precision set up for it: what a caller that steps the trainer
+        itself (the learning-rate range test, lr_find.py) gathers its batches from."""
+        return self._schedule_and_store(x_train, y_train)
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """One optimizer step of the model on a batch of `store`'s rows, at the optimizer's rates
+        as they are (the schedule is not advanced): the batch's loss."""
+        return self._step(self.model, self.forward, self.optimizer, self._decay(self.optimizer), xb, yb,
+                          self.aug_generator)[0]
+
     def _sync_params(self) -> None:
         """What callbacks see as `params` (Keras' epochs and steps, and where a resumed run
         starts): kept current as a time budget or limit re-plans the steps."""

@@ -513,3 +513,24 @@ def test_a_run_on_a_gpu_trains_and_records_the_gpu_variant(tiny, tmp_path, monke
     assert r.metrics["gpu"] == exp.gpu and r.metrics["model_options"]["widths"] == [8, 8, 8]
     ran = config.load(r.run_dir / "config.toml")
     assert ran.train.batch_size == 40 and ran.gpu == {}  # what ran: a resume continues it as it ran
+
+
+def test_a_budget_given_to_a_trainer_is_still_followed_with_a_deprecation_note(tiny, tmp_path):
+    """Trainer(budget=...) from before the Deadline callback: the trainer adds one at fit, says
+    so once, and the run is fitted to the budget."""
+    from cifar4.data.transforms import Augment, Normalization
+    from cifar4.training.budget import Budget
+    from cifar4.training.train import Trainer, seed_everything
+
+    cfg = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": 50,
+                                                                               "precision": "fp32"}})}).train
+    x = torch.from_numpy(tiny.X)
+    y = torch.from_numpy(tiny.Y)
+    model = models.build("fast", num_classes=4, widths=[16, 32, 32])
+    norm = Normalization.from_config("unit", True, tiny.X)
+    trainer = Trainer(model, cfg, norm, Augment(), callbacks=[], generator=seed_everything(0),
+                      budget=Budget.starting(4.0, time.perf_counter(), eval_images=0, max_epochs=50))
+    with pytest.warns(DeprecationWarning, match=r"Trainer\(budget=...\) is deprecated"):
+        history = trainer.fit(x, y, x[:64], y[:64])
+    spe = -(-len(x) // cfg.batch_size)
+    assert trainer.total_steps < 50 * spe and len(history.rows) == trainer.epochs  # cut to the 4 s

@@ -244,7 +244,7 @@ class Trainer:
             self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._sync_params()
-        if self.scheduler is None:  # the schedule follows total_steps (a time budget changes it)
+        if self.scheduler is None:  # the schedule follows total_steps (a deadline callback may change it)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lambda step: lr_factor(cfg.schedule, cfg.warmup, self.total_steps)(step))
         x_store = self._stored(x_train)
@@ -269,7 +269,7 @@ class Trainer:
 
     def _sync_params(self) -> None:
         """What callbacks see as `params` (Keras' epochs and steps, and where a resumed run
-        starts): kept current as a time budget or limit re-plans the steps."""
+        starts): kept current as a callback changes the total steps (Callback says how)."""
         self.params.update({"epochs": self.epochs, "steps": self.steps_per_epoch, "initial_epoch": self.start_epoch,
                             "total_steps": self.total_steps})
 

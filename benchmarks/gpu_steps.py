@@ -38,7 +38,7 @@ def build(exp, ds, folder: Path):
     pipeline._build_model(run)  # no plan: the trainer decides its precision and kernels itself
     pipeline._build_trainer(run, None, save_state=False, extra=None, progress=False)
     tr = run.trainer
-    x_store, y_store = tr._schedule_and_store(run.x["train"], run.y["train"])
+    x_store, y_store = tr.store(run.x["train"], run.y["train"])
     return run, tr, x_store, y_store
 
 

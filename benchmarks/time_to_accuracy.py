@@ -36,6 +36,7 @@ import torch
 
 import cifar4
 from cifar4 import config
+from cifar4.data.transforms import Normalization
 from cifar4.training.callbacks import Callback
 from cifar4.training.evaluate import evaluate, predict_logits
 from common import by_experiment, mean_std
@@ -49,19 +50,20 @@ KERAS_SCRIPT = Path(__file__).with_name("keras_reference.py")
 class TestEachEpoch(Callback):
     """Test accuracy after each epoch, with the clock stopped while it is measured."""
 
-    def __init__(self, x_test: torch.Tensor, y_test: torch.Tensor, tta: int):
-        self.x, self.y, self.tta = x_test, y_test, tta
+    def __init__(self, x_test: torch.Tensor, y_test: torch.Tensor, norm: Normalization, tta: int):
+        self.x, self.y, self.norm, self.tta = x_test, y_test, norm, tta
         self.curve: list[dict] = []
 
-    def on_train_begin(self, trainer):
+    def on_train_begin(self, logs=None):
         self.t0 = time.perf_counter()
         self.excluded = 0.0
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
+        assert logs is not None and self.plan is not None
         t = time.perf_counter()
         elapsed = t - self.t0 - self.excluded
-        acc = evaluate(trainer.model, self.x, self.y, trainer.norm, device=trainer.device,
-                       precision=trainer.precision, tta=self.tta)["accuracy"]
+        acc = evaluate(self.model, self.x, self.y, self.norm, device=self.plan.device,
+                       precision=self.plan.precision.precision, tta=self.tta)["accuracy"]
         self.curve.append({"epoch": epoch, "train_seconds": round(elapsed, 2),
                            "val_accuracy": round(logs["val_accuracy"], 4), "test_accuracy": round(acc, 4)})
         print(json.dumps(self.curve[-1]), file=sys.stderr, flush=True)
@@ -82,7 +84,9 @@ def run_one(name: str, ds, seed: int, split_seed: int, epochs: int | None, root:
                          f"measure it with benchmarks/transfer.py")
     from cifar4.data.split import split_indices
     _, idx = split_indices(exp.data, ds)
-    cb = TestEachEpoch(torch.from_numpy(ds.X[idx["test"]]), torch.from_numpy(ds.Y[idx["test"]]), exp.train.tta)
+    norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])  # as the run's
+    cb = TestEachEpoch(torch.from_numpy(ds.X[idx["test"]]), torch.from_numpy(ds.Y[idx["test"]]), norm,
+                       exp.train.tta)
     r = cifar4.train(exp, ds, runs_root=root, progress=False, save_state=True, callbacks=[cb])
     # Inference throughput as `cifar4 predict` runs it: the test split, batch 1000, the
     # model's recorded precision and the experiment's TTA views; best of 2.

@@ -73,6 +73,6 @@ class DieAt(Callback):
     def __init__(self, epoch: int):
         self.epoch = epoch
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
         if epoch == self.epoch:
             raise Died

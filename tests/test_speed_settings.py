@@ -217,23 +217,28 @@ def test_a_run_that_falls_behind_within_an_epoch_is_planned_again_there(tiny, tm
     """A host that slows down in the second epoch, the last (2) or not (4): the trainer notices
     at its next check (every REPLAN_EVERY steps), not at the epoch's end, and the run ends there."""
 
-    from cifar4.training.budget import REPLAN_EVERY
-    from cifar4.training.callbacks import Callback
+    from cifar4.training.budget import REPLAN_EVERY, Deadline
 
-    class TimeRunsOut(Callback):
+    class TimeRunsOut(Deadline):
+        """The run's own deadline callback, whose deadline is suddenly behind it before the
+        sixth step of the second epoch."""
+
         epoch = 0
 
-        def on_epoch_begin(self, trainer, epoch):
+        def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
+            super().on_epoch_begin(epoch, logs)
 
-        def on_batch_end(self, trainer, step, logs):
-            if self.epoch == 2 and step == 5:  # the deadline is suddenly behind us
-                trainer.budget.deadline = time.perf_counter() - 1000
+        def on_batch_begin(self, batch, logs=None):
+            if self.epoch == 2 and batch == 5 and self.budget is not None:
+                self.budget.deadline = time.perf_counter() - 1000
+            super().on_batch_begin(batch, logs)
 
+    monkeypatch.setattr(pipeline, "Deadline", TimeRunsOut)
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"batch_size": 4, "time_limit": 600,
                                                                                "epochs": epochs}})})
-    m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False, callbacks=[TimeRunsOut()]).metrics
+    m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False).metrics
     spe, plans = m["steps_per_epoch"], m["time_limit"]["plans"]
     assert spe > 2 * REPLAN_EVERY
     assert m["steps"] == spe + REPLAN_EVERY == plans[-1]["total_steps"] == plans[-1]["after_steps"]
@@ -243,11 +248,18 @@ def test_a_run_that_falls_behind_within_an_epoch_is_planned_again_there(tiny, tm
 def test_plans_before_the_first_validation_time_the_inference_once(tiny, tmp_path, monkeypatch):
     """A one-epoch run under a limit is planned after 4 steps and again every REPLAN_EVERY
     steps; the inference pass those plans need is timed once, then validation counts."""
+    from cifar4.training import budget as budgetmod
     from cifar4.training import train as trainmod
 
     calls: list[int] = []
     real = trainmod.evaluate
-    monkeypatch.setattr(trainmod, "evaluate", lambda model, x, *a, **k: calls.append(len(x)) or real(model, x, *a, **k))
+
+    def counted(model, x, *a, **k):
+        calls.append(len(x))
+        return real(model, x, *a, **k)
+
+    for module in (trainmod, budgetmod):  # the validation, and the deadline callback's timing
+        monkeypatch.setattr(module, "evaluate", counted)
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
     exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"batch_size": 4, "epochs": 1,
                                                                                "time_limit": 600}})})
@@ -501,3 +513,24 @@ def test_a_run_on_a_gpu_trains_and_records_the_gpu_variant(tiny, tmp_path, monke
     assert r.metrics["gpu"] == exp.gpu and r.metrics["model_options"]["widths"] == [8, 8, 8]
     ran = config.load(r.run_dir / "config.toml")
     assert ran.train.batch_size == 40 and ran.gpu == {}  # what ran: a resume continues it as it ran
+
+
+def test_a_budget_given_to_a_trainer_is_still_followed_with_a_deprecation_note(tiny, tmp_path):
+    """Trainer(budget=...) from before the Deadline callback: the trainer adds one at fit, says
+    so once, and the run is fitted to the budget."""
+    from cifar4.data.transforms import Augment, Normalization
+    from cifar4.training.budget import Budget
+    from cifar4.training.train import Trainer, seed_everything
+
+    cfg = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": 50,
+                                                                               "precision": "fp32"}})}).train
+    x = torch.from_numpy(tiny.X)
+    y = torch.from_numpy(tiny.Y)
+    model = models.build("fast", num_classes=4, widths=[16, 32, 32])
+    norm = Normalization.from_config("unit", True, tiny.X)
+    trainer = Trainer(model, cfg, norm, Augment(), callbacks=[], generator=seed_everything(0),
+                      budget=Budget.starting(4.0, time.perf_counter(), eval_images=0, max_epochs=50))
+    with pytest.warns(DeprecationWarning, match=r"Trainer\(budget=...\) is deprecated"):
+        history = trainer.fit(x, y, x[:64], y[:64])
+    spe = -(-len(x) // cfg.batch_size)
+    assert trainer.total_steps < 50 * spe and len(history.rows) == trainer.epochs  # cut to the 4 s

@@ -279,3 +279,38 @@ def test_a_callback_written_for_the_trainer_still_works_with_a_deprecation_note(
     with pytest.warns(DeprecationWarning, match="Old: callback hooks that take the trainer are deprecated"):
         r = pipeline.train(exp(epochs=3), tiny, runs_root=tmp_path, progress=False, callbacks=[old])
     assert old.epochs == [1] and r.metrics["epochs"] == 1
+
+
+def test_a_callback_changes_the_runs_length_through_params_and_the_schedule_follows(tiny, tmp_path):
+    """`params["total_steps"]` is the one door through which a callback (the deadline callback
+    under a time budget) changes the run's length: the trainer stops there, its epochs follow,
+    and the learning-rate schedule is fitted to the new total."""
+    class Shorten(Callback):
+        def on_batch_begin(self, batch, logs=None):
+            self.params["total_steps"] = min(self.params["total_steps"], self.params["steps"] + 3)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs_seen = self.params["epochs"]
+
+    cb = Shorten()
+    r = pipeline.train(exp(epochs=5, schedule="linear", optimizer="sgd", lr=0.1), tiny, runs_root=tmp_path,
+                       progress=False, callbacks=[cb])
+    spe, m = r.metrics["steps_per_epoch"], r.metrics
+    assert m["steps"] == spe + 3 and m["epochs"] == m["epochs_planned"] == cb.epochs_seen == 2
+    assert r.history[1]["lr"] == pytest.approx(0.1 * lr_factor("linear", 0.0, spe + 3)(spe))
+
+
+def test_a_run_under_a_time_limit_resumes_to_the_same_result_with_the_plans_it_made(tiny, tmp_path, monkeypatch):
+    """The deadline callback's state goes with the run's: a resumed run keeps the steps it had
+    planned (the deadline was the interrupted command's) and reports the plans made before."""
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    e = exp(epochs=3, seed=3, time_limit=600)
+    full = pipeline.train(e, tiny, runs_root=tmp_path / "full", progress=False)
+    with pytest.raises(Died):  # after epoch 2's save
+        pipeline.train(e, tiny, run_dir=tmp_path / "part", progress=False, callbacks=[DieAt(2)])
+    resumed = pipeline.resume(tmp_path / "part", tiny, progress=False)
+    spe, plans = resumed.metrics["steps_per_epoch"], resumed.metrics["time_limit"]["plans"]
+    assert plans and all(p["after_steps"] <= 2 * spe for p in plans)  # all from before the interruption
+    assert resumed.metrics["steps"] == full.metrics["steps"] == 3 * spe
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k])

@@ -3,9 +3,11 @@ metrics.json; training fits its length to that. `--time-limit SECONDS` (train.ti
 the `fast` preset sets) is the same measurement used as a ceiling: the experiment's epochs run
 as set where they fit, and are shortened (the schedule fitted to the steps that fit) where not.
 
-The trainer measures its own speed (seconds per training step over the first steps, and the
-seconds of one inference pass per image, timed on validation images), then sets the number of
-steps so that what remains fits: the training steps, the validation after each epoch, the
+A `Deadline` callback follows the clock during training (the pipeline adds it to the run's
+callbacks when the experiment has a budget or a limit): it measures the run's speed through the
+batch and epoch events (seconds per training step over the first steps, and the seconds of one
+inference pass per image, timed on validation images), then sets `params["total_steps"]` so
+that what remains fits: the training steps, the validation after each epoch, the
 final evaluation (its train subset, and validation and test with their test-time views) and
 writing the run's files. The one-cycle schedule is stretched or compressed to exactly those
 steps (its warm-up stays the same fraction), so a short budget still ends with a fully decayed
@@ -29,8 +31,18 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..device import synchronize
+from .callbacks import Callback
+from .evaluate import evaluate
+
+if TYPE_CHECKING:
+    from ..data.transforms import InputTransform
 
 PLAN_AFTER = 4            # training steps timed before the first plan (the first one warms up)
 REPLAN_EVERY = 16         # steps between plans in the epoch where the run ends (checks before it)
@@ -151,3 +163,153 @@ class Budget:
         if self.max_epochs is not None:
             out["max_epochs"] = self.max_epochs
         return out
+
+
+PROBE_IMAGES = 256  # validation images timed for the inference speed before the first validation
+
+
+class Deadline(Callback):
+    """Follows a time budget or limit (`budget`) while the run trains, by re-planning its total
+    steps, and through them the schedule, in `self.params["total_steps"]` (the trainer reads it
+    after every event; Callback says how):
+
+    - after PLAN_AFTER steps (the first one warms up and is not timed): the first plan;
+    - after every epoch, on the epoch's measured seconds per step (a time limit that now cuts
+      the run says so);
+    - every REPLAN_EVERY steps of the epoch where the run ends, and in the epochs between the
+      first and the last where a check (`Budget.fit`) finds that the steps left no longer fit.
+
+    The seconds of one inference pass per image come from the last validation (the epoch logs'
+    `val_seconds`) or, before the first one, from one pass timed on `x_val`'s first
+    PROBE_IMAGES. `log` receives what it chose. A resumed run keeps the steps it had planned
+    (the deadline was the interrupted command's): the state carries the plans made so far,
+    which `summary` still reports."""
+
+    def __init__(self, budget: Budget | None, x_val: torch.Tensor, norm: InputTransform,
+                 log: Callable[[str], None] | None = None):
+        self.budget, self.x_val, self.norm, self.log = budget, x_val, norm, log
+        self._record: dict[str, Any] | None = None  # what summary reports when no budget is followed
+        self._key = "time_limit" if budget is not None and budget.max_epochs is not None else "time_budget"
+        self._epoch = 0
+        self._t_ref, self._ref_step = 0.0, 0  # this epoch's steps are timed from here
+        self._val_seconds: float | None = None
+        self._probe_seconds: float | None = None  # per image, before the first validation
+
+    def spent_before_training(self, spent: float) -> None:
+        """A limit found spent before training (the pipeline then trains one epoch): nothing is
+        followed, and the summary says so."""
+        assert self.budget is not None
+        self._record = {"seconds": self.budget.seconds, "spent_before_training": round(spent, 1),
+                        "max_epochs": 1, "plans": []}
+        self.budget = None
+
+    @property
+    def key(self) -> str:
+        """The metrics.json key of what it follows: `time_limit` or `time_budget`."""
+        return self._key
+
+    def summary(self) -> dict[str, Any] | None:
+        """What the budget or limit planned (metrics.json's `time_budget` or `time_limit`)."""
+        return self.budget.summary() if self.budget is not None else self._record
+
+    def _device(self) -> torch.device:
+        return self.plan.device if self.plan is not None else next(self.model.parameters()).device
+
+    def _sync(self) -> float:
+        """The clock, once a GPU's launched steps have run."""
+        synchronize(self._device())
+        return time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_batch_begin(self, batch, logs=None):
+        b = self.budget
+        if b is None:
+            return
+        # every epoch before the one where the run ends is whole
+        done, spe = (self._epoch - 1) * self.params["steps"] + batch, self.params["steps"]
+        if batch == 0 or done == 1:  # the first step warms up; time the next ones
+            self._t_ref, self._ref_step = self._sync(), batch
+        first = done == PLAN_AFTER and not b.plans
+        again = False
+        if b.plans and batch > self._ref_step and batch % REPLAN_EVERY == 0:
+            # In the epoch where the run ends, plan again on its steps so far, so that a host that
+            # slows down now still ends in time (the epoch's end would be too late to notice).
+            # After the first epoch (whose first steps are the slowest), an earlier epoch is
+            # planned again where a plan now would cut the run, since a host that slows down in
+            # the epoch before the last would otherwise overrun the limit. (That check reads the
+            # clock without draining a GPU's queue of launched steps.)
+            total = self.params["total_steps"]
+            again = total - done <= spe - batch or (
+                done > spe and b.fit(done, (time.perf_counter() - self._t_ref) / (batch - self._ref_step),
+                                     self._image_seconds(), len(self.x_val), spe) < total)
+        if first or again:
+            self._plan(done, (self._sync() - self._t_ref) / (batch - self._ref_step), announce=first)
+
+    def on_epoch_end(self, epoch, logs=None):
+        b = self.budget
+        if b is None or logs is None:
+            return
+        self._val_seconds = logs.get("val_seconds")
+        total, spe = self.params["total_steps"], self.params["steps"]
+        if epoch * spe >= total:  # the run ends with this epoch
+            return
+        step_seconds = logs["seconds"] / spe  # a whole epoch, since the run goes on
+        self._plan(epoch * spe, step_seconds, announce=False)
+        if b.max_epochs is not None and self.params["total_steps"] < total:
+            self._announce(epoch * spe, step_seconds)  # a time limit cuts in
+
+    def _image_seconds(self) -> float:
+        """Seconds of one inference pass per image: from the last validation, or before the
+        first one timed once on a few of its images."""
+        if self._val_seconds is not None:  # measured on the whole validation split
+            return self._val_seconds / max(1, len(self.x_val))
+        if self._probe_seconds is None:
+            x = self.x_val[:min(len(self.x_val), PROBE_IMAGES)]
+            prec = self.plan.precision.precision if self.plan is not None else "fp32"
+            t = time.perf_counter()
+            evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self._device(),
+                     precision=prec, tta=0)
+            self._probe_seconds = (time.perf_counter() - t) / max(1, len(x))
+        return self._probe_seconds
+
+    def _plan(self, done: int, step_seconds: float, announce: bool) -> None:
+        """Fit the total steps (and so the schedule) to the time left."""
+        assert self.budget is not None
+        self.params["total_steps"] = self.budget.steps(done, step_seconds, self._image_seconds(),
+                                                       len(self.x_val), self.params["steps"])
+        if announce:
+            self._announce(done, step_seconds)
+
+    def _announce(self, done: int, step_seconds: float) -> None:
+        """Say what the time budget or limit chose."""
+        assert self.budget is not None
+        if self.log is None:
+            return
+        b, plan, spe = self.budget, self.budget.plans[-1], self.params["steps"]
+        total = self.params["total_steps"]
+        schedule = self.plan.exp.train.schedule if self.plan is not None else "learning-rate"
+        measured = (f"{b.kind} {b.seconds:g} s: {plan['seconds_left']:.1f} s left after {done} "
+                    f"steps of {1000 * step_seconds:.0f} ms; final evaluation about "
+                    f"{plan['final_eval_seconds']:.1f} s")
+        if b.views_cut():
+            measured += (f" with test-time level {b.tta} instead of {max(b.views)} (its views would "
+                         f"take more than {EVAL_SHARE:.0%} of the time left)")
+        fitted = f"{total} steps ({total / spe:.2f} epochs), the {schedule} schedule fitted to them"
+        if b.max_epochs is None:
+            self.log(f"{measured} -> {fitted}")
+        elif total >= b.max_epochs * spe:
+            self.log(f"{measured} -> its {b.max_epochs} epochs fit")
+        else:
+            self.log(f"{measured} -> its {b.max_epochs} epochs do not fit: {fitted} "
+                     f"(--time-limit 0 lifts the limit)")
+
+    def state_dict(self):
+        return {"key": self._key, "summary": self.summary()}
+
+    def load_state_dict(self, state):
+        # the deadline belonged to the interrupted command: a resumed run keeps its planned steps
+        self.budget = None
+        self._key = state.get("key", self._key)
+        self._record = state.get("summary")

@@ -30,11 +30,14 @@ if TYPE_CHECKING:
 class Callback:
     """Keras' Callback: the fit loop calls its hooks through a CallbackList, and it sees the
     training through `self.model` (the network), `self.params` (epochs, steps per epoch, the
-    epoch a resumed run starts from) and `self.plan` (what the run decided before training,
-    training/plan.py; None for a trainer used on its own), never the trainer itself. To stop
-    training, set `self.model.stop_training = True`, as in Keras; a callback that puts back
-    earlier weights says which epoch in `self.restored_epoch`. `state_dict`/`load_state_dict`
-    carry its state across an interruption, so a resumed run behaves as an uninterrupted one."""
+    epoch a resumed run starts from, the total steps planned) and `self.plan` (what the run
+    decided before training, training/plan.py; None for a trainer used on its own), never the
+    trainer itself. To stop training, set `self.model.stop_training = True`, as in Keras; to
+    change the run's length, set `self.params["total_steps"]` (a deadline callback does, in
+    budget.py): the trainer reads it after every event, fits the learning-rate schedule to
+    it and brings `params["epochs"]` in line. A callback that puts back earlier weights says
+    which epoch in `self.restored_epoch`. `state_dict`/`load_state_dict` carry its state across
+    an interruption, so a resumed run behaves as an uninterrupted one."""
 
     model: Any = None
     params: dict[str, Any] = {}  # replaced per instance by set_params
@@ -58,6 +61,7 @@ class Callback:
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None: ...
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None: ...
+    def on_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None: ...
     def on_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None: ...
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None: ...
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None: ...
@@ -68,7 +72,7 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-HOOKS = ("on_train_begin", "on_epoch_begin", "on_batch_end", "on_epoch_end", "on_train_end")
+HOOKS = ("on_train_begin", "on_epoch_begin", "on_batch_begin", "on_batch_end", "on_epoch_end", "on_train_end")
 
 
 def _takes_trainer(cb: Callback) -> bool:
@@ -108,6 +112,11 @@ class CallbackList:
     def wants_batch_logs(self) -> bool:
         return any(cb.wants_batch_logs for cb in self.callbacks)
 
+    @property
+    def wants_batch_begin(self) -> bool:
+        """Whether any callback acts before a step (the loop then calls it at each one)."""
+        return any(type(cb).on_batch_begin is not Callback.on_batch_begin for cb in self.callbacks)
+
     def _fire(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             if id(cb) in self._legacy and getattr(type(cb), hook) is not getattr(Callback, hook):
@@ -120,6 +129,9 @@ class CallbackList:
 
     def on_epoch_begin(self, epoch: int) -> None:
         self._fire("on_epoch_begin", epoch)
+
+    def on_batch_begin(self, batch: int) -> None:
+        self._fire("on_batch_begin", batch)
 
     def on_batch_end(self, batch: int, logs: dict[str, float]) -> None:
         self._fire("on_batch_end", batch, logs)

@@ -90,14 +90,13 @@ def _range_test(exp: Experiment, ds: datamod.Dataset, out: Path, start: float, e
     """One optimizer step per rate, through the run's own Trainer; (rates, losses, smoothed,
     diverged)."""
     run = pipeline._prepare(exp, ds, out)
-    pipeline._build_model(run)  # the experiment's own network, built as a planned run builds it
+    pipeline._build_model(run)
     pipeline._build_trainer(run, None, False, None, False)
     trainer = run.trainer
     assert trainer is not None
-    x, y = trainer._schedule_and_store(run.x["train"], run.y["train"])
+    x, y = trainer.store(run.x["train"], run.y["train"])
     base = exp.train.lr or KERAS_LR[exp.train.optimizer]
     groups = [(g, g.get("initial_lr", g["lr"]) / base) for g in trainer.optimizer.param_groups]
-    decay = trainer._decay(trainer.optimizer)
     trainer.model.train()
     order = torch.zeros(0, dtype=torch.long)
     lrs: list[float] = []
@@ -111,8 +110,7 @@ def _range_test(exp: Experiment, ds: datamod.Dataset, out: Path, start: float, e
         if len(order) < b:  # a fresh random order when the last one is used up
             order = torch.randperm(len(x), generator=trainer.generator).to(x.device)
         idx, order = order[:b], order[b:]
-        loss = float(trainer._step(trainer.model, trainer.forward, trainer.optimizer, decay, x[idx], y[idx],
-                                   trainer.aug_generator)[0].detach())
+        loss = float(trainer.train_step(x[idx], y[idx]).detach())
         avg = beta * avg + (1 - beta) * loss
         s = avg / (1 - beta ** (i + 1))
         lrs.append(lr)

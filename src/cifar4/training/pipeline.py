@@ -27,7 +27,7 @@ from .. import locks, models, plots, record, runs
 from ..config import Experiment
 from ..data import Dataset
 from ..data.split import Split, split_indices
-from ..data.transforms import Augment, FeatureInput, Normalization, tta_views
+from ..data.transforms import Augment, FeatureInput, InputTransform, Normalization, tta_views
 from ..device import autocast, keep_freed_memory, pick_device, synchronize, to_device
 from ..errors import Cifar4Error, ConfigError, RunError
 from ..models import native
@@ -35,7 +35,7 @@ from ..models.base import FrozenBackbone
 from ..models.layers import matmul_weight_grads
 from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import distributed, precision
-from .budget import EVAL_SHARE, Budget
+from .budget import EVAL_SHARE, Budget, Deadline
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures, extraction_seconds, feature_precision, feature_views, pending
@@ -345,6 +345,7 @@ class _Fit:
     cached: CachedFeatures | None = None
     trainer: Trainer | None = None
     saver: _SaveEachEpoch | None = None
+    deadline: Deadline | None = None  # follows a time budget or limit during training
     test: bool = True  # False: the test split stays held out (sweep trials); per-class and confusion on val
 
 
@@ -372,14 +373,12 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     if main and resume_state is None:  # written once, before training; a resumed run keeps its own
         record.write_experiment(folder, plan.exp)
         record.write_run_info(folder, ds.source, ds.checksum(), plan.to_record())
-    _build_trainer(run, bar, save_state, extra, progress)
+    _build_trainer(run, bar, save_state, extra, progress, (t_start, log))
     assert run.trainer is not None
-    run.trainer.log = log
-    limit_spent = None
-    if resume_state is not None:
+    if resume_state is not None:  # a resumed run keeps its steps
         _restore(run, resume_state)
-    elif plan.exp.train.time_budget is not None or plan.exp.train.time_limit:  # a resumed run keeps its steps
-        limit_spent = _start_budget(run, plan.exp, t_start)
+    elif run.deadline is not None:
+        _check_deadline(run, t_start, log)
     # a GPU loads its kernels on first use: done before the fit's clock (counted in total_seconds)
     warmup_seconds = run.trainer.warm_up(run.x["train"], run.y["train"], run.x["val"], run.y["val"])
     rows, fit_seconds = _fit(run)
@@ -390,7 +389,7 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     eval_seconds = time.perf_counter() - t_eval
     metrics = _metrics(run, rows, res, precision, (warmup_seconds, fit_seconds), eval_seconds, resume_state,
                        started_at)
-    for key, value in (("fallback", plan.fallback), ("time_limit", limit_spent), ("gpu", plan.gpu)):
+    for key, value in (("fallback", plan.fallback), ("gpu", plan.gpu)):
         if value is not None:
             metrics[key] = value
     _write_artifacts(run, rows, res, precision, metrics)
@@ -460,30 +459,39 @@ def _budget_views(run: _Fit, net: torch.nn.Module, prec: str, t_start: float, re
     return exp.model_copy(update={"train": exp.train.model_copy(update={"tta": level})})
 
 
-def _start_budget(run: _Fit, exp: Experiment, t_start: float) -> dict[str, Any] | None:
-    """Give the trainer the time budget (or limit) of `exp` (what runs), counted from `t_start`.
-    A budget spent before training is a ConfigError; a limit spent then ends the run with one
-    epoch, and the metrics' `time_limit` entry saying so is returned."""
-    trainer = run.trainer
-    assert trainer is not None
-    budget = exp.train.time_budget  # a budget replaces a limit
+def _deadline(run: _Fit, t_start: float, log: Callable[[str], None] | None,
+              norm: InputTransform) -> Deadline | None:
+    """The callback that follows the time budget (or limit) of what runs, counted from
+    `t_start`, during training; None without either. A budget replaces a limit."""
+    exp = run.exp
+    budget = exp.train.time_budget
+    if budget is None and not exp.train.time_limit:
+        return None
     # a budget may cut the final evaluation's test-time views, so it is given each level's cost
     images = _eval_images(run) if budget is None else {exp.train.tta: _eval_images(run)}  # views: planned
-    b = trainer.budget = Budget.starting(budget or exp.train.time_limit, t_start, images,
-                                         max_epochs=None if budget is not None else exp.train.epochs)
+    b = Budget.starting(budget or exp.train.time_limit, t_start, images,
+                        max_epochs=None if budget is not None else exp.train.epochs)
+    return Deadline(b, run.x["val"], norm, log)
+
+
+def _check_deadline(run: _Fit, t_start: float, log: Callable[[str], None] | None) -> None:
+    """Before training: a budget already spent is a ConfigError; a limit spent ends the run
+    with one epoch (metrics' `time_limit` says so)."""
+    assert run.trainer is not None and run.deadline is not None and run.deadline.budget is not None
+    b, exp = run.deadline.budget, run.exp
     spent = time.perf_counter() - t_start
     if spent < b.seconds:
-        return None
+        return
     if b.max_epochs is None:
         raise ConfigError(f"{b.kind} {b.seconds:g} s is spent before training starts "
                           f"({spent:.1f} s to start, load the data and build the model); expected more "
                           f"than {spent:.0f} s")
     # a limit is a ceiling: one epoch rather than a run lost to a slow start
-    trainer.train_epochs(1, math.ceil(len(run.idx["train"]) / exp.train.batch_size))
-    if trainer.log is not None:
-        trainer.log(f"{exp.name}: its time limit of {b.seconds:g} s was spent before training "
-                    f"({spent:.1f} s: start, data, features) -> one epoch, to end the run")
-    return {"seconds": b.seconds, "spent_before_training": round(spent, 1), "max_epochs": 1, "plans": []}
+    run.trainer.train_epochs(1, math.ceil(len(run.idx["train"]) / exp.train.batch_size))
+    run.deadline.spent_before_training(spent)
+    if log is not None:
+        log(f"{exp.name}: its time limit of {b.seconds:g} s was spent before training "
+            f"({spent:.1f} s: start, data, features) -> one epoch, to end the run")
 
 
 def _on_gpu(exp: Experiment) -> bool:
@@ -658,25 +666,30 @@ def _callbacks(exp: Experiment, folder: Path, bar: ProgressBar | None) -> list[C
 
 
 def _build_trainer(run: _Fit, bar: ProgressBar | None, save_state: bool,
-                   extra: list[Callback] | None, progress: bool) -> None:
-    """The trainer, on images or, for a frozen backbone, on its cached features."""
+                   extra: list[Callback] | None, progress: bool,
+                   clock: tuple[float, Callable[[str], None] | None] | None = None) -> None:
+    """The trainer, on images or, for a frozen backbone, on its cached features, and its
+    callbacks (`clock`: when the command started, and where a deadline callback says what it
+    chose; None: no time budget or limit is followed)."""
     exp = run.exp
     cbs = _callbacks(exp, run.folder, bar)
+    model = run.model
+    norm: InputTransform
+    if models.cached_features_only(model):  # only the head trains, on features computed once
+        run.cached = CachedFeatures(exp, run.model, run.ds, run.idx, run.device, progress)
+        net, norm, augment = model.head, FeatureInput(), run.cached.augment
+        run.x = run.cached.train_inputs()
+    else:
+        net, norm, augment = run.model, run.norm, Augment(**exp.augment.model_dump())
+        run.x = {k: torch.from_numpy(run.ds.X[v]) for k, v in run.idx.items()}
+    run.deadline = None if clock is None else _deadline(run, *clock, norm)
+    if run.deadline is not None:  # before the save, which then holds its plans
+        cbs.append(run.deadline)
     if save_state:
         run.saver = _SaveEachEpoch(run.folder, {"data_sha256": run.ds.checksum()})
         cbs.append(run.saver)
     cbs += list(extra or [])
-    generator = run.generator
-    model = run.model
-    if models.cached_features_only(model):  # only the head trains, on features computed once
-        run.cached = CachedFeatures(exp, run.model, run.ds, run.idx, run.device, progress)
-        run.trainer = Trainer(model.head, exp.train, FeatureInput(), run.cached.augment, run.device,
-                              cbs, generator, plan=run.plan)
-        run.x = run.cached.train_inputs()
-    else:
-        run.trainer = Trainer(run.model, exp.train, run.norm, Augment(**exp.augment.model_dump()),
-                              run.device, cbs, generator, plan=run.plan)
-        run.x = {k: torch.from_numpy(run.ds.X[v]) for k, v in run.idx.items()}
+    run.trainer = Trainer(net, exp.train, norm, augment, run.device, cbs, run.generator, plan=run.plan)
     if run.saver is not None:
         assert run.trainer.history is not None
         run.saver.bind(run.trainer.state_dict, run.trainer.history)
@@ -716,8 +729,8 @@ def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str, dict[str, tuple[n
     """Final numbers in the training precision, as `cifar4 evaluate` and `predict` compute
     them (model.json records it), and the logits behind them (predictions.npz). The train
     split is measured without TTA on a fixed subset (`_eval_rows`)."""
-    assert run.trainer is not None
-    prec, tta, classes = run.trainer.precision, run.exp.train.tta, run.ds.classes
+    assert run.plan is not None
+    prec, tta, classes = run.plan.precision.precision, run.exp.train.tta, run.ds.classes
     parts = ("train", "val", "test") if run.test else ("train", "val")
     logits: dict[str, torch.Tensor] = {}
     if run.cached is not None and models.cached_features_only(run.model):
@@ -785,18 +798,16 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
         "machine": machine(run.device),
         "started_at": started,
     }
-    choice = run.trainer.precision_choice
-    if choice is not None:
-        metrics["precision_choice"] = {"asked": exp.train.precision, "chosen": choice.precision,
-                                       "reason": choice.reason, "step_seconds": choice.seconds,
-                                       "cached": choice.cached,
-                                       "matmul_weight_grads": choice.matmul_weight_grads}
-    if run.trainer.kernels is not None:  # the session CNN's pools on a CPU: compiled or the library's
-        metrics["kernels"] = {"pool2x2": run.trainer.kernels.to_dict()}
+    assert run.plan is not None  # the precision and kernels the run used, as planned
+    choice = run.plan.precision
+    metrics["precision_choice"] = {"asked": exp.train.precision, "chosen": choice.precision,
+                                   "reason": choice.reason, "step_seconds": choice.seconds,
+                                   "cached": choice.cached, "matmul_weight_grads": choice.matmul_weight_grads}
+    if run.plan.kernels is not None:  # the session CNN's pools on a CPU: compiled or the library's
+        metrics["kernels"] = {"pool2x2": run.plan.kernels.to_dict()}
     metrics["steps"] = run.trainer.steps_done
-    if run.trainer.budget is not None:  # what a --time-budget or a time limit planned
-        key = "time_limit" if run.trainer.budget.max_epochs is not None else "time_budget"
-        metrics[key] = run.trainer.budget.summary()
+    if run.deadline is not None and run.deadline.summary() is not None:  # what a budget or limit planned
+        metrics[run.deadline.key] = run.deadline.summary()
     if not run.test:
         metrics["held_out_test"] = True  # per_class_accuracy and confusion are on the validation split
     digest = models.backbone_digest(run.model)

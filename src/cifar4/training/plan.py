@@ -6,7 +6,7 @@ precision (measured once), the compiled kernels, the final evaluation's test-tim
 epochs and schedule - then prints the plan, writes it once (config.toml holds the experiment
 as it runs, run.json the plan), and the trainer carries it out. Nothing in the training loop
 decides which network, precision or views it uses; only the number of steps still follows the
-clock under a time budget or limit (budget.Budget, consulted by the trainer).
+clock under a time budget or limit (budget.Deadline, a callback the pipeline adds).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from ..errors import ConfigError
 from ..models import native
 from ..models.layers import matmul_weight_grads
 from . import distributed, precision
-from .budget import EVAL_SHARE, PLAN_AFTER, REPLAN_EVERY, Budget
+from .budget import Budget, Deadline
 from .callbacks import Callback, CallbackList, History
 from .evaluate import evaluate
 from .plan import Plan
@@ -112,19 +113,17 @@ class Trainer:
     stop_training: bool = False
     restored_epoch: int | None = None
     start_epoch: int = 0
-    budget: Budget | None = None  # --time-budget: the number of steps is fitted to it
-    eval_tta: int | None = None  # the final evaluation's test-time level a budget chose (None: the experiment's)
-    log: Callable[[str], None] | None = None  # where the trainer says what it chose
+    # deprecated: a time budget or limit is followed by a budget.Deadline callback (the
+    # pipeline adds one); a budget given here gets one at fit, with a one-line note
+    budget: Budget | None = None
+    log: Callable[[str], None] | None = None  # where that callback says what it chose
     plan: Plan | None = None  # what the run decided before training (precision, kernels); None: decided here
 
     def __post_init__(self) -> None:
         to_device(self.model, self.device)
-        self.total_steps = 0  # planned: epochs x steps per epoch, or what the time budget allows
+        self.params: dict[str, Any] = {}  # the callbacks' view of the run (_sync_params)
+        self.total_steps = 0  # planned: epochs x steps per epoch, or what a deadline callback set
         self.steps_done = 0
-        self._epoch_steps = 0
-        self._val_seconds: float | None = None
-        self._probe_seconds: float | None = None  # per image, before the first validation
-        self._x_val = torch.zeros(0)
         # On a GPU, augmentation draws its random numbers there (a host-side draw copied up would
         # make every step wait); seeded from the data generator, so a seed still fixes the run.
         self.aug_generator = self.generator
@@ -140,7 +139,6 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, self.cfg)
-        self.params: dict[str, Any] = {}  # the callbacks' view of the run (_sync_params)
         self._cbs = CallbackList([], self.model, self.params, self.plan)
         self.history = next((c for c in self.callbacks if isinstance(c, History)), None)
         if self.history is None:
@@ -166,6 +164,23 @@ class Trainer:
         self.budget = None
         self.total_steps = epochs * steps_per_epoch
 
+    @property
+    def total_steps(self) -> int:
+        """The training steps the run takes in all: epochs x steps per epoch, or what a deadline
+        callback fitted to the time left. The learning-rate schedule follows it. It lives in
+        `params`, where a callback may change it (see Callback)."""
+        return int(self.params.get("total_steps", 0))
+
+    @total_steps.setter
+    def total_steps(self, n: int) -> None:
+        self.params["total_steps"] = int(n)
+
+    def _follow_params(self) -> None:
+        """After callbacks ran: the epochs follow the total steps, which one may have changed."""
+        if self.steps_per_epoch:
+            self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))
+            self.params["epochs"] = self.epochs
+
     def _choose_precision(self, sample: torch.Tensor | None) -> None:
         cfg = self.cfg
         self._use_precision(precision.decide(cfg, self.device, self.model, sample, lambda m: make_optimizer(m, cfg)))
@@ -183,11 +198,15 @@ class Trainer:
         """Train for the configured epochs (from `start_epoch` when resumed), validating after
         each; callbacks see every step, as in Keras' fit()."""
         x_store, y_store = self._schedule_and_store(x_train, y_train)
-        self._x_val = x_val
+        if self.budget is not None and not any(isinstance(c, Deadline) for c in self.callbacks):
+            warnings.warn("Trainer(budget=...) is deprecated; add budget.Deadline(budget, x_val, norm) "
+                          "to the callbacks", DeprecationWarning, stacklevel=2)
+            self.callbacks = [*self.callbacks, Deadline(self.budget, x_val, self.norm, self.log)]
         cbs = self._cbs = CallbackList(self.callbacks, self.model, self.params, self.plan, trainer=self)
         model: Any = self.model
         model.stop_training = False  # Keras' flag: a callback sets it to end training
         cbs.on_train_begin()
+        self._follow_params()
         epoch = self.start_epoch
         while epoch < self.epochs and self.steps_done < self.total_steps:
             if self.stop_training or model.stop_training:
@@ -201,15 +220,11 @@ class Trainer:
             t_val = time.perf_counter()
             val = evaluate(self.model, x_val, y_val, self.norm, device=self.device,
                            precision=self.precision, tta=0)
-            self._val_seconds = time.perf_counter() - t_val
             logs = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"], "seconds": round(seconds, 4), "lr": lr}
+                    "val_accuracy": val["accuracy"], "seconds": round(seconds, 4), "lr": lr,
+                    "val_seconds": round(time.perf_counter() - t_val, 4)}
             cbs.on_epoch_end(epoch, logs)
-            if self.budget is not None and self.steps_done < self.total_steps:
-                before = self.total_steps
-                self._plan(seconds / max(1, self._epoch_steps), len(x_val), announce=False)
-                if self.budget.max_epochs is not None and self.total_steps < before:
-                    self._announce(seconds / max(1, self._epoch_steps))  # a time limit cuts in
+            self._follow_params()
         cbs.on_train_end()
         restored = cbs.restored_epoch()
         if restored is not None:
@@ -229,7 +244,7 @@ class Trainer:
             self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._sync_params()
-        if self.scheduler is None:  # the schedule follows total_steps (a time budget changes it)
+        if self.scheduler is None:  # the schedule follows total_steps (a deadline callback may change it)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lambda step: lr_factor(cfg.schedule, cfg.warmup, self.total_steps)(step))
         x_store = self._stored(x_train)
@@ -240,9 +255,21 @@ class Trainer:
             self._choose_precision(sample.permute(0, 3, 1, 2) if sample.ndim == 4 else sample)
         return x_store, y_train.to(self.device)
 
+    def store(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training set as the fit keeps it on the device (normalized once, images as NHWC),
+        with the schedule and precision set up for it: what a caller that steps the trainer
+        itself (the learning-rate range test, lr_find.py) gathers its batches from."""
+        return self._schedule_and_store(x_train, y_train)
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """One optimizer step of the model on a batch of `store`'s rows, at the optimizer's rates
+        as they are (the schedule is not advanced): the batch's loss."""
+        return self._step(self.model, self.forward, self.optimizer, self._decay(self.optimizer), xb, yb,
+                          self.aug_generator)[0]
+
     def _sync_params(self) -> None:
         """What callbacks see as `params` (Keras' epochs and steps, and where a resumed run
-        starts): kept current as a time budget or limit re-plans the steps."""
+        starts): kept current as a callback changes the total steps (Callback says how)."""
         self.params.update({"epochs": self.epochs, "steps": self.steps_per_epoch, "initial_epoch": self.start_epoch,
                             "total_steps": self.total_steps})
 
@@ -251,53 +278,6 @@ class Trainer:
         batch's NCHW view is then channels_last); features as they come."""
         x = self.norm.apply(x.to(self.device))
         return x.permute(0, 2, 3, 1) if x.ndim == 4 else x
-
-    def _image_seconds(self) -> float:
-        """Seconds of one inference pass per image: from the last validation, or before the
-        first one timed once on a few of its images."""
-        if self._val_seconds is not None:  # measured on the whole validation split
-            return self._val_seconds / max(1, len(self._x_val))
-        if self._probe_seconds is None:
-            x = self._x_val[:min(len(self._x_val), 256)]
-            t = time.perf_counter()
-            evaluate(self.model, x, torch.zeros(len(x), dtype=torch.long), self.norm, device=self.device,
-                     precision=self.precision, tta=0)
-            self._probe_seconds = (time.perf_counter() - t) / max(1, len(x))
-        return self._probe_seconds
-
-    def _plan(self, step_seconds: float, val_images: int, announce: bool) -> None:
-        """Fit the number of steps (and so the schedule) to the time budget."""
-        assert self.budget is not None
-        self.total_steps = self.budget.steps(self.steps_done, step_seconds, self._image_seconds(), val_images,
-                                             self.steps_per_epoch)
-        if self.budget.tta is not None:
-            self.eval_tta = self.budget.tta
-        self.epochs = max(self.start_epoch + 1, math.ceil(self.total_steps / self.steps_per_epoch))
-        self._sync_params()
-        if announce:
-            self._announce(step_seconds)
-
-    def _announce(self, step_seconds: float) -> None:
-        """Say what the time budget or limit chose."""
-        assert self.budget is not None
-        if self.log is None:
-            return
-        b, plan = self.budget, self.budget.plans[-1]
-        measured = (f"{b.kind} {b.seconds:g} s: {plan['seconds_left']:.1f} s left after {self.steps_done} "
-                    f"steps of {1000 * step_seconds:.0f} ms; final evaluation about "
-                    f"{plan['final_eval_seconds']:.1f} s")
-        if b.views_cut():
-            measured += (f" with test-time level {b.tta} instead of {max(b.views)} (its views would "
-                         f"take more than {EVAL_SHARE:.0%} of the time left)")
-        fitted = (f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs), "
-                  f"the {self.cfg.schedule} schedule fitted to them")
-        if b.max_epochs is None:
-            self.log(f"{measured} -> {fitted}")
-        elif self.total_steps >= b.max_epochs * self.steps_per_epoch:
-            self.log(f"{measured} -> its {b.max_epochs} epochs fit")
-        else:
-            self.log(f"{measured} -> its {b.max_epochs} epochs do not fit: {fitted} "
-                     f"(--time-limit 0 lifts the limit)")
 
     def warm_up(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                 y_val: torch.Tensor) -> float:
@@ -368,35 +348,17 @@ class Trainer:
         assert self.scheduler is not None
         decay = self._decay(self.optimizer)
         batch_logs = self._cbs.wants_batch_logs  # else: no host sync per step
+        batch_begin = self._cbs.wants_batch_begin
         self.model.train()
         order = torch.randperm(n, generator=self.generator).to(self.device)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         step = 0
-        synchronize(self.device)
-        t_ref, ref_step = time.perf_counter(), 0  # the steps of this epoch are timed from here
         while step < self.steps_per_epoch and self.steps_done < self.total_steps:
-            if self.budget is not None and self.steps_done == 1:
-                synchronize(self.device)
-                t_ref, ref_step = time.perf_counter(), step  # the first step warms up; time the next ones
-            b = self.budget
-            first = b is not None and self.steps_done == PLAN_AFTER and not b.plans
-            again = False
-            if b is not None and b.plans and step > ref_step and step % REPLAN_EVERY == 0:
-                # In the epoch where the run ends, plan again on its steps so far, so that a host
-                # that slows down now still ends in time (the epoch's end would be too late to
-                # notice). After the first epoch (whose first steps are the slowest), an earlier
-                # epoch is planned again where a plan now would cut the run, since a host that slows
-                # down in the epoch before the last would otherwise overrun the limit. (That
-                # check reads the clock without draining a GPU's queue of launched steps.)
-                again = self.total_steps - self.steps_done <= self.steps_per_epoch - step or (
-                    self.steps_done > self.steps_per_epoch
-                    and b.fit(self.steps_done, (time.perf_counter() - t_ref) / (step - ref_step),
-                              self._image_seconds(), len(self._x_val), self.steps_per_epoch) < self.total_steps)
-            if first or again:
-                synchronize(self.device)  # (a GPU's steps run after their launch)
-                self._plan((time.perf_counter() - t_ref) / (step - ref_step), len(self._x_val), announce=first)
+            if batch_begin:  # a deadline callback may change the run's length here
+                self._cbs.on_batch_begin(step)
+                self._follow_params()
                 if self.steps_done >= self.total_steps:
                     break
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -412,7 +374,6 @@ class Trainer:
             if batch_logs:
                 logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
                 self._cbs.on_batch_end(step, logs)
-        self._epoch_steps = step
         distributed.all_sum(loss_sum, correct)  # every rank's share of the epoch
         return float(loss_sum) / max(1, seen), float(correct) / max(1, seen)
 
@@ -427,7 +388,7 @@ class Trainer:
             "aug_generator": self.aug_generator.get_state() if self.aug_generator is not self.generator else None,
             "torch_rng": torch.get_rng_state(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
-            "steps": {"done": self.steps_done, "total": self.total_steps, "tta": self.eval_tta},
+            "steps": {"done": self.steps_done, "total": self.total_steps},
         }
 
     def load_state_dict(self, state: dict[str, Any], epoch: int, total_steps: int) -> None:
@@ -442,8 +403,6 @@ class Trainer:
                     st[k] = torch.empty_like(p).copy_(v)
         steps = state.get("steps") or {"done": 0, "total": total_steps}  # states saved before budgets
         self.steps_done, self.total_steps = int(steps["done"]), int(steps["total"])
-        tta = steps.get("tta")  # a budget's choice of views, made before the run stopped
-        self.eval_tta = None if tta is None else int(tta)
         if not self.steps_done:
             self.steps_done = epoch * math.ceil(total_steps / max(1, self.cfg.epochs))
         cfg = self.cfg

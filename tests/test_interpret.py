@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("captum", reason="the 'interpret' extra (captum) is not installed: pip install 'cifar4[interpret]'")
+
 from cifar4 import config
 from cifar4.interpret import attribution, calibration, interpret_run, sentence
 from cifar4.training import pipeline

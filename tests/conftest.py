@@ -27,6 +27,13 @@ def make_arrays(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np
     return X, Y.astype(np.int64), is_test
 
 
+def save_tiny(path: Path) -> Path:
+    """The tiny learnable images written as a dataset file at `path` (for module-scoped fixtures)."""
+    X, Y, t = make_arrays()
+    np.savez(path, X=X, Y=Y, is_test=t)
+    return path
+
+
 @pytest.fixture
 def tiny() -> Dataset:
     X, Y, t = make_arrays()

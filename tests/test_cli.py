@@ -164,11 +164,9 @@ def test_fixed_choices_are_listed_in_help(capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny finished run evaluated with one test-time view (its mirror), and its data file."""
-    from conftest import make_arrays
+    from conftest import save_tiny
     root = tmp_path_factory.mktemp("trained")
-    X, Y, t = make_arrays()
-    npz = root / "cifar4.npz"
-    np.savez(npz, X=X, Y=Y, is_test=t)
+    npz = save_tiny(root / "cifar4.npz")
     for seed in ("0", "1"):
         assert main(["train", "--data", str(npz), "-e", "cnn", "--epochs", "1", "--set", "train.tta=1",
                      "--seed", seed, "--name", f"cnn{seed}", "--runs-dir", str(root / "runs"), "-q", "--json"]) == 0

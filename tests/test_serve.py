@@ -35,11 +35,9 @@ TOKEN = "s3cret-Token-for-the-class"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Two runs of different quality on the tiny data, and the data file."""
-    from conftest import make_arrays
+    from conftest import save_tiny
     root = tmp_path_factory.mktemp("serve")
-    X, Y, t = make_arrays()
-    npz = root / "d.npz"
-    np.savez(npz, X=X, Y=Y, is_test=t)
+    npz = save_tiny(root / "d.npz")
     from cifar4.data import load
     ds = load(npz)
     runs = []

@@ -34,8 +34,14 @@ def kind(p: Any) -> str:
     return getattr(p, "param_type_name", "")  # "option" or "argument"
 
 
+def old_spelling(p: Any) -> bool:
+    """A renamed option's old spelling: hidden from --help, its help naming the replacement
+    (cli._deprecated), listed here so a user reading an old script finds what it became."""
+    return bool(getattr(p, "hidden", False)) and str(getattr(p, "help", "") or "").startswith("Deprecated:")
+
+
 def shown(p: Any) -> bool:
-    return not getattr(p, "hidden", False) or bool(getattr(p, "deprecated", False))
+    return not getattr(p, "hidden", False) or bool(getattr(p, "deprecated", False)) or old_spelling(p)
 
 
 def _plain(c: Any) -> str:
@@ -117,7 +123,10 @@ def text_of(cmd: Any, text: str | None) -> str:
 def help_text(cmd: Any, p: Any) -> str:
     text = text_of(cmd, getattr(p, "help", None))
     dep = getattr(p, "deprecated", False)
-    if dep:
+    if old_spelling(p):
+        new = p.help.split(" -> ", 1)[1].split("' or '")  # cli._deprecated's "A' or 'B"
+        text = f"**Deprecated**: use {' or '.join(code(n) for n in new)}."
+    elif dep:
         text = f"**Deprecated**{': ' + escape(dep) if isinstance(dep, str) else '.'} {text}".strip()
     if p.envvar:
         envs = [p.envvar] if isinstance(p.envvar, str) else list(p.envvar)
@@ -126,6 +135,8 @@ def help_text(cmd: Any, p: Any) -> str:
 
 
 def option_names(p: Any) -> str:
+    if old_spelling(p):  # the spelling a user typed (it may reach the command under another name)
+        return code(p.help[len("Deprecated:"):].split(" -> ", 1)[0].strip())
     names = ", ".join(code(o) for o in p.opts)
     return names + (" / " + ", ".join(code(o) for o in p.secondary_opts) if p.secondary_opts else "")
 

@@ -69,14 +69,18 @@ def _choice(values: tuple[str, ...] | str, *flags: str, default: str | None = No
                         autocompletion=lambda incomplete: [v for v in allowed if v.startswith(incomplete)])
 
 
+DEPRECATED = "Deprecated:"  # how a hidden old spelling's help starts (docs/_gen/reference_cli.py reads it)
+
+
 def _deprecated(old: str, new: str, default: Any = None, flag: str | None = None) -> Any:
     """A renamed option's old spelling (`flag`, when the command line reaches it under another
-    name): hidden from help, still working, and saying on stderr, in one line, what replaced it."""
+    name): hidden from help, still working, and saying on stderr, in one line, what replaced it.
+    Its help names the replacement, so the generated CLI reference can list it as deprecated."""
     def warn(value: Any) -> Any:
         if value not in (None, False, [], ()):
             err.print(f"'{old}' is deprecated; use '{new}'", highlight=False, markup=False)
         return value
-    return typer.Option(default, flag or old, hidden=True, callback=warn)
+    return typer.Option(default, flag or old, hidden=True, callback=warn, help=f"{DEPRECATED} {old} -> {new}")
 
 
 TTA_FLAG = "--tta-on"  # export's bare --tta, the earlier on/off form, arrives under this hidden name

@@ -342,3 +342,24 @@ def test_the_api_returns_an_attention_overlay_on_request(tiny_runs, kind):
     heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(got[0]["attention"].split(",", 1)[1]))))
     assert heat.shape == (32, 32, 4) and heat[..., 3].max() > 100 and heat[..., 3].min() < heat[..., 3].max()
     assert got[0]["attention"] == got[1]["attention"]  # the same image, the same map
+
+
+def test_a_transfer_run_without_saved_predictions_reads_the_feature_cache(tiny_runs, tmp_path, monkeypatch):
+    """Where the run kept no predictions, the frozen backbone's features come from the cache
+    training filled (as `cifar4 evaluate` reads them), not from the backbone again."""
+    import shutil
+
+    from cifar4.models.transfer import TransferNet
+    from cifar4.runs import PREDICTIONS_FILE
+    ds, folders = tiny_runs
+    saved = interpret_run(folders["transfer"], tmp_path / "a", data=ds, device="cpu", with_attention=False)
+    bare = tmp_path / "bare"
+    shutil.copytree(folders["transfer"], bare)
+    (bare / PREDICTIONS_FILE).unlink()
+
+    def no_backbone(self, x):
+        raise AssertionError("the backbone ran: the cached features were not used")
+    monkeypatch.setattr(TransferNet, "embed", no_backbone)
+    fresh = interpret_run(bare, tmp_path / "b", data=ds, device="cpu", with_attention=False)
+    assert fresh["confusion"] == saved["confusion"]
+    assert fresh["loss"] == pytest.approx(saved["loss"], abs=1e-4)

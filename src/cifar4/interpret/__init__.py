@@ -35,7 +35,8 @@ from ..device import pick_device
 from ..errors import ConfigError, RunError
 from ..models.ensemble import Ensemble
 from ..runs import LoadedModel, load_model, read_metrics, read_predictions, resolve_run
-from ..training.evaluate import predict_logits, softmax, summarize
+from ..training.evaluate import softmax, summarize
+from ..training.evaluate_run import part_logits
 from . import calibration, figures
 from .attribution import Maps, attention, captum_available, member_attention, require_captum
 
@@ -77,7 +78,7 @@ def interpret_run(run: str | Path, out: str | Path | None = None, split: str = "
     step(STEPS[0])
     trained_on = read_metrics(folder).get("data", {}).get("sha256")
     saved = read_predictions(folder) if trained_on == ds.checksum() else None  # else: computed here
-    logits = {p: _logits(loaded, ds, idx[p], exp.train.tta, saved, p) for p in {split, "val"}}
+    logits = {p: _logits(loaded, exp, folder, ds, idx[p], saved, p) for p in {split, "val"}}
     rows, y = idx[split], ds.Y[idx[split]]
     step(STEPS[1])
     res: dict[str, Any] = {"run": str(folder), "experiment": exp.name, "model": loaded.name, "split": split,
@@ -98,15 +99,17 @@ def interpret_run(run: str | Path, out: str | Path | None = None, split: str = "
     return res
 
 
-def _logits(loaded: LoadedModel, ds: datamod.Dataset, rows: np.ndarray, tta: int,
+def _logits(loaded: LoadedModel, exp: cfgmod.Experiment, folder: Path, ds: datamod.Dataset, rows: np.ndarray,
             saved: dict[str, tuple[np.ndarray, np.ndarray]] | None, part: str) -> torch.Tensor:
     """The split part's logits: those the run saved at its final evaluation when they are of
-    these very rows of the data it was trained on (the same views and precision as `cifar4
-    evaluate`), else computed."""
+    these very rows of the data it was trained on, else computed as `cifar4 evaluate` computes
+    them (a frozen backbone's head on cached features, an ensemble member by member), with the
+    run's own views and precision."""
     if saved is not None and part in saved and np.array_equal(saved[part][0], rows):
         return torch.from_numpy(saved[part][1])
-    return predict_logits(loaded.model, torch.from_numpy(ds.X[rows]), loaded.norm, device=loaded.device,
-                          precision=loaded.inference_precision, tta=0 if part == "train" else tta)
+    tta = 0 if part == "train" else exp.train.tta
+    return part_logits(loaded, exp, folder, ds, {part: rows}, loaded.device, loaded.inference_precision,
+                       {part: tta}, as_trained=True)[part]
 
 
 def _errors(logits: torch.Tensor, y: np.ndarray, classes: tuple[str, ...]) -> dict[str, Any]:

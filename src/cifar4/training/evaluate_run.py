@@ -52,7 +52,7 @@ def evaluate_run(run: str | Path, data: str | Path | datamod.Dataset | None = No
     logits = _saved_train(folder, ds, idx)
     todo = {k: v for k, v in idx.items() if k not in logits}
     views = {"train": 0, "val": tta, "test": tta}
-    logits.update(_logits(loaded, exp, folder, ds, todo, dev, prec, views, as_trained=tta == exp.train.tta))
+    logits.update(part_logits(loaded, exp, folder, ds, todo, dev, prec, views, as_trained=tta == exp.train.tta))
     for part, rows in idx.items():
         out[part] = {"images": int(len(rows)), **summarize(logits[part], torch.from_numpy(ds.Y[rows]),
                                                            loaded.classes)}
@@ -73,11 +73,12 @@ def _saved_train(folder: Path, ds: datamod.Dataset, idx: dict[str, np.ndarray]) 
     return {"train": torch.from_numpy(logits)} if run_data == ds.checksum() else {}
 
 
-def _logits(loaded: LoadedModel, exp: Any, folder: Path, ds: datamod.Dataset, idx: dict[str, np.ndarray],
+def part_logits(loaded: LoadedModel, exp: Any, folder: Path, ds: datamod.Dataset, idx: dict[str, np.ndarray],
             dev: torch.device, prec: str, tta: dict[str, int], as_trained: bool) -> dict[str, torch.Tensor]:
     """Each part's logits: a frozen backbone's head on cached features; an ensemble member by
     member (each in its own way); any other model, or views other than the run's (features
-    hold the image and its mirror alone), on the images."""
+    hold the image and its mirror alone), on the images. `as_trained`: `tta` is the run's own
+    setting (so cached features and members' own views apply). `cifar4 interpret` comes here too."""
     model = loaded.model.to(dev)
     if as_trained and models.cached_features_only(model):
         cached = CachedFeatures(exp, loaded.model, ds, _every_part(idx), dev, False, loaded.precision)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -119,3 +121,16 @@ def test_report_draws_the_users_runs_of_two_datasets_side_by_side(tiny, tmp_path
     alone = matplotlib.image.imread(tmp_path / "alone" / "figures" / "frontier.png")
     alone_md = (tmp_path / "alone" / "report.md").read_text()
     assert fig.shape[1] > 1.7 * alone.shape[1] and "CIFAR-10" not in alone_md[alone_md.index("What a minute buys"):]
+
+
+def test_presets_passes_the_split_to_budget_runs_and_records_the_dataset(tmp_path):
+    X, _, t = make_arrays(200)
+    data = tmp_path / "ten.npz"
+    np.savez(data, X=X, Y=np.arange(200) % 10, is_test=t, classes=np.array(CIFAR10_CLASSES))
+    out = subprocess.run([sys.executable, str(BENCH / "presets.py"), "mlp-raw", "--budgets", "30",
+                          "--data", str(data), "--split", "official", "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    [row] = json.loads((tmp_path / "r.json").read_text())
+    assert row["split"] == "official" and row["time_budget"] == 30
+    assert row["dataset"] == {"file": "ten.npz", "classes": list(CIFAR10_CLASSES), "num_classes": 10, "images": 200}

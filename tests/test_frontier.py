@@ -97,8 +97,8 @@ def test_frontier_draws_a_panel_per_dataset_with_mean_and_std(frontier, tmp_path
 
 
 def test_frontier_points_are_means_with_sample_std_and_the_frontier_is_per_series():
-    pts = plots.frontier_points([("fast", "cpu", 80, 0.90), ("fast", "cpu", 90, 0.92), ("best", "cpu", 400, 0.91),
-                                 ("fast", "gpu", 5, 0.90)])
+    pts = plots.frontier_points([("fast", "cpu", 80, 0.90), ("fast", "cpu", 90, 0.92), ("best", "cpu", 400, 0.905),
+                                 ("fast", "gpu", 5, 0.95)])
     fast = pts[0]
     assert (fast.runs, fast.seconds, fast.accuracy) == (2, 85.0, pytest.approx(0.91))
     assert fast.accuracy_std == pytest.approx(np.std([0.90, 0.92], ddof=1))

@@ -23,14 +23,14 @@ under "runs", "presets", "budgets", "time_budget" or "calls"; runs filed under k
 ("fast [avx2]") so that they never join the mean of the preset as the machine runs it; and runs
 kept as a whole metrics.json beside "whole_seconds". A run named by "experiment" rather than
 "preset" counts only as a plain run, not under a key of its own (an ensemble study's parts).
-Members of ensemble runs are points too ("transfer (member)"), and a run with an empty cache
+Members of ensemble runs are points too ("transfer (member)"; --no-members leaves them out), and a run with an empty cache
 (presets.py --cold) is a point of its own, "(fresh machine)".
 
 The dataset is what presets.py recorded ("dataset": file, classes, images; "split"), or the
 classes of a kept metrics.json; runs from before presets.py recorded it are CIFAR-4's, the only
 data measured then. The machine is the run's GPU where it ran on one (the row's, or the file's
-"device": "one NVIDIA H100 ..."), else its CPU as lscpu names it; --cpu-name and --gpu-name
-rename them.
+"device": "one NVIDIA H100 ..."), else its CPU as lscpu names it, with the machine the file's
+name gives ("AMD EPYC (epyc-zen4)"); --cpu-name and --gpu-name rename them.
 
 Without --png the figure goes to docs/benchmarks/img/<date>-<machines>-frontier.png, the newest
 date and the machines as the results files name them. Prints a Markdown table per dataset:
@@ -120,15 +120,20 @@ def seconds_of(r: Run) -> Any:
     return r.get("whole_command_seconds") or r.get("total_seconds")
 
 
-def machine_of(r: Run, gpu: str | None, cpu_name: str | None, gpu_name: str | None) -> str:
-    """The series a run is drawn in: its GPU, else its CPU (lscpu's model name)."""
+def machine_of(r: Run, gpu: str | None, cpu_name: str | None, gpu_name: str | None, file: str = "") -> str:
+    """The series a run is drawn in: its GPU, else its CPU (lscpu's model name), with the
+    machine its results file names ("AMD EPYC (epyc-zen4)"): lscpu says "AMD EPYC" of a Zen 4
+    and a Zen 5 alike."""
     if r.get("gpu") or gpu:
-        return gpu_name or r.get("gpu") or gpu or "GPU"
-    return cpu_name or r.get("cpu") or "CPU"
+        name, given = gpu_name or r.get("gpu") or gpu or "GPU", gpu_name
+    else:
+        name, given = cpu_name or r.get("cpu") or "CPU", cpu_name
+    slug = describe([file])[1] if file else "results"
+    return name if given or slug == "results" else f"{name} ({slug})"
 
 
 def load(files: list[str], gpu_files: tuple[str, ...] = (), cpu_name: str | None = None,
-         gpu_name: str | None = None, about: dict[str, set[str]] | None = None
+         gpu_name: str | None = None, about: dict[str, set[str]] | None = None, members: bool = True
          ) -> dict[str, list[tuple[str, str, float, float]]]:
     """dataset -> [(label, machine, seconds, test accuracy)] over every run of the files (GPU
     files, as --gpu names them, are drawn as the GPU whatever their rows say). `about` gathers
@@ -139,13 +144,13 @@ def load(files: list[str], gpu_files: tuple[str, ...] = (), cpu_name: str | None
         data = json.loads(Path(f).read_text())
         gpu = file_gpu(data) or ("GPU" if f in gpu_files else None)
         for variant, r in walk(data):
-            machine = machine_of(r, gpu, cpu_name, gpu_name)
+            machine = machine_of(r, gpu, cpu_name, gpu_name, f)
             rows = out.setdefault(dataset_of(r), [])
             about.setdefault(dataset_of(r), set()).update(_about(r, f))
             rows.append((label_of(r, variant), machine, float(seconds_of(r)), float(r["test_accuracy"])))
             cold = " (fresh machine)" if r.get("cold") else ""
             rows += [(f"{m['experiment']} (member){cold}", machine, float(m["total_seconds"]),
-                      float(m["test_accuracy"])) for m in r.get("members") or [] if m.get("total_seconds")]
+                      float(m["test_accuracy"])) for m in r.get("members") or [] if m.get("total_seconds") and members]
     return out
 
 
@@ -185,12 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("cpu", nargs="+", help="results JSON files (presets.py's, or any layout above)")
     ap.add_argument("--gpu", nargs="*", default=[], help="results measured on a GPU whose rows do not name it")
     ap.add_argument("--png", default=None, help="the figure (default: docs/benchmarks/img/DATE-MACHINES-frontier.png)")
+    ap.add_argument("--no-members", action="store_true", help="leave out ensemble members' own points")
     ap.add_argument("--cpu-name", default=None, help="the CPU's name in the legend (default: lscpu's, as recorded)")
     ap.add_argument("--gpu-name", default=None, help="the GPU's name in the legend (default: as recorded)")
     a = ap.parse_args(argv)
     files = a.cpu + a.gpu
     about: dict[str, set[str]] = {}
-    by_data = load(a.cpu, tuple(a.gpu), a.cpu_name, a.gpu_name, about)
+    by_data = load(a.cpu, tuple(a.gpu), a.cpu_name, a.gpu_name, about, members=not a.no_members)
     if not by_data:
         raise SystemExit(f"frontier.py: no preset runs in {', '.join(files)}; expected presets.py's JSON")
     date, machines = describe(files)
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     png = Path(a.png) if a.png else IMG / f"{date}-{machines}-frontier.png"
     titled = {f"{d} ({'; '.join(sorted(about[d], key=lambda t: (t[:2] == '20', t)))})": pts
               for d, pts in panels.items()}
-    plots.frontier_panels(titled, png, title=f"Test accuracy against whole-command time on {'; '.join(names)}")
+    plots.frontier_panels(titled, png, title="Test accuracy against whole-command time on "
+                                             + "; ".join(dict.fromkeys(n.split(" (")[0] for n in names)))
     for d, pts in titled.items():
         print(table(d, pts))
     print(f"\nfigure written: {png}")

@@ -70,11 +70,12 @@ def test_frontier_reads_every_results_layout_and_groups_by_dataset(frontier, tmp
     ]
     by_data = frontier.load(files)
     assert set(by_data) == {"CIFAR-4", "CIFAR-10"}
-    assert sorted(by_data["CIFAR-10"]) == [("fast", "AMD EPYC", 95.0, 0.80), ("fast", "AMD EPYC", 97.0, 0.82)]
+    zen4, amx = "AMD EPYC (epyc-zen4)", "AMD EPYC (xeon-amx)"
+    assert sorted(by_data["CIFAR-10"]) == [("fast", zen4, 95.0, 0.80), ("fast", zen4, 97.0, 0.82)]
     c4 = {(label, machine) for label, machine, _, _ in by_data["CIFAR-4"]}
-    assert c4 == {("fast", "AMD EPYC"), ("fast-long", "AMD EPYC"), ("best", "AMD EPYC"),
-                  ("fast --time-budget 30", "AMD EPYC"), ("fast [avx2]", "AMD EPYC"), ("best [best old]", "AMD EPYC"),
-                  ("fast-long", "NVIDIA H100 80GB HBM3"), ("fast", "Intel(R) Xeon(R) Processor")}
+    assert c4 == {("fast", zen4), ("fast-long", "AMD EPYC (epyc-zen5)"), ("best", amx),
+                  ("fast --time-budget 30", amx), ("fast [avx2]", amx), ("best [best old]", amx),
+                  ("fast-long", "NVIDIA H100 80GB HBM3 (h100)"), ("fast", "Intel(R) Xeon(R) Processor (xeon-icelake)")}
     assert len(by_data["CIFAR-4"]) == 9  # fast twice on the Zen 4, each other once
     assert frontier.describe(files[-1:]) == ("2026-12-06", "epyc-zen4")
     assert frontier.describe(files) == ("2026-12-06", "epyc-zen4-epyc-zen5-xeon-amx-h100-xeon-icelake")
@@ -90,8 +91,8 @@ def test_frontier_draws_a_panel_per_dataset_with_mean_and_std(frontier, tmp_path
     frontier.main([c4, c10, "--png", str(two)])
     out = capsys.readouterr().out
     assert "\nCIFAR-10 (cifar10.npz, 60,000 images; official split; 2026-12-06)\n" in out
-    assert re.search(r"\| AMD EPYC \| fast \| 2 \| 85\.0 \| 0\.9100 \+- 0\.0141 \| yes \|", out)
-    assert "| AMD EPYC | fast | 1 | 95.0 | 0.8000 | yes |" in out
+    assert re.search(r"\| AMD EPYC \(epyc-zen4\) \| fast \| 2 \| 85\.0 \| 0\.9100 \+- 0\.0141 \| yes \|", out)
+    assert "| AMD EPYC (epyc-zen4) | fast | 1 | 95.0 | 0.8000 | yes |" in out
     w1, w2 = matplotlib.image.imread(one).shape[1], matplotlib.image.imread(two).shape[1]
     assert w2 > 1.7 * w1  # two panels side by side
 

@@ -23,8 +23,8 @@ under "runs", "presets", "budgets", "time_budget" or "calls"; runs filed under k
 ("fast [avx2]") so that they never join the mean of the preset as the machine runs it; and runs
 kept as a whole metrics.json beside "whole_seconds". A run named by "experiment" rather than
 "preset" counts only as a plain run, not under a key of its own (an ensemble study's parts).
-Members of ensemble runs are points too ("transfer (member)"; --no-members leaves them out), and a run with an empty cache
-(presets.py --cold) is a point of its own, "(fresh machine)".
+Members of ensemble runs are points too ("transfer (member)"; --no-members leaves them out),
+and a run with an empty cache (presets.py --cold) is a point of its own, "(fresh machine)".
 
 The dataset is what presets.py recorded ("dataset": file, classes, images; "split"), or the
 classes of a kept metrics.json; runs from before presets.py recorded it are CIFAR-4's, the only

@@ -8,7 +8,7 @@ colour per machine, each point a preset (or a time budget) with its mean +- std 
         benchmarks/results/2026-11-28-epyc-zen4-presets-keras-budgets-49b1d10.json \\
         benchmarks/results/2026-12-06-epyc-zen4-cifar10-presets.json \\
         benchmarks/results/2026-12-06-epyc-zen4-cifar10-budgets.json \\
-        --png docs/benchmarks/img/2026-12-06-epyc-zen4-frontier.png
+        --png docs/benchmarks/img/2026-12-06-epyc-zen4-frontier.png --no-members
 
 where the CIFAR-10 files come from
 
@@ -16,6 +16,13 @@ where the CIFAR-10 files come from
         --seeds 0 1 2 --out benchmarks/results/2026-12-06-epyc-zen4-cifar10-presets.json
     python benchmarks/presets.py fast --budgets 60 180 --data ~/.cache/cifar4/cifar10.npz \\
         --split official --out benchmarks/results/2026-12-06-epyc-zen4-cifar10-budgets.json
+
+and the latest CIFAR-4 series of each machine (2026-11-28) was drawn with
+
+    cd benchmarks/results && python ../frontier.py --no-members \\
+        2026-11-28-epyc-zen4-presets-keras-budgets-49b1d10.json \\
+        2026-11-28-epyc-zen5-presets-keras-budgets-5078592.json \\
+        2026-11-28-xeon-amx-presets-keras-budgets-1a86af9.json 2026-11-28-h100-fast-long-transfer-finetune.json
 
 Every layout of benchmarks/results is read: presets.py's list of runs; a dict that keeps them
 under "runs", "presets", "budgets", "time_budget" or "calls"; runs filed under keys of their own

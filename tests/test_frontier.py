@@ -118,10 +118,13 @@ def test_report_draws_the_users_runs_of_two_datasets_side_by_side(tiny, tmp_path
     assert re.search(rf"\| CIFAR-10 \| {re.escape(str(tmp_path / 'runs'))}/ \| mlp-raw \| 1 \|", section)
     assert "On CIFAR-4, the fastest, mlp-raw (this lab), reached" in section and "on CIFAR-10, the fastest" in section
     fig = matplotlib.image.imread(tmp_path / "report" / "figures" / "frontier.png")
-    write_report([(e.name, e.run_dir) for e in entries], tiny, tmp_path / "alone")
+    # the lab's own runs folder as the runs folder: each run drawn once, one dataset, one panel
+    write_report([(e.name, e.run_dir) for e in entries], tiny, tmp_path / "alone", runs_dir=tmp_path / "lab" / "runs")
     alone = matplotlib.image.imread(tmp_path / "alone" / "figures" / "frontier.png")
     alone_md = (tmp_path / "alone" / "report.md").read_text()
-    assert fig.shape[1] > 1.7 * alone.shape[1] and "CIFAR-10" not in alone_md[alone_md.index("What a minute buys"):]
+    alone_md = alone_md[alone_md.index("What a minute buys"):]
+    assert fig.shape[1] > 1.7 * alone.shape[1] and "CIFAR-10" not in alone_md
+    assert re.search(r"\| CIFAR-4 \| this lab \| mlp-raw \| 1 \|", alone_md) and "runs/ |" not in alone_md
 
 
 def test_presets_passes_the_split_to_budget_runs_and_records_the_dataset(tmp_path):

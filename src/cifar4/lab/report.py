@@ -157,7 +157,8 @@ def write_report(entries: list[tuple[str, Path]], ds: Dataset, out_dir: str | Pa
     if pair:
         sections.append(_mistakes_section(pair, metrics, interps, figdir))
     sections.append(_comparison_section(entries, metrics, reference))
-    sections.append(_frontier_section(metrics, figdir, Path(runs_dir) if runs_dir else None))
+    sections.append(_frontier_section(metrics, figdir, Path(runs_dir) if runs_dir else None,
+                                      {Path(d).resolve() for _, d in entries}))
     transfers = [(n, metrics[n]) for n, _ in entries if metrics[n]["model"] == "transfer"]
     if transfers:
         sections.append(_transfer_section(transfers, reference))
@@ -358,13 +359,14 @@ def _sureness(name: str, res: dict[str, Any]) -> str:
             f"{float(np.mean(wrong)):.2f}")
 
 
-def _frontier_section(metrics: dict[str, dict[str, Any]], figdir: Path, runs_dir: Path | None) -> Section:
+def _frontier_section(metrics: dict[str, dict[str, Any]], figdir: Path, runs_dir: Path | None,
+                      lab_dirs: set[Path]) -> Section:
     """Test accuracy against the seconds each run took from its start to metrics.json: the
     lab's runs and the finished runs of the user's runs folder, one panel per dataset (as each
     run's metrics.json records its classes), several seeds of a run one point with their spread."""
     s = Section("What a minute buys: accuracy against time", "frontier")
     by_data: dict[str, list[tuple[str, str, float, float]]] = {}
-    for dataset, label, series, secs, acc in _frontier_runs(metrics, runs_dir):
+    for dataset, label, series, secs, acc in _frontier_runs(metrics, runs_dir, lab_dirs):
         by_data.setdefault(dataset, []).append((label, series, secs, acc))
     if not by_data:
         s.p("No run recorded its whole time.")
@@ -396,13 +398,14 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _frontier_runs(metrics: dict[str, dict[str, Any]], runs_dir: Path | None
+def _frontier_runs(metrics: dict[str, dict[str, Any]], runs_dir: Path | None, lab_dirs: set[Path]
                    ) -> list[tuple[str, str, str, float, float]]:
     """(dataset, label, where from, seconds, test accuracy) of the lab's runs and of the
     finished runs under `runs_dir` that recorded both (a held-out test has no accuracy)."""
     found = [(name, "this lab", m) for name, m in metrics.items()]
     if runs_dir is not None and runs_dir.is_dir():
-        for d in sorted(p for p in runs_dir.iterdir() if (p / record.METRICS_FILE).is_file()):
+        for d in sorted(p for p in runs_dir.iterdir() if (p / record.METRICS_FILE).is_file()
+                        and p.resolve() not in lab_dirs):  # a lab inside runs/: its runs drawn once
             try:
                 m = runs.read_metrics(d)
             except RunError:  # a metrics.json of another version, or damaged: not this figure's

@@ -6,10 +6,16 @@ from before the process starts to its exit (metrics.json written): imports, load
 precision measurement, feature extraction, training, the final evaluation and the files all
 count. `--cold` gives the first run of each preset an empty cache folder (no cached features,
 no cached precision choice: a fresh machine); the later runs of that preset use what it
-cached, as a user's second run does. `--budgets 30 60` runs the first preset with `--time-budget` instead.
+cached, as a user's second run does. `--budgets 30 60` runs the first preset with `--time-budget`
+instead (first seed only). `--data FILE` and `--split KIND` (session, stratified, official) go to
+every run, budgets included: CIFAR-10 is measured on its own test set with `--split official`.
+Each row records its dataset (file name, classes, images, from the run's metrics.json) and split
+kind, so that a series on other data says so and frontier.py draws it in a panel of its own.
 
     python benchmarks/presets.py fast fast-long best --seeds 0 1 2 --split-seeds 7 11 --cold
     python benchmarks/presets.py fast --budgets 30 60 90 180 360
+    python benchmarks/presets.py fast best --data ~/.cache/cifar4/cifar10.npz --split official \
+        --seeds 0 1 2 --out benchmarks/results/DATE-MACHINE-cifar10-presets.json
 
 Prints one JSON object per run, then a table (mean +- sample std over the runs).
 """
@@ -29,13 +35,15 @@ from common import mean_std
 
 
 def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: float | None,
-        runs_dir: Path, data: str | None, cold: bool) -> dict:
+        runs_dir: Path, data: str | None, cold: bool, split: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "cifar4", "train", "--preset", preset, "--seed", str(seed),
            "--split-seed", str(split_seed), "--runs-dir", str(runs_dir), "--json", "-q"]
     if budget is not None:
         cmd += ["--time-budget", str(budget)]
     if data:
         cmd += ["--data", data]
+    if split:
+        cmd += ["--split", split]
     env = dict(os.environ)
     if cache is not None:
         env["CIFAR4_CACHE"] = cache
@@ -51,7 +59,7 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
            "fit_seconds": m.get("fit_seconds"), "warmup_seconds": m.get("warmup_seconds"),
            "eval_seconds": m.get("eval_seconds"),
            "epochs": m.get("epochs"), "precision": m.get("precision"), "tta": m.get("tta"),
-           "cpu": m["machine"]["cpu"],
+           "cpu": m["machine"]["cpu"], "gpu": m["machine"].get("gpu"), **dataset(m),
            "run_dir": m["run_dir"]}
     if m.get("members"):
         out["feature_seconds"] = m.get("feature_seconds")
@@ -68,6 +76,15 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
     return out
 
 
+def dataset(m: dict) -> dict:
+    """What a run measured on, from its metrics.json: the file's name, its classes (output
+    order) and images, and the split's kind."""
+    classes = list(m.get("per_class_accuracy") or {})
+    return {"dataset": {"file": Path(m["data"]["source"]).name, "classes": classes,
+                        "num_classes": len(classes), "images": m["data"]["images"]},
+            "split": m["split"]["kind"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("presets", nargs="+")
@@ -75,7 +92,9 @@ def main() -> None:
     ap.add_argument("--split-seeds", type=int, nargs="*", default=[], help="other splits (training seed 0)")
     ap.add_argument("--cold", action="store_true", help="the first run of each preset with an empty cache")
     ap.add_argument("--budgets", type=float, nargs="*", default=[])
-    ap.add_argument("--data", default=None)
+    ap.add_argument("--data", default=None, help="the dataset file (default: cifar4's)")
+    ap.add_argument("--split", default=None, choices=("session", "stratified", "official"),
+                    help="the split kind, as cifar4 train --split (official: CIFAR-10's own test set)")
     ap.add_argument("--out", default=None, help="also write the runs as JSON here")
     a = ap.parse_args()
     rows = []
@@ -93,7 +112,8 @@ def main() -> None:
             # its later runs find what that run cached (not the user's cache, which a new
             # machine has empty too: then a second run would extract again)
             cache = str(Path(tmp) / f"cache-{preset}") if a.cold else None
-            r = run(preset, seed, split_seed, cache, budget, runs_dir, a.data, cold=preset not in first)
+            r = run(preset, seed, split_seed, cache, budget, runs_dir, a.data, cold=preset not in first,
+                  split=a.split)
             first.add(preset)
             print(json.dumps(r), flush=True)
             rows.append(r)

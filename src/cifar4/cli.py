@@ -760,7 +760,8 @@ def lab(experiments: Optional[list[str]] = typer.Argument(None, metavar="EXPERIM
         entries = run_lab(experiments, ds, root, quick=quick, progress=not quiet, console=err,
                           tensorboard=tensorboard)
         target = report_dir or (root / "report" if quick else Path("report"))
-        page = write_report([(e.name, e.run_dir) for e in entries], ds, target)
+        page = write_report([(e.name, e.run_dir) for e in entries], ds, target,
+                            runs_dir=Path("runs"))  # cifar4 train's runs join the frontier figure
     out.print(f"report written: {page} (and {target / 'report.md'})")
 
 

@@ -1,9 +1,10 @@
 """Figures (matplotlib, Agg backend, no display needed): the session's training curves (loss,
 accuracy; train vs validation), confusion matrices, sample grids, overlaid curves of runs, the
-learning-rate range test."""
+learning-rate range test, the accuracy / time frontier by dataset."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,20 +107,93 @@ def sample_grid(X: np.ndarray, Y: np.ndarray, classes: tuple[str, ...], path: Pa
     _save(fig, path)
 
 
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One point of a frontier figure: a preset (or experiment, or budget) on one machine or
+    from one place, its whole-command seconds and test accuracy as the mean and sample standard
+    deviation over its runs (seeds, splits)."""
+
+    label: str
+    series: str
+    seconds: float
+    accuracy: float
+    seconds_std: float = 0.0
+    accuracy_std: float = 0.0
+    runs: int = 1
+
+
+def frontier_points(runs: list[tuple[str, str, float, float]]) -> list[FrontierPoint]:
+    """(label, series, seconds, accuracy) per run -> one point per (series, label), in the order
+    first seen: several seeds of a preset are one point with its spread, not a cloud."""
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for label, series, secs, acc in runs:
+        groups.setdefault((series, label), []).append((float(secs), float(acc)))
+    out = []
+    for (series, label), v in groups.items():
+        t, a = np.array([s for s, _ in v]), np.array([x for _, x in v])
+        out.append(FrontierPoint(label, series, float(t.mean()), float(a.mean()), _sd(t), _sd(a), len(v)))
+    return out
+
+
+def _sd(x: np.ndarray) -> float:
+    """The sample standard deviation (0 for one value)."""
+    return float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def on_frontier(points: list[FrontierPoint]) -> set[tuple[str, str]]:
+    """(series, label) of the points no faster point of their series is as accurate as."""
+    front: set[tuple[str, str]] = set()
+    best: dict[str, float] = {}
+    for p in sorted(points, key=lambda p: p.seconds):
+        if p.accuracy > best.get(p.series, -1.0):
+            best[p.series] = p.accuracy
+            front.add((p.series, p.label))
+    return front
+
+
+def dataset_title(classes: list[str] | tuple[str, ...]) -> str:
+    """CIFAR-4 or CIFAR-10 from the class names a run recorded (in output order), else the
+    number of classes: the figures group runs by the data they measured."""
+    from .data import CIFAR10_CLASSES, CLASSES
+    if tuple(classes) == CLASSES:
+        return "CIFAR-4"
+    if tuple(classes) == CIFAR10_CLASSES:
+        return "CIFAR-10"
+    return f"{len(classes)} classes"
+
+
+def frontier_panels(panels: dict[str, list[FrontierPoint]], path: Path, title: str = "") -> None:
+    """Test accuracy against whole-command seconds (log axis), one panel per dataset side by
+    side (each its own accuracy axis: CIFAR-10's ten classes score lower than CIFAR-4's four),
+    one colour and marker per series, error bars of one standard deviation both ways."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.6), squeeze=False)
+    series = list(dict.fromkeys(p.series for pts in panels.values() for p in pts))
+    for ax, (name, pts) in zip(axes[0], panels.items(), strict=True):
+        for k, ser in enumerate(series):
+            mine = [p for p in pts if p.series == ser]
+            if mine:
+                ax.errorbar([p.seconds for p in mine], [p.accuracy for p in mine], fmt="osD^v<>"[k % 7],
+                            xerr=[p.seconds_std for p in mine], yerr=[p.accuracy_std for p in mine],
+                            ms=5, capsize=2, ls="none", color=f"C{k}", label=ser or None)
+            for p in mine:
+                ax.annotate(p.label, (p.seconds, p.accuracy), textcoords="offset points", xytext=(4, 3),
+                            fontsize=7, color=f"C{k}")
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds, command start to metrics.json (mean over runs)")
+        ax.set_ylabel("test accuracy (mean +- std over runs)")
+        ax.grid(alpha=0.3, which="both")
+        ax.set_title(name, fontsize=10)
+        if any(p.series for p in pts):
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
 def frontier(points: list[tuple[str, float, float]], path: Path, title: str = "") -> None:
     """(label, seconds, accuracy) points: accuracy against time on a log time axis."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, t, acc in points:
-        ax.scatter([t], [acc], s=18)
-        ax.annotate(label, (t, acc), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("seconds, start to metrics.json")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3, which="both")
-    if title:
-        ax.set_title(title)
-    _save(fig, path)
+    frontier_panels({title: [FrontierPoint(label, "", t, acc) for label, t, acc in points]}, path)
 
 
 def compare(runs: list[tuple[str, list[dict]]], path: Path) -> None:

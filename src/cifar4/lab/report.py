@@ -127,9 +127,11 @@ def _figure(src: Path, figdir: Path, name: str, alt: str) -> Block:
 
 
 def write_report(entries: list[tuple[str, Path]], ds: Dataset, out_dir: str | Path,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, runs_dir: str | Path | None = None) -> Path:
     """entries: (experiment name, finished run directory). Writes index.html (self-contained)
-    and report.md (figures beside it) from the templates; returns the index.html path."""
+    and report.md (figures beside it) from the templates; returns the index.html path.
+    runs_dir: the user's runs folder (`cifar4 train`'s runs/), whose finished runs join the
+    lab's on the accuracy / time frontier, one panel per dataset (CIFAR-4 beside CIFAR-10)."""
     out_dir = Path(out_dir)
     figdir = out_dir / "figures"
     try:
@@ -155,7 +157,8 @@ def write_report(entries: list[tuple[str, Path]], ds: Dataset, out_dir: str | Pa
     if pair:
         sections.append(_mistakes_section(pair, metrics, interps, figdir))
     sections.append(_comparison_section(entries, metrics, reference))
-    sections.append(_frontier_section(metrics, figdir))
+    sections.append(_frontier_section(metrics, figdir, Path(runs_dir) if runs_dir else None,
+                                      {Path(d).resolve() for _, d in entries}))
     transfers = [(n, metrics[n]) for n, _ in entries if metrics[n]["model"] == "transfer"]
     if transfers:
         sections.append(_transfer_section(transfers, reference))
@@ -356,28 +359,67 @@ def _sureness(name: str, res: dict[str, Any]) -> str:
             f"{float(np.mean(wrong)):.2f}")
 
 
-def _frontier_section(metrics: dict[str, dict[str, Any]], figdir: Path) -> Section:
-    """Test accuracy against the seconds each run took from its start to metrics.json."""
+def _frontier_section(metrics: dict[str, dict[str, Any]], figdir: Path, runs_dir: Path | None,
+                      lab_dirs: set[Path]) -> Section:
+    """Test accuracy against the seconds each run took from its start to metrics.json: the
+    lab's runs and the finished runs of the user's runs folder, one panel per dataset (as each
+    run's metrics.json records its classes), several seeds of a run one point with their spread."""
     s = Section("What a minute buys: accuracy against time", "frontier")
-    points = [(n, float(m["total_seconds"]), float(m["test_accuracy"])) for n, m in metrics.items()
-              if m.get("total_seconds") and m.get("test_accuracy") is not None]
-    if not points:
+    by_data: dict[str, list[tuple[str, str, float, float]]] = {}
+    for dataset, label, series, secs, acc in _frontier_runs(metrics, runs_dir, lab_dirs):
+        by_data.setdefault(dataset, []).append((label, series, secs, acc))
+    if not by_data:
         s.p("No run recorded its whole time.")
         return s
-    plots.frontier(points, figdir / "frontier.png", title="test accuracy against whole-run seconds")
-    s.fig(figdir / "frontier.png", figdir, "frontier.png", "test accuracy against whole-run seconds")
-    best: list[tuple[str, float, float]] = []
-    for p in sorted(points, key=lambda t: t[1]):
-        if not best or p[2] > best[-1][2]:
-            best.append(p)
-    on_front = {p[0] for p in best}
-    s.table(["experiment", "whole run s", "test acc", "on the frontier"],
-            [[n, f"{t:.0f}", f"{a:.4f}", "yes" if n in on_front else ""]
-             for n, t, a in sorted(points, key=lambda t: t[1])])
-    s.p("A run is on the frontier when no faster run reached its test accuracy. Times are from the "
-        "run's start to its metrics.json (loading, feature extraction, training, the final evaluation), "
-        "on this machine.")
+    panels = {d: plots.frontier_points(by_data[d]) for d in sorted(by_data, key=lambda d: (d != "CIFAR-4", d))}
+    plots.frontier_panels(panels, figdir / "frontier.png", title="test accuracy against whole-run seconds")
+    s.fig(figdir / "frontier.png", figdir, "frontier.png", "test accuracy against whole-run seconds, "
+          "per dataset: " + ", ".join(panels))
+    rows, said = [], []
+    for d, pts in panels.items():
+        front = plots.on_frontier(pts)
+        rows += [[d, p.series, p.label, str(p.runs), f"{p.seconds:.0f}", f"{p.accuracy:.4f}"
+                  + (f" +- {p.accuracy_std:.4f}" if p.runs > 1 else ""), "yes" if (p.series, p.label) in front else ""]
+                 for p in sorted(pts, key=lambda p: (p.series, p.seconds))]
+        fast, best = min(pts, key=lambda p: p.seconds), max(pts, key=lambda p: p.accuracy)
+        said.append(f"on {d}, the fastest, {fast.label} ({fast.series}), reached {fast.accuracy:.4f} in "
+                    f"{fast.seconds:.0f} s" + ("" if best is fast else
+                                              f"; the most accurate, {best.label} ({best.series}), "
+                                              f"{best.accuracy:.4f} in {best.seconds:.0f} s "
+                                              f"({best.seconds / max(fast.seconds, 1e-9):.1f}x the time)"))
+    s.table(["dataset", "from", "run", "runs", "whole run s", "test acc", "on the frontier"], rows)
+    s.p(_capital("; ".join(said)) + ". A run is on the frontier when no faster run from the same "
+        "place reached its test accuracy. Times are from the run's start to its metrics.json "
+        "(loading, feature extraction, training, the final evaluation), on the machine that ran it.")
     return s
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _frontier_runs(metrics: dict[str, dict[str, Any]], runs_dir: Path | None, lab_dirs: set[Path]
+                   ) -> list[tuple[str, str, str, float, float]]:
+    """(dataset, label, where from, seconds, test accuracy) of the lab's runs and of the
+    finished runs under `runs_dir` that recorded both (a held-out test has no accuracy)."""
+    found = [(name, "this lab", m) for name, m in metrics.items()]
+    if runs_dir is not None and runs_dir.is_dir():
+        for d in sorted(p for p in runs_dir.iterdir() if (p / record.METRICS_FILE).is_file()
+                        and p.resolve() not in lab_dirs):  # a lab inside runs/: its runs drawn once
+            try:
+                m = runs.read_metrics(d)
+            except RunError:  # a metrics.json of another version, or damaged: not this figure's
+                continue
+            budget = (m.get("time_budget") or {}).get("seconds")
+            found.append((m["experiment"] + (f" --time-budget {budget:g}" if budget else ""), f"{runs_dir}/", m))
+    return [(_dataset_of(m), label, where, float(m["total_seconds"]), float(m["test_accuracy"]))
+            for label, where, m in found if m.get("total_seconds") and m.get("test_accuracy") is not None]
+
+
+def _dataset_of(m: dict[str, Any]) -> str:
+    """CIFAR-4, CIFAR-10 or the number of classes, from the classes a run's metrics.json scored."""
+    classes = list(m.get("per_class_accuracy") or {})
+    return plots.dataset_title(classes) if classes else Path(m["data"]["source"]).name
 
 
 def _comparison_section(entries: list[tuple[str, Path]], metrics: dict[str, dict[str, Any]],

@@ -88,6 +88,7 @@ def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.de
     saved = runs.read_predictions(m.folder) or {}
     out = {}
     cached: CachedFeatures | None = None
+    ds = m.loaded.images(ds)  # the size the member was trained on
     for part, rows in idx.items():
         if part in saved and len(saved[part][0]) == len(rows) and np.array_equal(saved[part][0], rows):
             out[part] = torch.from_numpy(saved[part][1])

@@ -172,6 +172,15 @@ def test_32_px_models_take_32_px_and_transfer_the_stored_size(tmp_path, monkeypa
         want = predict_arrays(loaded, read_image(tmp_path / "red.png", size=size)[None])[0]
         got = predict(loaded, [tmp_path / "red.png"])[0]
         assert [got.probabilities[c] for c in loaded.classes] == pytest.approx(want.tolist(), abs=1e-6)
+    from cifar4.training.ensemble import make_ensemble  # one batch for both: the smaller size
+    e = make_ensemble([r.run_dir, t.run_dir], out=tmp_path / "ens", weights="equal", data=ds)
+    assert load_model(e.run_dir).input_size == 32
+    assert evaluate_run(e.run_dir, ds)["test"]["accuracy"] == pytest.approx(e.metrics["test_accuracy"])
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from cifar4.serving.export import export
+    assert export(t.run_dir, data=ds).agreement >= 0.999
+    session = onnxruntime.InferenceSession(str(t.run_dir / "model.onnx"))
+    assert session.get_inputs()[0].shape[1:] == [64, 64, 3]
     meta = json.loads((r.run_dir / "model.json").read_text())
     del meta["input_shape"]  # a model.json from before the size was recorded: 32 px
     (r.run_dir / "model.json").write_text(json.dumps(meta))

@@ -75,6 +75,10 @@ BAD_ARRAYS = {
     "channels first": (lambda X, Y: (X.transpose(0, 3, 1, 2).copy(), Y), "channels-first"),
     "grayscale": (lambda X, Y: (X[..., 0].copy(), Y), r"shape \(40, 32, 32\)"),
     "four channels": (lambda X, Y: (np.concatenate([X, X[..., :1]], 3), Y), r"\(40, 32, 32, 4\)"),
+    "not square": (lambda X, Y: (np.repeat(X, 2, axis=1), Y), r"shape \(40, 64, 32, 3\)"),
+    "smaller than 32": (lambda X, Y: (X[:, :16, :16].copy(), Y), r"shape \(40, 16, 16, 3\)"),
+    "larger, channels first": (lambda X, Y: (np.repeat(np.repeat(X, 2, 1), 2, 2).transpose(0, 3, 1, 2).copy(), Y),
+                               "channels-first"),
     "label out of range": (lambda X, Y: (X, np.where(Y == 3, 7, Y)), "label 7 out of range"),
     "negative label": (lambda X, Y: (X, Y - 1), "label -1 out of range"),
     "float labels": (lambda X, Y: (X, Y.astype(np.float64) + 0.5), "dtype float64"),
@@ -150,3 +154,20 @@ def test_real_dataset_matches_reference(real):
     assert inf["first_pixel"] == [164, 206, 84]
     assert inf["X_sha256"] == "1fc35e2d0c077aa77487e5f8f6bd3e4387d9d68feaf2dce60160244d785d13d0"
     assert inf["official_test_images"] == 4000
+
+
+def test_larger_square_images_load_and_give_32_px_once(tmp_path):
+    X, Y, _ = make_arrays(40)
+    big = np.repeat(np.repeat(X, 3, 1), 3, 2)  # each pixel a 3x3 block: 96 px
+    ds = data.load(_save(tmp_path, big, Y))
+    assert ds.size == 96 and data.load(_save(tmp_path, X, Y, "small.npz")).size == 32
+    small = ds.at_size(32)
+    assert small.X.shape == (40, 32, 32, 3) and small is ds.at_size(32) and ds.at_size(96) is ds
+    assert np.abs(small.X.astype(int) - X.astype(int)).mean() < 8  # blocks back to about their pixels
+    from PIL import Image  # ... with Lanczos filtering, as on import
+    lanczos = Image.fromarray(big[7]).resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    assert (small.X[7] == np.asarray(lanczos)).all()
+    assert small.checksum() == ds.checksum() and (small.Y == ds.Y).all()
+    inf = data.info(ds)
+    assert inf["X_shape"] == [40, 96, 96, 3]
+    assert inf["channel_mean"] == pytest.approx(data.info(data.from_arrays(X, Y))["channel_mean"], abs=1e-4)

@@ -824,20 +824,24 @@ def data_fetch(out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="F
 @command(DATA, "Make a dataset from your images.", "import", data_app)
 def data_import(folder: Path = typer.Argument(..., help="A folder with one subfolder of images per class."),
                 out_path: Path = typer.Option(Path("dataset.npz"), "--out", help="The .npz file to write."),
-                size: int = typer.Option(32, "--size", help="Image side in pixels (cifar4's models take 32)."),
+                size: str = typer.Option("32", "--size", metavar="PIXELS",
+                                         help="Image side in pixels: 32 (what most models take) up to the "
+                                              "largest resolution of the transfer experiments, kept for them."),
                 quiet: bool = QuietOpt) -> None:
     """Make a dataset from your own images: one subfolder per class (centre square, resized to
-    32x32); unreadable files are listed and skipped."""
+    --size, 32 by default); unreadable files are listed and skipped. Stored larger than 32 px,
+    they keep their detail for the transfer models; the other models get them at 32 px."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .data.fetch import write_npz
-    from .data.folder import import_folder
+    from .data.folder import check_size, import_folder
+    side = check_size(size)  # before any file is read
     if out_path.suffix != ".npz" or out_path.is_dir():
         raise ConfigError(f"--out '{out_path}': expected a .npz file name")
     with Progress(TextColumn("import"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
                   disable=quiet) as bar:
         task = bar.add_task("import", total=None)
-        rep = import_folder(folder, size, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        rep = import_folder(folder, side, progress=lambda done, total: bar.update(task, completed=done, total=total))
     for f, why in rep.skipped:
         err.print(f"skipped {f}: {why}", highlight=False, markup=False)
     write_npz(rep.dataset, out_path)
@@ -848,7 +852,7 @@ def data_import(folder: Path = typer.Argument(..., help="A folder with one subfo
         t.add_row(c, f"{n:,}")
     out.print(t)
     out.print(f"{len(rep.skipped)} file(s) skipped" + (" (listed above)" if rep.skipped else "")
-              + "; images cut to their centre square and resized to 32x32 (Lanczos). Train with "
+              + f"; images cut to their centre square and resized to {side}x{side} (Lanczos). Train with "
               f"--data {out_path}; for a few hundred images per class, --preset transfer learns most.")
 
 

@@ -283,7 +283,10 @@ class ModelInfo(_Record):
                                                                       "filled in.")
     num_classes: int = Field(description="Outputs of the model.")
     classes: list[str] = Field(description="Class names, in output order.")
-    input_shape: list[int] = Field(default_factory=lambda: [3, 32, 32], description="One input image's shape.")
+    input_shape: list[int] = Field(default_factory=lambda: [3, 32, 32],
+                                   description="One input image's shape: [3, S, S], S the side of the "
+                                               "images it was trained on (32 unless a transfer model "
+                                               "was trained on larger imported images).")
     normalization: dict[str, Any] = Field(description="Input normalization (scale, mean, std).")
     precision: str = Field(default="fp32", description="The precision the final evaluation used: "
                                                        "fp32 or bf16.")
@@ -362,10 +365,10 @@ def write_run_info(folder: str | Path, source: str, sha256: str, plan: dict[str,
 
 
 def model_info(model: str, options: dict[str, Any], classes: tuple[str, ...] | list[str],
-               normalization: dict[str, Any], precision: str = "fp32") -> dict[str, Any]:
-    """model.json's content for a model."""
+               normalization: dict[str, Any], precision: str = "fp32", size: int = 32) -> dict[str, Any]:
+    """model.json's content for a model trained on `size` px images."""
     return ModelInfo(format=MODEL_FORMAT, version=1, model=model, options=options,
-                     num_classes=len(classes), classes=list(classes), input_shape=[3, 32, 32],
+                     num_classes=len(classes), classes=list(classes), input_shape=[3, size, size],
                      normalization=normalization, precision=precision).model_dump(mode="json")
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from . import io as cio
 from . import locks, models, record
+from .data import Dataset
 from .data.transforms import Normalization
 from .device import cpu_features, cpu_name, inference_precision, pick_device
 from .errors import CheckpointError, ModelError, RunError
@@ -140,9 +141,11 @@ def machine(device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------- models
 
 def save_model(folder: Path, model: nn.Module, name: str, options: dict, classes: tuple[str, ...],
-               norm: Normalization, precision: str = "fp32") -> None:
+               norm: Normalization, precision: str = "fp32", size: int = models.MODEL_SIZE) -> None:
+    """model.safetensors and model.json (`size`: the side of the images the model was trained
+    on, which evaluate, predict, serve and export give it)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = record.model_info(name, options, classes, norm.to_dict(), precision)
+    meta = record.model_info(name, options, classes, norm.to_dict(), precision, size)
     cio.write_bytes(folder / "model.safetensors", st_save(state))
     record.write_model_info(folder, meta)
 
@@ -157,11 +160,17 @@ class LoadedModel:
     folder: Path
     precision: str = "fp32"  # what evaluation used at the end of training
     device: torch.device = torch.device("cpu")
+    input_size: int = models.MODEL_SIZE  # the side of the images it was trained on (model.json)
 
     @property
     def inference_precision(self) -> str:
         """The recorded precision where this device runs it natively, else fp32."""
         return inference_precision(self.precision, self.device)
+
+    def images(self, ds: Dataset) -> Dataset:
+        """`ds` at the size this model was trained on (Dataset.at_size), or as stored where its
+        images are smaller (a transfer model resizes inside)."""
+        return ds.at_size(min(ds.size, self.input_size))
 
     def to(self, device: str | torch.device) -> LoadedModel:
         """Move the model to a device ('auto': the GPU when there is one)."""
@@ -194,7 +203,12 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedMod
     precision = meta.get("precision", "fp32")
     if precision not in ("fp32", "bf16"):
         raise CheckpointError(f"'{meta_path}': precision '{precision}'; expected fp32 or bf16")
-    return LoadedModel(model, meta["model"], meta["options"], classes, norm, folder, precision).to(device)
+    shape = meta.get("input_shape", [3, models.MODEL_SIZE, models.MODEL_SIZE])
+    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3 and shape[1] == shape[2]
+            and isinstance(shape[1], int) and shape[1] >= models.MODEL_SIZE):
+        raise CheckpointError(f"'{meta_path}': input_shape {shape}; expected [3, S, S] with S >= 32")
+    return LoadedModel(model, meta["model"], meta["options"], classes, norm, folder, precision,
+                       input_size=shape[1]).to(device)
 
 
 # ---------------------------------------------------------------- predictions

@@ -2,6 +2,8 @@
 
 The default is CIFAR-4: 24,000 RGB images, 32x32 uint8, of four CIFAR-10 classes (bird, cat,
 frog, horse). Any other set of classes works the same way: a dataset carries its class names.
+Images are square, 32 px or more (`cifar4 data import --size` keeps your photos larger); each
+model takes its own size from the dataset (`Dataset.at_size`).
 Two file layouts are read: the practical session's pair `CIFAR4_X.npy` (N,32,32,3) uint8 +
 `CIFAR4_Y.npy` (N,) integer labels (CIFAR-4's classes), and one `.npz` with keys X, Y and
 optionally is_test, classes (the names, in label order) and source (what `cifar4 data fetch`
@@ -26,6 +28,7 @@ NPZ_NAME = "cifar4.npz"
 NPY_NAMES = ("CIFAR4_X.npy", "CIFAR4_Y.npy")
 ENV_VAR = "CIFAR4_DATA"
 IMAGE_SHAPE = (32, 32, 3)
+MIN_SIZE = IMAGE_SHAPE[0]  # the smallest side a dataset's images have (CIFAR's)
 
 
 def cache_dir() -> Path:
@@ -42,8 +45,9 @@ def work_cache() -> Path:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Images X (N,32,32,3) uint8 RGB, labels Y (N,) int64 in 0..len(classes)-1, optional
-    is_test (N,) bool, and the class names."""
+    """Images X (N,S,S,3) uint8 RGB (S >= 32: CIFAR's 32, or the size a folder was imported
+    at), labels Y (N,) int64 in 0..len(classes)-1, optional is_test (N,) bool, and the class
+    names."""
 
     X: np.ndarray
     Y: np.ndarray
@@ -51,6 +55,7 @@ class Dataset:
     source: str = "<memory>"
     classes: tuple[str, ...] = CLASSES
     _sha: list = field(default_factory=list, repr=False)
+    _sized: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         validate_classes(self.classes, self.source)
@@ -68,6 +73,33 @@ class Dataset:
     def is_cifar4(self) -> bool:
         """The session's dataset: its four classes in its order (results comparable with it)."""
         return tuple(self.classes) == CLASSES
+
+    @property
+    def size(self) -> int:
+        """The side of its images in pixels (32 for CIFAR)."""
+        return int(self.X.shape[1])
+
+    def at_size(self, size: int) -> Dataset:
+        """The same images at `size` px (Lanczos, as on import), for a model that takes that
+        size: the dataset itself when its images already are. A model never resizes the 32 px
+        models' inputs batch by batch: the dataset is resized once here, kept for the next call,
+        and split, batches and model see it as any 32 px dataset. Only downscaling: a model
+        given more pixels than stored would see no more detail. The copy names the same data
+        (its checksum is this dataset's): runs and caches record the file, and the size apart."""
+        size = int(size)
+        if size == self.size:
+            return self
+        if size > self.size:
+            raise DataError(f"{self.source}: images are {self.size} px; cannot give {size} px images "
+                            f"(only smaller)")
+        if size not in self._sized:
+            from PIL import Image  # the dataset layer needs Pillow only to resize
+
+            from .images import resize
+            X = np.stack([np.asarray(resize(Image.fromarray(x), size), dtype=np.uint8) for x in self.X])
+            self._sized[size] = Dataset(X, self.Y, self.is_test, self.source, self.classes,
+                                        [self.checksum()])
+        return self._sized[size]
 
     def checksum(self) -> str:
         """sha256 of the pixels and labels: names this exact data in runs and caches."""
@@ -193,11 +225,12 @@ def validate_images(X: np.ndarray, name: str = "X") -> None:
         raise DataError(f"{name}: object array; expected uint8 pixels")
     if X.dtype.kind == "f" and X.size and not np.isfinite(X).all():
         raise DataError(f"{name}: contains NaN or inf; expected uint8 pixels 0-255")
-    if X.ndim == 4 and X.shape[1:] == (3, 32, 32):
+    if X.ndim == 4 and X.shape[1] == 3 and X.shape[2] == X.shape[3] >= MIN_SIZE:
         raise DataError(f"{name}: shape {_fmt_shape(X.shape)} looks channels-first; expected "
                         f"(N, 32, 32, 3) channels-last (np.transpose(X, (0, 2, 3, 1)))")
-    if X.ndim != 4 or X.shape[1:] != IMAGE_SHAPE:
-        raise DataError(f"{name}: shape {_fmt_shape(X.shape)}; expected (N, 32, 32, 3) RGB images")
+    if X.ndim != 4 or X.shape[3] != 3 or X.shape[1] != X.shape[2] or X.shape[1] < MIN_SIZE:
+        raise DataError(f"{name}: shape {_fmt_shape(X.shape)}; expected (N, 32, 32, 3) RGB images "
+                        f"(or square ones larger than 32 px, (N, S, S, 3))")
     if X.shape[0] == 0:
         raise DataError(f"{name}: holds no images (N = 0)")
     if X.dtype != np.uint8:
@@ -311,7 +344,7 @@ def info(ds: Dataset) -> dict:
         c = X[i:i + 4096].reshape(-1, 3).astype(np.float64) / 255.0
         s += c.sum(0)
         s2 += (c * c).sum(0)
-    n = X.shape[0] * 32 * 32
+    n = X.shape[0] * X.shape[1] * X.shape[2]
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0))
     counts = np.bincount(ds.Y, minlength=ds.num_classes)

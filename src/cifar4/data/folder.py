@@ -3,9 +3,12 @@
 The ImageFolder convention: one subfolder per class, named for it, holding that class's
 images (any format Pillow opens, searched recursively). Every image is decoded under the same
 limits as `cifar4 predict` (40 megapixels, EXIF orientation, alpha flattened on white), cut to
-its centre square (so nothing is squashed), and resized to 32x32 with Lanczos filtering. Files
-that cannot be read are listed and skipped, never silently. The result is one .npz with the
-class names (the subfolder names, sorted) and its source, usable by every command with --data.
+its centre square (so nothing is squashed), and resized to `size` x `size` with Lanczos
+filtering: 32 (CIFAR's size, what most models take) or more, up to the largest resolution a
+built-in transfer experiment feeds its backbone, so that a transfer model sees the photos'
+detail; the 32 px models then get them at 32 px (`Dataset.at_size`). Files that cannot be read
+are listed and skipped, never silently. The result is one .npz with the class names (the
+subfolder names, sorted) and its source, usable by every command with --data.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, ImageError
-from . import Dataset, from_arrays
+from . import MIN_SIZE, Dataset, from_arrays
 from .images import IMAGE_EXTENSIONS, read_image
 
 MIN_PER_CLASS = 10  # so that the 70/15/15 split leaves every class in validation and test
-SIZE = 32           # what every cifar4 model takes (transfer models upsample inside)
+SIZE = MIN_SIZE     # the default: what the 32 px models take (transfer models upsample inside)
 
 
 @dataclass
@@ -42,12 +45,34 @@ def class_folders(root: Path) -> list[Path]:
     return folders
 
 
-def import_folder(root: str | Path, size: int = SIZE,
+def max_size() -> int:
+    """The largest image side worth storing: the largest resolution a built-in transfer
+    experiment feeds its backbone (more pixels than that would be thrown away by every model)."""
+    from ..config import builtin_names, load_dict  # the experiments, read where they are kept
+
+    sizes = [int(d["model"].get("options", {}).get("resolution", MIN_SIZE))
+             for d in (load_dict(n)[0] for n in builtin_names())
+             if d.get("model", {}).get("name") == "transfer"]
+    return max([MIN_SIZE, *sizes])
+
+
+def check_size(size: object) -> int:
+    """`size` as an integer from 32 to `max_size()`; anything else is a one-line DataError."""
+    top = max_size()
+    text = str(size).strip()
+    if isinstance(size, bool) or not (isinstance(size, int) or text.isdigit()) or \
+            not MIN_SIZE <= int(text) <= top:
+        raise DataError(f"--size {size!r}: expected a whole number of pixels from {MIN_SIZE} to {top} "
+                        f"(32 for CIFAR's size; up to {top}, the largest resolution of the transfer "
+                        f"experiments)")
+    return int(text)
+
+
+def import_folder(root: str | Path, size: int | str = SIZE,
                   progress: Callable[[int, int], None] | None = None) -> ImportReport:
-    """Read `root/<class>/**/<image>` into a Dataset (labels in sorted class-name order)."""
-    if size != SIZE:
-        raise DataError(f"--size {size}: cifar4's models take {SIZE}x{SIZE} images (transfer models "
-                        f"upsample inside); expected --size {SIZE}")
+    """Read `root/<class>/**/<image>` into a Dataset of `size` px images (labels in sorted
+    class-name order)."""
+    size = check_size(size)
     root = Path(root)
     folders = class_folders(root)
     files = [(k, p) for k, d in enumerate(folders) for p in sorted(d.rglob("*"))
@@ -58,7 +83,7 @@ def import_folder(root: str | Path, size: int = SIZE,
             skipped.append((str(p), f"not an image extension ({p.suffix or 'none'})"))
         else:
             try:
-                images.append(read_image(p, crop=True))
+                images.append(read_image(p, crop=True, size=size))
                 labels.append(k)
             except ImageError as e:
                 skipped.append((str(p), str(e)))

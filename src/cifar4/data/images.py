@@ -1,7 +1,8 @@
 """Reading images safely, for predict, the server and `cifar4 data import`: any format Pillow
 decodes, with a pixel limit against decompression bombs checked from the header before any
 pixel is decoded, EXIF orientation, alpha flattened on white, 16-bit and palette images
-converted, brought to RGB 32x32 uint8 (the dataset's layout). No process-wide setting of Pillow
+converted, brought to RGB uint8 at a square size (32x32 unless a model takes more: the size
+it was trained on). No process-wide setting of Pillow
 is touched, so many threads can decode at once."""
 
 from __future__ import annotations
@@ -19,21 +20,24 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
 
 
 MAX_PIXELS = 40_000_000  # about 6300 x 6300; larger files are refused before decoding
+SIZE = 32                # the side of a CIFAR image, and of what the 32 px models take
 
 
-def read_image(path: str | Path, max_pixels: int = MAX_PIXELS, crop: bool = False) -> np.ndarray:
-    """An image file -> (32, 32, 3) uint8 RGB, the dataset's layout (`crop`: its centre square
-    first, so that nothing is squashed)."""
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS, crop: bool = False,
+               size: int = SIZE) -> np.ndarray:
+    """An image file -> (size, size, 3) uint8 RGB, the dataset's layout (`crop`: its centre
+    square first, so that nothing is squashed)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"image '{path}' does not exist")
     if path.is_dir():
         raise ImageError(f"image '{path}' is a folder; expected an image file")
-    return decode_image(path, str(path), max_pixels, crop)
+    return decode_image(path, str(path), max_pixels, crop, size)
 
 
-def decode_image(source: Path | bytes, name: str, max_pixels: int = MAX_PIXELS, crop: bool = False) -> np.ndarray:
-    """A file or the bytes of an upload -> (32, 32, 3) uint8 RGB. The size is checked from the
+def decode_image(source: Path | bytes, name: str, max_pixels: int = MAX_PIXELS, crop: bool = False,
+                 size: int = SIZE) -> np.ndarray:
+    """A file or the bytes of an upload -> (size, size, 3) uint8 RGB. The size is checked from the
     header before any pixel is decoded; no process-wide setting is touched (the server decodes
     many uploads at once)."""
     try:
@@ -42,7 +46,7 @@ def decode_image(source: Path | bytes, name: str, max_pixels: int = MAX_PIXELS, 
                 raise ImageError(f"image '{name}' is {img.width}x{img.height} pixels; "
                                  f"expected at most {max_pixels:,} (decompression-bomb guard)")
             img.load()
-            return to_rgb32(img, crop)
+            return to_rgb(img, crop, size)
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -55,7 +59,15 @@ def decode_image(source: Path | bytes, name: str, max_pixels: int = MAX_PIXELS, 
         raise ImageError(f"image '{name}' is truncated or corrupt ({e})") from None
 
 
-def to_rgb32(img: Image.Image, crop: bool = False) -> np.ndarray:
+def resize(img: Image.Image, size: int) -> Image.Image:
+    """`img` at size x size with Lanczos filtering: the one resampling every cifar4 image goes
+    through, on import, for the 32 px models of a larger dataset, and for predict and serve."""
+    if img.size == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def to_rgb(img: Image.Image, crop: bool = False, size: int = SIZE) -> np.ndarray:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(img).astype(np.float64)
@@ -77,6 +89,4 @@ def to_rgb32(img: Image.Image, crop: bool = False) -> np.ndarray:
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side))
-    if img.size != (32, 32):
-        img = img.resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8).copy()
+    return np.asarray(resize(img, size), dtype=np.uint8).copy()

@@ -45,8 +45,9 @@ class Normalization:
         return cls(scale=float(d["scale"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
     def apply(self, x_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 (N,32,32,3) -> float (N,3,32,32) in channels_last memory, normalized. The
-        result is a view of an NHWC tensor, so no copy changes the layout."""
+        """uint8 (N,S,S,3) -> float (N,3,S,S) in channels_last memory, normalized (S: 32, or
+        the size a transfer model takes from a larger imported dataset). The result is a view
+        of an NHWC tensor, so no copy changes the layout."""
         x = x_uint8.to(dtype)
         if self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0):
             x = x * self.scale if self.scale != 1.0 else x

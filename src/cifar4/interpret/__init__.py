@@ -72,6 +72,7 @@ def interpret_run(run: str | Path, out: str | Path | None = None, split: str = "
         raise ConfigError(f"dataset '{ds.source}' has classes {', '.join(ds.classes)}; run '{folder}' "
                           f"was trained on {', '.join(loaded.classes)}")
     _, idx = split_indices(exp.data, ds)
+    ds = loaded.images(ds)  # the size it was trained on
     if len(idx[split]) == 0 or len(idx["val"]) == 0:
         raise RunError(f"run '{folder}': its split has no {split if len(idx[split]) == 0 else 'val'} images "
                        f"to interpret")

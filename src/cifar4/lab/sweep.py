@@ -263,6 +263,7 @@ def _test_accuracy(run_dir: Path, ds: datamod.Dataset) -> float:
     _, idx = split_indices(exp.data, ds)
     dev = pick_device("auto")
     loaded = load_model(run_dir, device=dev)
+    ds = loaded.images(ds)
     r = evaluate(loaded.model, torch.from_numpy(ds.X[idx["test"]]), torch.from_numpy(ds.Y[idx["test"]]),
                  loaded.norm, device=dev, precision=inference_precision(loaded.precision, dev), tta=exp.train.tta)
     return float(r["accuracy"])

@@ -1,7 +1,8 @@
 """What a run asks of a model beyond `forward()`, written down.
 
 Any `nn.Module` the registry builds can be trained, evaluated, saved and served: it takes
-[0, 1]-scaled images (N, 3, 32, 32) and returns logits (N, classes). A model may also take part
+[0, 1]-scaled images (N, 3, 32, 32) (a transfer model: (N, 3, S, S), S up to its resolution;
+registry.input_size) and returns logits (N, classes). A model may also take part
 in the steps around training by following one of these protocols; the run (training/pipeline.py)
 asks through the functions below, never by probing attributes itself.
 

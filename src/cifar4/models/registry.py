@@ -57,6 +57,24 @@ def resolve_options(name: str, options: dict[str, Any] | None = None) -> dict[st
     return out
 
 
+MODEL_SIZE = 32  # the image side every model takes unless it resizes inside (CIFAR's)
+
+
+def input_size(name: str, options: dict[str, Any] | None, stored: int) -> int:
+    """The image side a model takes from a dataset of `stored` px images. A model with a
+    `resolution` option (transfer) resizes its input to it inside, so it takes the stored
+    photos up to that resolution: their detail reaches the backbone, and nothing is kept that
+    it would throw away. Every other model was built for CIFAR's 32x32. The dataset makes the
+    images at this size once (`Dataset.at_size`, Lanczos), before split and batches: a model
+    resizing each batch would repeat that work every epoch with a poorer filter."""
+    if name not in _REGISTRY:
+        return MODEL_SIZE
+    resolution = resolve_options(name, options).get("resolution")
+    if resolution is None:
+        return MODEL_SIZE
+    return max(MODEL_SIZE, min(int(stored), int(resolution)))
+
+
 def build(name: str, num_classes: int = 4, **options: Any) -> nn.Module:
     s = spec(name)
     opts = resolve_options(name, options)

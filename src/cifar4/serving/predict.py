@@ -31,8 +31,8 @@ class Prediction:
 
 
 def predict_arrays(loaded: LoadedModel, X: np.ndarray, tta: int = 0, batch_size: int = 1000) -> np.ndarray:
-    """Probabilities (N, C) for uint8 images (N, 32, 32, 3), in forward passes of at most
-    `batch_size` images."""
+    """Probabilities (N, C) for uint8 images (N, S, S, 3) (S: `loaded.input_size`, the size it
+    was trained on), in forward passes of at most `batch_size` images."""
     logits = predict_logits(loaded.model, torch.from_numpy(np.ascontiguousarray(X)), loaded.norm,
                             batch_size=batch_size, device=loaded.device,
                             precision=loaded.inference_precision, tta=tta)
@@ -51,7 +51,7 @@ def predict(run: str | Path | LoadedModel, images: list[str | Path], tta: int = 
     loaded = run if isinstance(run, LoadedModel) else load_model(run, device="auto")
     if not images:
         raise ImageError("no image given; expected one or more image files")
-    X = np.stack([read_image(p) for p in images])
+    X = np.stack([read_image(p, size=loaded.input_size) for p in images])
     return [_result(loaded, str(p), pr) for p, pr in zip(images, predict_arrays(loaded, X, tta), strict=True)]
 
 
@@ -85,7 +85,7 @@ def predict_files(loaded: LoadedModel, paths: Sequence[str | Path], tta: int = 0
         images = []
         for f in chunk:
             try:
-                images.append(read_image(f))
+                images.append(read_image(f, size=loaded.input_size))
                 rows.append(None)
             except ImageError as e:
                 rows.append(Prediction(str(f), "", -1, {}, str(e)))

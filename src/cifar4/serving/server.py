@@ -140,7 +140,7 @@ class Batcher:
         ready: list[tuple[_Job, list[np.ndarray]]] = []
         for job in batch:
             try:
-                ready.append((job, [_decode_upload(n, b) for n, b in job.uploads]))
+                ready.append((job, [_decode_upload(n, b, self.loaded.input_size) for n, b in job.uploads]))
             except RequestError as e:
                 job.done.set_exception(e)
         if not ready:
@@ -607,11 +607,12 @@ async def _add_attention(store: ModelStore, s: Served, images: list[np.ndarray],
         o.update({"attention": png_data_uri(h), "attention_method": method})
 
 
-def _decode_upload(name: str, data: bytes) -> np.ndarray:
+def _decode_upload(name: str, data: bytes, size: int) -> np.ndarray:
+    """An upload at `size` px: the size the model was trained on."""
     if not data:
         raise RequestError(400, f"file '{name}' is empty; expected an image")
     try:
-        return decode_image(data, name, MAX_PIXELS)
+        return decode_image(data, name, MAX_PIXELS, size=size)
     except ImageError as e:
         status = 413 if "pixel" in str(e) else 400
         raise RequestError(status, str(e)) from None

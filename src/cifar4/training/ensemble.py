@@ -82,10 +82,12 @@ def _check_compatible(members: list[Member]) -> None:
                            f"'{first.folder}' split {b.split} (seed {b.split_seed}); expected the same split")
 
 
-def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.device,
+            as_trained: bool = True) -> dict[str, torch.Tensor]:
     """The member's final-evaluation logits on each part, on the rows `idx` holds (the train
-    part: its first rows, as training evaluated them), read from predictions.npz or computed."""
-    saved = runs.read_predictions(m.folder) or {}
+    part: its first rows, as training evaluated them), read from predictions.npz or computed
+    (always computed where `ds` is not the size the member was evaluated at: `as_trained`)."""
+    saved = (runs.read_predictions(m.folder) or {}) if as_trained else {}
     out = {}
     cached: CachedFeatures | None = None
     for part, rows in idx.items():
@@ -210,6 +212,7 @@ class _Combined:
     res: dict[str, dict[str, Any]]
     member_res: list[dict[str, float]]
     device: torch.device
+    size: int  # the side of the images the ensemble takes
 
 
 def _combine(ms: list[Member], ds: Dataset, w_spec: Sequence[float] | str, dev: torch.device) -> _Combined:
@@ -217,7 +220,10 @@ def _combine(ms: list[Member], ds: Dataset, w_spec: Sequence[float] | str, dev: 
     validation split) and the combined probabilities' numbers on every part."""
     sp, idx = split_indices(ms[0].exp.data, ds)
     idx["train"] = idx["train"][:_train_rows(ms[0])]
-    logits = [_logits(m, ds, idx, dev) for m in ms]
+    # One batch goes to every member: the smallest size any member takes (a transfer member
+    # trained on larger images resizes inside; a 32 px member cannot take more)
+    sized = ds.at_size(min(ds.size, *(m.loaded.input_size for m in ms)))
+    logits = [_logits(m, sized, idx, dev, m.loaded.images(ds) is sized) for m in ms]
     y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
     w: list[float] = choose_weights([lg["val"] for lg in logits], y["val"]) if w_spec == "val" else \
         ([1.0] * len(ms) if w_spec == "equal" else [float(x) for x in w_spec])
@@ -226,7 +232,7 @@ def _combine(ms: list[Member], ds: Dataset, w_spec: Sequence[float] | str, dev: 
     combined = {k: combine_probs([lg[k] for lg in logits], w) for k in PARTS}
     res = {k: summarize(combined[k], y[k], ds.classes) for k in PARTS}
     member_res = [{k: float((lg[k].argmax(1) == y[k]).float().mean()) for k in PARTS} for lg in logits]
-    return _Combined(sp, idx, w, combined, res, member_res, dev)
+    return _Combined(sp, idx, w, combined, res, member_res, dev, sized.size)
 
 
 def _ensemble_model(ms: list[Member], options: dict[str, Any], num_classes: int) -> torch.nn.Module:
@@ -258,7 +264,7 @@ def _write_files(folder: Path, exp: Experiment, model: torch.nn.Module, options:
     record.write_experiment(folder, exp)
     record.write_run_info(folder, ds.source, ds.checksum())
     name = exp.name
-    runs.save_model(folder, model, "ensemble", options, ds.classes, Normalization(), "fp32")
+    runs.save_model(folder, model, "ensemble", options, ds.classes, Normalization(), "fp32", c.size)
     runs.write_history(folder, [])
     plots.member_curves([(m.exp.name, runs.read_history(m.folder)) for m in ms], folder / "curves.png",
                         title=f"{name}: the members' validation accuracy")

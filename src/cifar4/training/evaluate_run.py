@@ -42,6 +42,7 @@ def evaluate_run(run: str | Path, data: str | Path | datamod.Dataset | None = No
     exp = record.read_experiment(folder)
     ds = data if isinstance(data, datamod.Dataset) else datamod.load(data)
     sp, idx = split_indices(exp.data, ds)
+    ds = loaded.images(ds)  # the size it was trained on
     if not full_train:
         idx["train"] = idx["train"][:TRAIN_EVAL_ROWS]
     tta = exp.train.tta if tta is None else tta

@@ -4,11 +4,12 @@ With a frozen backbone (transfer mode (b)) every epoch would push the same image
 same network; instead each image's pooled features are computed once per view (the image, and
 its mirror for flip augmentation and flip test-time augmentation) and kept in
 
-    <cache>/features/<backbone>-<resolution>px-<view>-<precision>-<key>.npz
+    <cache>/features/<backbone>-<resolution>px-[from<size>px-]<view>-<precision>-<key>.npz
 
 where <cache> is $CIFAR4_CACHE or the user cache folder, and <key> hashes the backbone's
-weights, the resolution, the view, the precision and the dataset's sha256: another backbone,
-size or dataset never reads stale features. A cache file covers the whole dataset and records
+weights, the resolution, the view, the precision, the dataset's sha256 and the size of its
+images where not 32 px (an imported dataset stored larger): another backbone, size or dataset
+never reads stale features. A cache file covers the whole dataset and records
 which rows are done, so a run on a subset computes only its rows and later runs fill the rest.
 Files are written atomically (one .npz, features and done-mask together), so a reader never sees
 a torn or inconsistent file; rows are added under the file's lock (locks.py), so two processes
@@ -37,6 +38,7 @@ from ..data.transforms import Augment, BatchAugment, FeatureInput, Normalization
 from ..device import autocast, bf16_is_fast, synchronize, to_device
 from ..errors import DataError
 from ..models.base import inference_batch
+from ..models.registry import MODEL_SIZE
 from .evaluate import predict_logits
 from .precision import arithmetic
 
@@ -89,9 +91,14 @@ class CacheFile:
 
 
 def cache_file(model, ds: Dataset, view: str, precision: str, digest: str) -> CacheFile:
+    """The cache file of a backbone, view and precision for `ds` at its images' size: a dataset
+    imported larger than 32 px gives a model its images at another size (Dataset.at_size, same
+    checksum), so the size is part of the key and the name (absent at 32 px, CIFAR's files)."""
+    sized = "" if ds.size == MODEL_SIZE else f"|{ds.size}"
     key = hashlib.sha256(f"{FORMAT}|{digest}|{model.resolution}|{view}|{precision}|"
-                         f"{ds.checksum()}".encode()).hexdigest()[:16]
-    name = f"{model.spec.name}-{model.resolution}px-{view}-{precision}-{key}.npz"
+                         f"{ds.checksum()}{sized}".encode()).hexdigest()[:16]
+    source = "" if ds.size == MODEL_SIZE else f"from{ds.size}px-"
+    name = f"{model.spec.name}-{model.resolution}px-{source}{view}-{precision}-{key}.npz"
     return CacheFile(features_dir() / name, len(ds), model.num_features)
 
 

@@ -623,8 +623,11 @@ def _differences(a: Experiment, b: Experiment) -> str:
 
 
 def _prepare(exp: Experiment, ds: Dataset, folder: Path, test: bool = True) -> _Fit:
-    """Split, device and normalization from the training rows (what the plan needs first)."""
+    """Split, device and normalization from the training rows (what the plan needs first). The
+    images are the size the model takes (models.input_size: the stored size up to a transfer
+    model's resolution, else 32 px), made once for the whole dataset before any batch."""
     sp, idx = split_indices(exp.data, ds)
+    ds = ds.at_size(models.input_size(exp.model.name, exp.model.options, ds.size))
     if exp.train.batch_size > len(idx["train"]):  # before any costly step
         raise ConfigError(f"train.batch_size {exp.train.batch_size} is larger than the training set "
                           f"({len(idx['train'])} images); expected at most {len(idx['train'])}")
@@ -825,13 +828,13 @@ def _write_artifacts(run: _Fit, rows: list[dict], res: dict[str, dict], precisio
     exp, folder, model = run.exp, run.folder, run.model
     model.cpu()
     runs.save_model(folder, model, exp.model.name, metrics["model_options"], run.ds.classes, run.norm,
-                    precision)
+                    precision, run.ds.size)
     runs.write_history(folder, rows)
     plots.curves(rows, folder / "curves.png", title=exp.name)
     part = "test" if run.test else "val"
     plots.confusion(res[part]["confusion"], run.ds.classes, folder / "confusion.png",
                     title=f"{exp.name}: {part} accuracy {res[part]['accuracy']:.4f}")
-    summ = models.summary(model, exp.model.name).text()
+    summ = models.summary(model, exp.model.name, (3, run.ds.size, run.ds.size)).text()
     cio.write_text(folder / "summary.txt", summ + "\n\n" + results_text(metrics) + "\n")
 
 

@@ -40,6 +40,7 @@ from ..device import inference_precision, pick_device
 from ..errors import ConfigError, RunError
 from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures
+from .pipeline import sample_positions
 
 PARTS = ("train", "val", "test")
 
@@ -84,7 +85,7 @@ def _check_compatible(members: list[Member]) -> None:
 
 def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """The member's final-evaluation logits on each part, on the rows `idx` holds (the train
-    part: its first rows, as training evaluated them), read from predictions.npz or computed."""
+    part: the sample training evaluated), read from predictions.npz or computed."""
     saved = runs.read_predictions(m.folder) or {}
     out = {}
     cached: CachedFeatures | None = None
@@ -216,7 +217,7 @@ def _combine(ms: list[Member], ds: Dataset, w_spec: Sequence[float] | str, dev: 
     """Each member's final-evaluation logits, the weights (given, equal, or chosen on the
     validation split) and the combined probabilities' numbers on every part."""
     sp, idx = split_indices(ms[0].exp.data, ds)
-    idx["train"] = idx["train"][:_train_rows(ms[0])]
+    idx["train"] = idx["train"][sample_positions(len(idx["train"]), _train_rows(ms[0]), sp.kind)]
     logits = [_logits(m, ds, idx, dev) for m in ms]
     y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
     w: list[float] = choose_weights([lg["val"] for lg in logits], y["val"]) if w_spec == "val" else \
@@ -304,7 +305,7 @@ def _ensemble_metrics(ms: list[Member], ds: Dataset, c: _Combined, model: torch.
 
 
 def _train_rows(m: Member) -> int:
-    """How many train rows the member's final evaluation measured (its first ones)."""
+    """How many train rows the member's final evaluation measured (pipeline.sample_positions)."""
     n = m.metrics.get("train_accuracy_images")
     return int(n) if n else int(m.metrics["split"]["train"])
 

@@ -3,8 +3,8 @@ recorded in its config, with the data it was trained on or another dataset given
 
 It measures what training's final evaluation measured, the same way, so that it takes a small
 part of the training's time:
-- the train part is the rows training measured (the split's first TRAIN_EVAL_ROWS, a random
-  subset), read from the run's predictions.npz when the data is the run's; `full_train`
+- the train part is the rows training measured (TRAIN_EVAL_ROWS of the split, a sample of all
+  its classes: pipeline.sample_positions), read from the run's predictions.npz when the data is the run's; `full_train`
   measures every train image instead (the whole split went through the model before, 70 % of
   the images: most of the time of a transfer run's evaluation);
 - a frozen backbone's features come from the feature cache, as training took them, rather
@@ -30,7 +30,7 @@ from ..models.ensemble import Ensemble
 from ..runs import LoadedModel, load_model, read_predictions, resolve_run
 from .evaluate import predict_logits, summarize
 from .features import CachedFeatures
-from .pipeline import TRAIN_EVAL_ROWS
+from .pipeline import TRAIN_EVAL_ROWS, sample_positions
 
 
 def evaluate_run(run: str | Path, data: str | Path | datamod.Dataset | None = None,
@@ -43,7 +43,7 @@ def evaluate_run(run: str | Path, data: str | Path | datamod.Dataset | None = No
     ds = data if isinstance(data, datamod.Dataset) else datamod.load(data)
     sp, idx = split_indices(exp.data, ds)
     if not full_train:
-        idx["train"] = idx["train"][:TRAIN_EVAL_ROWS]
+        idx["train"] = idx["train"][sample_positions(len(idx["train"]), TRAIN_EVAL_ROWS, sp.kind)]
     tta = exp.train.tta if tta is None else tta
     dev = pick_device(device)  # the GPU when there is one
     prec = inference_precision(loaded.precision, dev)

@@ -120,3 +120,18 @@ def test_a_time_limit_counts_the_steps_on_the_reference_images(tmp_path, monkeyp
     assert t["steps_needed"] == (156 if reference is None else 30) and 30 < t["steps_fit"] < 156
     assert record["used"] == used
     assert chosen.model.options["widths"] == ([8, 8, 8] if used == 0 else [16, 32, 32])
+
+
+@pytest.mark.parametrize("left, total", [
+    (12.0, 70),    # shorter than an epoch: 70 steps and the whole validation (7 + 5 s), not 80 (8 + 5)
+    (100.0, 650),  # ends part-way through the 7th epoch: 65 s of steps, 7 validations of 5 s
+    (16.2, 100),   # the 2nd epoch's validation would leave 62 steps, fewer than ending with the 1st
+    (45.0, 300),   # whole epochs: exactly the spread count (3 x (10 + 5) s)
+])
+def test_a_time_limit_counts_the_whole_validation_of_an_epoch_cut_part_way(left, total):
+    """100 steps an epoch of 0.1 s, a validation pass of 5 s (a large validation split): the
+    trainer validates a last, partial epoch whole, so the plan counts that whole pass."""
+    from cifar4.training.budget import SAFETY, WRITE_SECONDS, Budget
+    b = Budget.starting(1000.0, time.perf_counter(), eval_images=0)
+    b.deadline = time.perf_counter() + (left + WRITE_SECONDS) / (1 - SAFETY) + 0.05  # (the clock runs on)
+    assert b.fit(0, 0.1, 0.001, 5000, 100) == total

@@ -135,3 +135,24 @@ def test_a_time_limit_counts_the_whole_validation_of_an_epoch_cut_part_way(left,
     b = Budget.starting(1000.0, time.perf_counter(), eval_images=0)
     b.deadline = time.perf_counter() + (left + WRITE_SECONDS) / (1 - SAFETY) + 0.05  # (the clock runs on)
     assert b.fit(0, 0.1, 0.001, 5000, 100) == total
+
+
+def test_evaluate_and_an_ensemble_measure_the_train_sample_training_measured(tmp_path, monkeypatch):
+    """On the official split of a file stored class by class, `cifar4 evaluate` and an ensemble
+    take the train rows the final evaluation took (every class), not the split's first ones."""
+    from cifar4.training.ensemble import make_ensemble
+    from cifar4.training.evaluate_run import evaluate_run
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    import cifar4.training.evaluate_run as er
+    monkeypatch.setattr(pipeline, "TRAIN_EVAL_ROWS", 50)
+    monkeypatch.setattr(er, "TRAIN_EVAL_ROWS", 50)
+    ds = sorted_classes()
+    exps = [config.from_dict({"name": f"s{seed}", **config.merge(SMALL_FAST, {"train": {"seed": seed}})})
+            for seed in (0, 1)]
+    runs = [pipeline.train(e, ds, run_dir=tmp_path / e.name, progress=False) for e in exps]
+    rows = np.load(runs[0].run_dir / "predictions.npz")["train_rows"]
+    got = evaluate_run(runs[0].run_dir, ds, device="cpu")
+    assert got["train"]["images"] == 50 and got["train"]["accuracy"] == pytest.approx(runs[0].metrics["train_accuracy"])
+    assert all(sum(row) > 0 for row in got["train"]["confusion"])  # every class among them
+    ens = make_ensemble([r.run_dir for r in runs], out=tmp_path / "ens", data=ds, weights="equal")
+    assert np.array_equal(np.load(ens.run_dir / "predictions.npz")["train_rows"], rows)

@@ -38,9 +38,8 @@ from ..data.split import split_indices
 from ..data.transforms import Normalization
 from ..device import inference_precision, pick_device
 from ..errors import ConfigError, RunError
-from .evaluate import accuracy_lines, predict_logits, summarize
+from .evaluate import accuracy_lines, predict_logits, sample_positions, summarize
 from .features import CachedFeatures
-from .pipeline import sample_positions
 
 PARTS = ("train", "val", "test")
 
@@ -305,7 +304,7 @@ def _ensemble_metrics(ms: list[Member], ds: Dataset, c: _Combined, model: torch.
 
 
 def _train_rows(m: Member) -> int:
-    """How many train rows the member's final evaluation measured (pipeline.sample_positions)."""
+    """How many train rows the member's final evaluation measured (evaluate.sample_positions)."""
     n = m.metrics.get("train_accuracy_images")
     return int(n) if n else int(m.metrics["split"]["train"])
 

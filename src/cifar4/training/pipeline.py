@@ -37,7 +37,7 @@ from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import distributed, precision
 from .budget import EVAL_SHARE, Budget, Deadline
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
-from .evaluate import accuracy_lines, predict_logits, summarize
+from .evaluate import accuracy_lines, predict_logits, sample_positions, summarize
 from .features import CachedFeatures, extraction_seconds, feature_precision, feature_views, pending
 from .plan import Plan
 from .precision import PROBE_BATCH, step_times
@@ -694,19 +694,6 @@ def _build_model(run: _Fit) -> None:
 # fixed number, so that its cost does not grow with the data (5,000 images are 4.8 million
 # patches, plenty for a 12x12 covariance)
 INIT_IMAGES = 5000
-
-
-def sample_positions(count: int, n: int, kind: str) -> np.ndarray:
-    """Positions of `n` of a split part's `count` rows (all where there are no more): its first
-    ones where the split's order is random (session and stratified splits shuffle), evenly spaced
-    over it for the official split, which keeps the file's order (split.py sorts its rows): a
-    file stored class by class, as CIFAR-10's .npz is, would otherwise give one or two classes
-    (CIFAR-10's first 5,000 training rows are nearly all airplanes)."""
-    if count <= n:
-        return np.arange(count)
-    if kind != "official":
-        return np.arange(n)
-    return np.linspace(0, count - 1, n).round().astype(np.int64)
 
 
 def _init_rows(run: _Fit) -> np.ndarray:

@@ -25,7 +25,8 @@ def _whole_model(run, ds, full_train=False, tta=None):
     exp = config.from_dict(config.read_toml(run / "config.toml"))
     _, idx = split_indices(exp.data, ds)
     if not full_train:
-        idx["train"] = idx["train"][:pipeline.TRAIN_EVAL_ROWS]
+        n = len(idx["train"])
+        idx["train"] = idx["train"][pipeline.sample_positions(n, pipeline.TRAIN_EVAL_ROWS, exp.data.split)]
     tta = exp.train.tta if tta is None else tta
     return {k: report(loaded.model, torch.from_numpy(ds.X[r]), torch.from_numpy(ds.Y[r]), loaded.norm,
                       loaded.classes, precision="fp32", tta=0 if k == "train" else tta) | {"images": len(r)}

@@ -115,6 +115,10 @@ class TrainConfig(_Strict):
                               "start to metrics.json: the epochs run as set where they fit, else the "
                               "steps and schedule are fitted to the limit (0: no limit; time_budget, "
                               "when set, replaces it).")
+    reference_images: int | None = Field(
+        default=None, gt=0, description="The training-set size the epochs were chosen on: under a "
+        "time limit, a variant fits where it takes the steps of FALLBACK_FITS of the epochs on that "
+        "many images, or on the training set where it is smaller (none: the training set).")
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainConfig:
@@ -178,7 +182,9 @@ class EnsembleConfig(_Strict):
 
 # What an ensemble experiment may set beyond its members: the rest belongs to the members' files.
 FALLBACK_SECTIONS = ("model", "train", "augment")
-FALLBACK_FITS = 0.75  # a variant fits where a time limit leaves it this share of the experiment's epochs
+# A variant fits where a time limit leaves it the steps of this share of the experiment's epochs,
+# counted on its training set or on train.reference_images where that is smaller (pipeline._fit_steps)
+FALLBACK_FITS = 0.75
 ENSEMBLE_TRAIN_KEYS = ("seed", "seeds", "device", "precision", "time_limit")
 ENSEMBLE_DATA_KEYS = ("split", "split_seed", "train_subset", "eval_subset")
 

@@ -114,6 +114,11 @@ class FallbackTry(_Record):
     epochs_fit: float = Field(description="Epochs that would fit the time limit at that speed.")
     extraction_seconds: float | None = Field(default=None, description="A frozen backbone: seconds "
                                              "expected to extract the features not yet cached.")
+    steps_fit: int | None = Field(default=None, description="Training steps that would fit the time "
+                                  "limit at that speed (up to the candidate's epochs).")
+    steps_needed: int | None = Field(default=None, description="Steps the candidate had to fit to be "
+                                     "chosen: those of `fits` of the experiment's epochs, on the training "
+                                     "set or on train.reference_images where that is smaller.")
 
 
 class FallbackInfo(_Record):
@@ -263,6 +268,11 @@ class PlanInfo(_Record):
     time_limit: float | None = Field(default=None, description="The time limit in seconds (None: none).")
     time_budget: float | None = Field(default=None, description="The time budget in seconds (None: none).")
     reasons: list[str] = Field(default_factory=list, description="Each choice and why, as printed.")
+    train_images: int | None = Field(default=None, description="Training images: what steps per "
+                                     "epoch, a fallback's steps and the estimates were planned on.")
+    classes: int | None = Field(default=None, description="Classes of the data: the model's outputs.")
+    eval_images: int | None = Field(default=None, description="Image views of the final evaluation as "
+                                    "planned (the train sample, then val and test at each view).")
 
 
 class RunInfo(_Record):

@@ -118,9 +118,7 @@ class Budget:
         """What `steps` would plan now, without recording it (a check between plans)."""
         now = time.perf_counter() if now is None else now
         left = self._left(now) - self.eval_images * image_seconds
-        per_step = step_seconds + val_images * image_seconds / steps_per_epoch
-        more = max(0, math.floor(left / per_step)) if per_step > 0 else 0
-        total = max(done, done + more, 1)
+        total = _steps_with_validations(done, left, step_seconds, val_images * image_seconds, steps_per_epoch)
         if self.max_epochs is not None:
             cap = self.max_epochs * steps_per_epoch
             # Early plans rest on few steps, and the first ones are the slowest: a schedule cut
@@ -163,6 +161,29 @@ class Budget:
         if self.max_epochs is not None:
             out["max_epochs"] = self.max_epochs
         return out
+
+
+def _steps_with_validations(done: int, left: float, step_seconds: float, validation: float, spe: int) -> int:
+    """The most steps (counting the `done` ones) whose training and validations fit in `left`
+    seconds, `validation` seconds a pass after every epoch, the last one too where it ends
+    part-way (the trainer validates it whole). Spread over an epoch's steps, a validation is
+    exact where the run ends with an epoch; where it ends part-way through one, the spread
+    counts only that share of its last pass, which on a large validation split (CIFAR-10's
+    7,500 images) and a run shorter than an epoch was most of that pass uncounted. So the run
+    ends part-way through an epoch only where that epoch's whole validation fits too; else at
+    the end of the epoch before."""
+    per_step = step_seconds + validation / spe
+    more = max(0, math.floor(left / per_step)) if per_step > 0 else 0
+    total = max(done, done + more, 1)
+    if total % spe == 0 or total <= done:
+        return total
+    whole = done // spe  # epochs already validated
+    epochs = -(-total // spe) - whole  # validations still to come, the last one part-way
+    partial = done + math.floor((left - epochs * validation) / step_seconds) if step_seconds > 0 else total
+    before = (whole + epochs - 1) * spe  # the end of the epoch before the last
+    if partial > before:
+        return max(min(total, partial), 1)
+    return max(done, before, 1)
 
 
 PROBE_IMAGES = 256  # validation images timed for the inference speed before the first validation

@@ -38,7 +38,7 @@ from ..data.split import split_indices
 from ..data.transforms import Normalization
 from ..device import inference_precision, pick_device
 from ..errors import ConfigError, RunError
-from .evaluate import accuracy_lines, predict_logits, summarize
+from .evaluate import accuracy_lines, predict_logits, sample_positions, summarize
 from .features import CachedFeatures
 
 PARTS = ("train", "val", "test")
@@ -85,8 +85,8 @@ def _check_compatible(members: list[Member]) -> None:
 def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.device,
             as_trained: bool = True) -> dict[str, torch.Tensor]:
     """The member's final-evaluation logits on each part, on the rows `idx` holds (the train
-    part: its first rows, as training evaluated them), read from predictions.npz or computed
-    (always computed where `ds` is not the size the member was evaluated at: `as_trained`)."""
+    part: the sample training evaluated), read from predictions.npz or computed (always
+    computed where `ds` is not the size the member was evaluated at: `as_trained`)."""
     saved = (runs.read_predictions(m.folder) or {}) if as_trained else {}
     out = {}
     cached: CachedFeatures | None = None
@@ -219,7 +219,7 @@ def _combine(ms: list[Member], ds: Dataset, w_spec: Sequence[float] | str, dev: 
     """Each member's final-evaluation logits, the weights (given, equal, or chosen on the
     validation split) and the combined probabilities' numbers on every part."""
     sp, idx = split_indices(ms[0].exp.data, ds)
-    idx["train"] = idx["train"][:_train_rows(ms[0])]
+    idx["train"] = idx["train"][sample_positions(len(idx["train"]), _train_rows(ms[0]), sp.kind)]
     # One batch goes to every member: the smallest size any member takes (a transfer member
     # trained on larger images resizes inside; a 32 px member cannot take more)
     sized = ds.at_size(min(ds.size, *(m.loaded.input_size for m in ms)))
@@ -310,7 +310,7 @@ def _ensemble_metrics(ms: list[Member], ds: Dataset, c: _Combined, model: torch.
 
 
 def _train_rows(m: Member) -> int:
-    """How many train rows the member's final evaluation measured (its first ones)."""
+    """How many train rows the member's final evaluation measured (evaluate.sample_positions)."""
     n = m.metrics.get("train_accuracy_images")
     return int(n) if n else int(m.metrics["split"]["train"])
 

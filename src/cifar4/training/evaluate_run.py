@@ -3,9 +3,9 @@ recorded in its config, with the data it was trained on or another dataset given
 
 It measures what training's final evaluation measured, the same way, so that it takes a small
 part of the training's time:
-- the train part is the rows training measured (the split's first TRAIN_EVAL_ROWS, a random
-  subset), read from the run's predictions.npz when the data is the run's; `full_train`
-  measures every train image instead (the whole split went through the model before, 70 % of
+- the train part is the rows training measured (TRAIN_EVAL_ROWS of the split, a sample of all
+  its classes: evaluate.sample_positions), read from the run's predictions.npz when the data
+  is the run's; `full_train` measures every train image instead (the whole split went through the model before, 70 % of
   the images: most of the time of a transfer run's evaluation);
 - a frozen backbone's features come from the feature cache, as training took them, rather
   than from the backbone again (an EfficientNet at 224 px on every image was the rest of it),
@@ -28,7 +28,7 @@ from ..device import inference_precision, pick_device
 from ..errors import RunError
 from ..models.ensemble import Ensemble
 from ..runs import LoadedModel, load_model, read_predictions, resolve_run
-from .evaluate import predict_logits, summarize
+from .evaluate import predict_logits, sample_positions, summarize
 from .features import CachedFeatures
 from .pipeline import TRAIN_EVAL_ROWS
 
@@ -44,7 +44,7 @@ def evaluate_run(run: str | Path, data: str | Path | datamod.Dataset | None = No
     sp, idx = split_indices(exp.data, ds)
     ds = loaded.images(ds)  # the size it was trained on
     if not full_train:
-        idx["train"] = idx["train"][:TRAIN_EVAL_ROWS]
+        idx["train"] = idx["train"][sample_positions(len(idx["train"]), TRAIN_EVAL_ROWS, sp.kind)]
     tta = exp.train.tta if tta is None else tta
     dev = pick_device(device)  # the GPU when there is one
     prec = inference_precision(loaded.precision, dev)

@@ -31,13 +31,13 @@ from ..data.transforms import Augment, FeatureInput, InputTransform, Normalizati
 from ..device import autocast, keep_freed_memory, pick_device, synchronize, to_device
 from ..errors import Cifar4Error, ConfigError, RunError
 from ..models import native
-from ..models.base import FrozenBackbone
+from ..models.base import DataInitialized, FrozenBackbone, follows
 from ..models.layers import matmul_weight_grads
 from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import distributed, precision
 from .budget import EVAL_SHARE, Budget, Deadline
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
-from .evaluate import accuracy_lines, predict_logits, summarize
+from .evaluate import accuracy_lines, predict_logits, sample_positions, summarize
 from .features import CachedFeatures, extraction_seconds, feature_precision, feature_views, pending
 from .plan import Plan
 from .precision import PROBE_BATCH, step_times
@@ -424,13 +424,36 @@ def _make_plan(run: _Fit, t_start: float, log: Callable[[str], None] | None, ski
     if not resumed and exp.train.time_budget is not None and exp.train.tta:
         exp = _budget_views(run, net, choice.precision, t_start, reasons)
         run.exp = exp
+    reasons.insert(0, _data_news(run, exp, fallback))
     plan = Plan(exp, run.device, choice, kernels, math.ceil(len(run.idx["train"]) / exp.train.batch_size),
-                gpu, fallback, tuple(reasons))
+                gpu, fallback, tuple(reasons), len(run.idx["train"]), run.ds.num_classes, _eval_images(run, exp))
     if log is not None:
         for line in plan.news():
             log(f"{exp.name} {line}" if not line.startswith(exp.name) else line)
     run.plan = plan
     return plan
+
+
+def _data_news(run: _Fit, exp: Experiment, fallback: dict[str, Any] | None) -> str:
+    """The plan's first line: the data it was made for, and what follows from its size: the
+    model's outputs, the final evaluation's image views, the images a data-dependent start
+    reads, and under a time limit with fallbacks the steps a candidate needs."""
+    n = {k: len(run.idx[k]) for k in ("train", "val", "test")}
+    k = run.ds.num_classes
+    views = len(tta_views(torch.zeros(1, 3, 4, 4), exp.train.tta))
+    line = (f"{exp.name}: {n['train']:,} training images, {k} classes ({n['val']:,} val, {n['test']:,} test): "
+            f"{k} outputs, {math.ceil(n['train'] / exp.train.batch_size)} steps per epoch, final evaluation "
+            f"{_eval_images(run, exp):,} image views ({len(_eval_rows(run, 'train')):,} train, val"
+            + (" and test" if run.test else "") + f" x {views})")
+    if follows(run.model, DataInitialized):
+        line += f", start from {len(_init_rows(run)):,} training images"
+    if fallback is not None:
+        t = fallback["tried"][0]
+        ref = exp.train.reference_images
+        line += (f"; a fallback fits at {t['steps_needed']} steps ({cfgmod.FALLBACK_FITS:.0%} of the epochs"
+                 + (f" on {ref:,} images, the training set they were chosen on)" if ref and ref < n["train"]
+                    else ")"))
+    return line
 
 
 def _probe_inputs(run: _Fit, net: torch.nn.Module, n: int, part: str) -> torch.Tensor:
@@ -536,7 +559,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
             model = models.build(cand.model.name, num_classes=run.ds.num_classes, **cand.model.options)
             net, xin, frozen = model, x, models.cached_features_only(model)
             if frozen:  # a frozen backbone: its head trains on features
-                _initialise(model, run.ds, run.norm, run.idx["train"])  # as _prepare: its weights key the cache
+                _initialise(model, run.ds, run.norm, _init_rows(run))  # as _prepare: its weights key the cache
                 to_device(model, run.device)
                 extraction = _extraction_seconds(run, cand, model)  # those not cached yet come first
                 backbone = cast(FrozenBackbone, model)
@@ -553,12 +576,13 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
         # the features still to extract come first: as if the command had started that much earlier
         # (the plan as a budget makes it: what fits, without a limit's tolerance for early plans)
         plan = Budget.starting(cand.train.time_limit, started - extraction, _eval_images(run, cand))
-        epochs = min(plan.steps(0, step, image, n["val"], spe), cand.train.epochs * spe) / spe
+        steps = min(plan.steps(0, step, image, n["val"], spe), cand.train.epochs * spe)
         tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": round(step, 4),
-                      "image_seconds": round(image, 6), "epochs_fit": round(epochs, 2)})
+                      "image_seconds": round(image, 6), "epochs_fit": round(steps / spe, 2),
+                      "steps_fit": steps, "steps_needed": _fit_steps(exp, cand, n["train"])})
         if frozen:
             tried[-1]["extraction_seconds"] = round(extraction, 1)
-        if epochs >= cfgmod.FALLBACK_FITS * exp.train.epochs:  # the experiment's epochs, nearly
+        if steps >= tried[-1]["steps_needed"]:  # the experiment's epochs, nearly (on its reference)
             used = i
             break
     else:
@@ -572,16 +596,36 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
     chosen = candidates[used] if used else exp.model_copy(update={"fallbacks": []})  # what runs, as it runs
     record = {"used": None if used == 0 else used - 1, "tried": tried, "fits": cfgmod.FALLBACK_FITS}
     if log is not None and used:
-        t = tried[0]
-        log(f"{exp.name}: its {exp.train.epochs} epochs do not fit its {exp.train.time_limit:g} s time limit "
-            f"here ({t['epochs_fit']:.1f} would, at {1000 * t['step_seconds']:.0f} ms per step"
-            + (f", after {t['extraction_seconds']:.0f} s extracting features" if t.get("extraction_seconds") else "")
-            + "): "
-            f"fallbacks[{used - 1}] instead ({_differences(exp, chosen)})")
+        log(_fallback_news(exp, chosen, tried[0], used - 1, n["train"]))
     return chosen, record, choices[used] if used < len(choices) else None
 
 
 INFER_PROBE = 128  # images of the forward pass timed for a fallback's evaluation cost
+
+
+def _fallback_news(exp: Experiment, chosen: Experiment, t: dict[str, Any], used: int, train_images: int) -> str:
+    """The plan's line on a fallback chosen: what the experiment would fit, against what it needs."""
+    ref = exp.train.reference_images
+    counted = (f" on {ref:,} images, the training set its epochs were chosen on"
+               if ref and ref < train_images else "")
+    return (f"{exp.name}: its {exp.train.epochs} epochs do not fit its {exp.train.time_limit:g} s time limit "
+            f"here ({t['epochs_fit']:.1f} would, {t['steps_fit']} steps at {1000 * t['step_seconds']:.0f} ms"
+            + (f", after {t['extraction_seconds']:.0f} s extracting features" if t.get("extraction_seconds") else "")
+            + f"; it needs {t['steps_needed']}: {cfgmod.FALLBACK_FITS:.0%} of its epochs{counted}): "
+            f"fallbacks[{used}] instead ({_differences(exp, chosen)})")
+
+
+def _fit_steps(exp: Experiment, cand: Experiment, train_images: int) -> int:
+    """The training steps a candidate must fit under the time limit to be chosen: those of
+    FALLBACK_FITS of the experiment's epochs at its own batch size, the epochs counted on the
+    training set, or on `train.reference_images` (the set the epochs were chosen on) where that
+    is smaller. Epochs are a measure of the data they were tuned on: on CIFAR-10's 42,500
+    training images `fast`'s 6 epochs are 2.5 times the steps they are on CIFAR-4's 16,800, and
+    counting them there would send the full net to its lightest fallback at a number of steps
+    (of images seen) that it fits on CIFAR-4. Where the training set is the reference's size or
+    smaller, this is FALLBACK_FITS of the epochs, as it always was."""
+    images = min(train_images, exp.train.reference_images or train_images)
+    return math.ceil(cfgmod.FALLBACK_FITS * exp.train.epochs * math.ceil(images / cand.train.batch_size))
 
 
 def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> float:
@@ -645,15 +689,28 @@ def _build_model(run: _Fit) -> None:
                           f"({len(run.idx['train'])} images); expected at most {len(run.idx['train'])}")
     run.generator = seed_everything(exp.train.seed)
     run.model = models.build(exp.model.name, num_classes=run.ds.num_classes, **exp.model.options)
-    _initialise(run.model, run.ds, run.norm, run.idx["train"])
+    _initialise(run.model, run.ds, run.norm, _init_rows(run))
 
 
-def _initialise(model: torch.nn.Module, ds: Dataset, norm: Normalization, train_rows: np.ndarray) -> None:
+# Training images a model's data-dependent start is computed from (the fast nets' whitening: the
+# covariance of their 2x2 patches, 12 numbers; a random backbone's batch-norm statistics): a
+# fixed number, so that its cost does not grow with the data (5,000 images are 4.8 million
+# patches, plenty for a 12x12 covariance)
+INIT_IMAGES = 5000
+
+
+def _init_rows(run: _Fit) -> np.ndarray:
+    """The training rows a model's data-dependent start reads (INIT_IMAGES of them)."""
+    rows = run.idx["train"]
+    return rows[sample_positions(len(rows), INIT_IMAGES, run.split.kind)]
+
+
+def _initialise(model: torch.nn.Module, ds: Dataset, norm: Normalization, rows: np.ndarray) -> None:
     """A built model's starting weights: a transfer backbone's ImageNet weights, and what the
-    model takes from the first training images (the fast nets' whitening, a random backbone's
-    batch-norm statistics)."""
+    model takes from the training images `rows` (_init_rows: the fast nets' whitening, a random
+    backbone's batch-norm statistics)."""
     models.load_pretrained(model)
-    models.init_from_data(model, norm.apply(torch.from_numpy(ds.X[train_rows[:5000]])))
+    models.init_from_data(model, norm.apply(torch.from_numpy(ds.X[rows])))
 
 
 def _callbacks(exp: Experiment, folder: Path, bar: ProgressBar | None) -> list[Callback]:
@@ -717,15 +774,16 @@ def _fit(run: _Fit) -> tuple[list[dict], float]:
     return history.rows, time.perf_counter() - t_fit
 
 
-TRAIN_EVAL_ROWS = 5000  # the train split's final numbers come from its first rows (a random subset)
+TRAIN_EVAL_ROWS = 5000  # the train split's final numbers come from this many of its rows (sample_positions)
 
 
 def _eval_rows(run: _Fit, part: str) -> np.ndarray:
-    """Positions within the split that the final evaluation measures: all of val and test; the
-    train split's first TRAIN_EVAL_ROWS (its order is random). The train numbers only serve
-    the train-validation gap, and every train image would cost a third of `fast`'s training."""
+    """Positions within the split that the final evaluation measures: all of val and test;
+    TRAIN_EVAL_ROWS of the train split, a sample of all its classes (sample_positions). The train
+    numbers only serve the train-validation gap, and every train image would cost a third of
+    `fast`'s training (on CIFAR-10's 42,500, more than its validation and test together)."""
     n = len(run.idx[part])
-    return np.arange(min(n, TRAIN_EVAL_ROWS) if part == "train" else n)
+    return sample_positions(n, TRAIN_EVAL_ROWS, run.split.kind) if part == "train" else np.arange(n)
 
 
 def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str, dict[str, tuple[np.ndarray, np.ndarray]]]:

@@ -33,6 +33,9 @@ class Plan:
     gpu: dict[str, Any] | None = None     # the [gpu] table merged in (None: not on a GPU, or none)
     fallback: dict[str, Any] | None = None  # a time limit's choice among the fallbacks (metrics' `fallback`)
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    train_images: int = 0                 # the data the plan was made for: its training images,
+    classes: int = 0                      # its classes (the model's outputs),
+    eval_images: int = 0                  # and the final evaluation's image views
 
     @property
     def tta(self) -> int:
@@ -52,7 +55,8 @@ class Plan:
                 "kernels": None if self.kernels is None else self.kernels.reason,
                 "tta": self.tta, "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
                 "schedule": t.schedule, "time_limit": t.time_limit or None, "time_budget": t.time_budget,
-                "reasons": list(self.reasons)}
+                "reasons": list(self.reasons), "train_images": self.train_images, "classes": self.classes,
+                "eval_images": self.eval_images}
 
     def news(self) -> list[str]:
         """The lines a run prints about its plan: what was chosen where it is not the obvious

@@ -87,3 +87,24 @@ def test_a_damaged_or_foreign_kept_split_is_made_again(tiny, tmp_path, monkeypat
         assert np.array_equal(np.load(path)["val"], made.val)  # written again, whole
     monkeypatch.setenv("CIFAR4_CACHE", str(path))  # a file where the folder should be: nothing kept
     assert np.array_equal(make_split(tiny, "stratified", 5).train, make_split(tiny, "stratified", 5).train)
+
+
+def test_subsets_of_an_official_split_of_a_class_sorted_file_hold_every_class(tmp_path, monkeypatch):
+    """CIFAR-10's file is stored class by class and the official split keeps that order: a
+    subset taken from the front would be one class, so it is spread over the part instead;
+    the shuffled splits keep their first rows."""
+    from cifar4.config import DataConfig
+    from cifar4.data import from_arrays
+    from cifar4.data.split import split_indices
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    Y = np.repeat(np.arange(10), 60)  # sorted by class
+    is_test = np.tile(np.r_[np.zeros(50, bool), np.ones(10, bool)], 10)
+    ds = from_arrays(rng.integers(0, 256, (600, 32, 32, 3), dtype=np.uint8), Y, is_test, source="sorted",
+                     classes=[f"c{i}" for i in range(10)])
+    sp, idx = split_indices(DataConfig(split="official", train_subset=40, eval_subset=20), ds)
+    assert len(idx["train"]) == 40 and set(Y[idx["train"]]) == set(range(10))
+    assert len(idx["test"]) == 20 and set(Y[idx["test"]]) == set(range(10))
+    assert set(idx["val"]) <= set(sp.val)
+    _, shuffled = split_indices(DataConfig(split="session", train_subset=40), ds)
+    assert (shuffled["train"] == make_split(ds, "session", 42).train[:40]).all()

@@ -119,14 +119,28 @@ def _make(ds: Dataset, kind: str, seed: int) -> Split:
     return Split(kind, seed, train, val, test)
 
 
+def sample_positions(count: int, n: int, kind: str) -> np.ndarray:
+    """Positions of `n` of a split part's `count` rows (all where there are no more): its first
+    ones where the split's order is random (session and stratified splits shuffle), evenly spaced
+    over it for the official split, which keeps the file's order (split.py sorts its rows): a
+    file stored class by class, as CIFAR-10's .npz is, would otherwise give one or two classes
+    (CIFAR-10's first 5,000 training rows are nearly all airplanes). The subsets of
+    `split_indices` and the train rows training evaluates are taken this way."""
+    if count <= n:
+        return np.arange(count)
+    if kind != "official":
+        return np.arange(n)
+    return np.linspace(0, count - 1, n).round().astype(np.int64)
+
+
 def split_indices(cfg: DataConfig, ds: Dataset) -> tuple[Split, dict[str, np.ndarray]]:
     """The experiment's split and the rows each part uses (its `train_subset` and
     `eval_subset` applied): what training, `cifar4 evaluate` and the report all read."""
     sp = make_split(ds, cfg.split, cfg.split_seed)
     idx = {"train": sp.train, "val": sp.val, "test": sp.test}
     if cfg.train_subset:
-        idx["train"] = idx["train"][:cfg.train_subset]
+        idx["train"] = idx["train"][sample_positions(len(idx["train"]), cfg.train_subset, sp.kind)]
     if cfg.eval_subset:
-        idx["val"] = idx["val"][:cfg.eval_subset]
-        idx["test"] = idx["test"][:cfg.eval_subset]
+        for part in ("val", "test"):
+            idx[part] = idx[part][sample_positions(len(idx[part]), cfg.eval_subset, sp.kind)]
     return sp, idx

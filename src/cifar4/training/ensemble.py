@@ -34,11 +34,11 @@ from .. import io as cio
 from .. import models, plots, record, runs
 from ..config import Experiment
 from ..data import Dataset
-from ..data.split import split_indices
+from ..data.split import sample_positions, split_indices
 from ..data.transforms import Normalization
 from ..device import inference_precision, pick_device
 from ..errors import ConfigError, RunError
-from .evaluate import accuracy_lines, predict_logits, sample_positions, summarize
+from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures
 
 PARTS = ("train", "val", "test")
@@ -310,7 +310,7 @@ def _ensemble_metrics(ms: list[Member], ds: Dataset, c: _Combined, model: torch.
 
 
 def _train_rows(m: Member) -> int:
-    """How many train rows the member's final evaluation measured (evaluate.sample_positions)."""
+    """How many train rows the member's final evaluation measured (split.sample_positions)."""
     n = m.metrics.get("train_accuracy_images")
     return int(n) if n else int(m.metrics["split"]["train"])
 

@@ -91,15 +91,3 @@ def accuracy_lines(m: dict[str, Any]) -> list[str]:
          if m.get("test_accuracy") is not None else "TEST set held out (not evaluated)"),
     ]
 
-
-def sample_positions(count: int, n: int, kind: str) -> np.ndarray:
-    """Positions of `n` of a split part's `count` rows (all where there are no more): its first
-    ones where the split's order is random (session and stratified splits shuffle), evenly spaced
-    over it for the official split, which keeps the file's order (split.py sorts its rows): a
-    file stored class by class, as CIFAR-10's .npz is, would otherwise give one or two classes
-    (CIFAR-10's first 5,000 training rows are nearly all airplanes)."""
-    if count <= n:
-        return np.arange(count)
-    if kind != "official":
-        return np.arange(n)
-    return np.linspace(0, count - 1, n).round().astype(np.int64)

@@ -4,7 +4,7 @@ recorded in its config, with the data it was trained on or another dataset given
 It measures what training's final evaluation measured, the same way, so that it takes a small
 part of the training's time:
 - the train part is the rows training measured (TRAIN_EVAL_ROWS of the split, a sample of all
-  its classes: evaluate.sample_positions), read from the run's predictions.npz when the data
+  its classes: split.sample_positions), read from the run's predictions.npz when the data
   is the run's; `full_train` measures every train image instead (the whole split went through the model before, 70 % of
   the images: most of the time of a transfer run's evaluation);
 - a frozen backbone's features come from the feature cache, as training took them, rather
@@ -23,12 +23,12 @@ from torch import nn
 
 from .. import data as datamod
 from .. import models, record
-from ..data.split import split_indices
+from ..data.split import sample_positions, split_indices
 from ..device import inference_precision, pick_device
 from ..errors import RunError
 from ..models.ensemble import Ensemble
 from ..runs import LoadedModel, load_model, read_predictions, resolve_run
-from .evaluate import predict_logits, sample_positions, summarize
+from .evaluate import predict_logits, summarize
 from .features import CachedFeatures
 from .pipeline import TRAIN_EVAL_ROWS
 

@@ -26,7 +26,7 @@ from .. import io as cio
 from .. import locks, models, plots, record, runs
 from ..config import Experiment
 from ..data import Dataset
-from ..data.split import Split, split_indices
+from ..data.split import Split, sample_positions, split_indices
 from ..data.transforms import Augment, FeatureInput, InputTransform, Normalization, tta_views
 from ..device import autocast, keep_freed_memory, pick_device, synchronize, to_device
 from ..errors import Cifar4Error, ConfigError, RunError
@@ -37,7 +37,7 @@ from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import distributed, precision
 from .budget import EVAL_SHARE, Budget, Deadline
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
-from .evaluate import accuracy_lines, predict_logits, sample_positions, summarize
+from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures, extraction_seconds, feature_precision, feature_views, pending
 from .plan import Plan
 from .precision import PROBE_BATCH, step_times

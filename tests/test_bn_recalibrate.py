@@ -101,3 +101,33 @@ def test_the_setting_is_checked_and_recorded(tmp_path, tiny):
     assert config.TrainConfig().bn_recalibrate == 4
     r = pipeline.train(exp(3, epochs=1), tiny, runs_root=tmp_path, progress=False)
     assert "bn_recalibrate = 3" in (r.run_dir / "config.toml").read_text()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_recalibrate_like_one(bigger_npz, tmp_path):
+    """Under torchrun every rank recalibrates on the same rows (rank 0's statistics are then
+    everyone's): the data-parallel run validates as one process does."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    def train(run: str, nproc: int) -> dict:
+        cmd = ["-m", "cifar4", "train", "--model", "cnn", "--set", "model.options.batchnorm=true",
+               "--set", "train.bn_recalibrate=2", "--epochs", "2", "--batch-size", "32", "--precision", "fp32",
+               "--data", str(bigger_npz), "--run-dir", str(tmp_path / run), "-q", "--json"]
+        if nproc > 1:
+            cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *cmd]
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout)
+    one, two = train("one", 1), train("two", 2)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))
+    for k in a:
+        if "running" in k:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-5)

@@ -1,12 +1,13 @@
 """Batch-norm recalibration: running statistics recomputed at the current weights.
 
-Running averages lag the weights they describe. With a high learning rate they lag far: the
-fast nets move their batch-norm shifts at 64 times a learning rate of 0.75 and average with
-momentum 0.4, and their validation measured 0.10-0.17 (CIFAR-10, chance 0.10) after epochs
-whose training accuracy was 0.52-0.71. Recomputed from a few training batches at the weights
-as they are, the same models validate near their training accuracy. The trainer does this
-before every validation (train.bn_recalibrate batches), so the curve a user watches and the
-model saved at the end are those of the weights.
+Running averages lag the weights they describe, and with a high learning rate they lag far
+(the fast nets move their batch-norm shifts at 64 times a learning rate of 0.75 and average
+with momentum 0.4): validation on them can sit near chance while the weights already classify
+well. Recomputed from a few training batches at the weights as they are, the validation
+accuracy is the weights' own: it then matches the same model's accuracy on training images
+(docs/explanation/training-flow.md gives the measurements). The trainer does this before every
+validation (train.bn_recalibrate batches), so the curve a user watches and the model saved at
+the end are those of the weights.
 """
 
 from __future__ import annotations

@@ -100,6 +100,12 @@ class TrainConfig(_Strict):
     early_stopping: EarlyStoppingConfig | None = Field(default=None, description="Keras' EarlyStopping.")
     checkpoint_best: bool = Field(default=False, description="ModelCheckpoint(save_best_only) on "
                                   "val_accuracy: the run keeps its best epoch's weights.")
+    bn_recalibrate: int = Field(
+        default=4, ge=0, le=1000, description="Before each epoch's validation, the batch-norm "
+        "statistics are recomputed at the current weights from this many training batches (fixed "
+        "rows, no augmentation), so the validation curve and the saved model do not lag the "
+        "weights while the learning rate is high; models without batch norm are unaffected (0: off, "
+        "Keras' behaviour: the running averages as training left them).")
     tta: int = Field(default=0, ge=0, le=2, description="Test-time augmentation: 0 off, 1 (or true) "
                                                         "the mirror, 2 mirror and 1-pixel shifts (6 views).")
     precision: Literal["auto", "fp32", "bf16", "bf16-matmul-wgrad"] = Field(

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..device import synchronize
+from . import batchnorm
 from .callbacks import Callback
 from .evaluate import evaluate
 
@@ -264,7 +265,7 @@ class Deadline(Callback):
             total = self.params["total_steps"]
             again = total - done <= spe - batch or (
                 done > spe and b.fit(done, (time.perf_counter() - self._t_ref) / (batch - self._ref_step),
-                                     self._image_seconds(), len(self.x_val), spe) < total)
+                                     self._image_seconds(), self._val_images(), spe) < total)
         if first or again:
             self._plan(done, (self._sync() - self._t_ref) / (batch - self._ref_step), announce=first)
 
@@ -281,11 +282,18 @@ class Deadline(Callback):
         if b.max_epochs is not None and self.params["total_steps"] < total:
             self._announce(epoch * spe, step_seconds)  # a time limit cuts in
 
+    def _val_images(self) -> int:
+        """Images each validation forwards: the validation split, and the training rows that
+        recalibrate batch norm before it (batchnorm.py; the epoch logs' `val_seconds` include them)."""
+        if self.plan is None:
+            return len(self.x_val)
+        return len(self.x_val) + batchnorm.images(self.model, self.plan.exp.train)
+
     def _image_seconds(self) -> float:
         """Seconds of one inference pass per image: from the last validation, or before the
         first one timed once on a few of its images."""
         if self._val_seconds is not None:  # measured on the whole validation split
-            return self._val_seconds / max(1, len(self.x_val))
+            return self._val_seconds / max(1, self._val_images())
         if self._probe_seconds is None:
             x = self.x_val[:min(len(self.x_val), PROBE_IMAGES)]
             prec = self.plan.precision.precision if self.plan is not None else "fp32"
@@ -299,7 +307,7 @@ class Deadline(Callback):
         """Fit the total steps (and so the schedule) to the time left."""
         assert self.budget is not None
         self.params["total_steps"] = self.budget.steps(done, step_seconds, self._image_seconds(),
-                                                       len(self.x_val), self.params["steps"])
+                                                       self._val_images(), self.params["steps"])
         if announce:
             self._announce(done, step_seconds)
 

@@ -77,6 +77,13 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def broadcast_tensors(*values: torch.Tensor) -> None:
+    """Rank 0's values of the tensors on every rank (in place)."""
+    if world().size > 1:
+        for v in values:
+            dist.broadcast(v, src=0)
+
+
 def all_sum(*values: torch.Tensor) -> list[torch.Tensor]:
     """Element-wise sums over the ranks (in place; returned for convenience)."""
     if world().size > 1:

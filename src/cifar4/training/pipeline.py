@@ -34,7 +34,7 @@ from ..models import native
 from ..models.base import DataInitialized, FrozenBackbone, follows
 from ..models.layers import matmul_weight_grads
 from ..runs import CHECKPOINT_FILE, Result, machine, versions
-from . import distributed, precision
+from . import batchnorm, distributed, precision
 from .budget import EVAL_SHARE, Budget, Deadline
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .evaluate import accuracy_lines, predict_logits, summarize
@@ -576,7 +576,8 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
         # the features still to extract come first: as if the command had started that much earlier
         # (the plan as a budget makes it: what fits, without a limit's tolerance for early plans)
         plan = Budget.starting(cand.train.time_limit, started - extraction, _eval_images(run, cand))
-        steps = min(plan.steps(0, step, image, n["val"], spe), cand.train.epochs * spe)
+        val = n["val"] + batchnorm.images(net, cand.train)  # (each validation recalibrates batch norm first)
+        steps = min(plan.steps(0, step, image, val, spe), cand.train.epochs * spe)
         tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": round(step, 4),
                       "image_seconds": round(image, 6), "epochs_fit": round(steps / spe, 2),
                       "steps_fit": steps, "steps_needed": _fit_steps(exp, cand, n["train"])})

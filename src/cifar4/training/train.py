@@ -28,7 +28,7 @@ from ..device import autocast, synchronize, to_device
 from ..errors import ConfigError
 from ..models import native
 from ..models.layers import matmul_weight_grads
-from . import distributed, precision
+from . import batchnorm, distributed, precision
 from .budget import Budget, Deadline
 from .callbacks import Callback, CallbackList, History
 from .evaluate import evaluate
@@ -217,7 +217,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             loss, accuracy = self._train_epoch(x_store, y_store)
             seconds = time.perf_counter() - t0
-            t_val = time.perf_counter()
+            t_val = time.perf_counter()  # (the recalibration counts as validation: a deadline plans it)
+            self.recalibrate(x_store)
             val = evaluate(self.model, x_val, y_val, self.norm, device=self.device,
                            precision=self.precision, tta=0)
             logs = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val["loss"],
@@ -231,6 +232,19 @@ class Trainer:
             self.restored_epoch = restored
         assert self.history is not None
         return self.history
+
+    def recalibrate(self, x_store: torch.Tensor) -> None:
+        """Recompute the running statistics of the batch norms that training updates, in place,
+        at the current weights, in the training precision (batchnorm.recalibrate says how and
+        why): the same rows every epoch and on every rank, and under torchrun rank 0's
+        statistics on all of them, bit for bit. Training-mode steps use each batch's own
+        statistics, so the weights' trajectory is unchanged; evaluation, and the model saved,
+        restored and evaluated at the end, see the recalibrated ones."""
+        if not self.cfg.bn_recalibrate:
+            return
+        norms = batchnorm.recalibrate(self.model, x_store, batchnorm.rows(len(x_store), self.cfg).to(self.device),
+                                      self.cfg.batch_size, self._autocast)
+        distributed.broadcast_tensors(*(t for m in norms for t in m.buffers()))
 
     def _schedule_and_store(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Schedule, and the training set on the device, normalized once and kept as NHWC

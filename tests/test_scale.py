@@ -90,7 +90,7 @@ def test_the_whitening_is_the_samples(tmp_path, monkeypatch):
 @pytest.mark.parametrize("train, reference, batch, needed", [
     (16800, 16800, 256, 297),   # CIFAR-4: 3/4 of 6 epochs of 66 steps, as before
     (42500, 16800, 256, 297),   # CIFAR-10: the steps of CIFAR-4's epochs, not 3/4 of 6 x 167
-    (42500, None, 256, 752),    # no reference: the epochs of the training set at hand
+    (42500, None, 256, 747),    # no reference: 6 epochs of 166 steps (the 4 left join the last batch)
     (1000, 16800, 256, 18),     # a smaller set: its own epochs (3/4 of 6 x 4 steps)
     (42500, 16800, 128, 594),   # a variant's own batch size: twice the steps
 ])

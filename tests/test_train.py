@@ -314,3 +314,39 @@ def test_a_run_under_a_time_limit_resumes_to_the_same_result_with_the_plans_it_m
     assert resumed.metrics["steps"] == full.metrics["steps"] == 3 * spe
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k])
+
+
+def test_a_last_batch_under_a_quarter_joins_the_one_before_and_every_image_is_stepped_on():
+    """42,500 images at 256 would end each epoch on a batch of 4: it joins the last full batch
+    (166 steps); a larger remainder keeps its own step (CIFAR-4's 16,800: 66 steps)."""
+    from cifar4 import models
+    from cifar4.data.transforms import Augment, Normalization
+    from cifar4.training.callbacks import Callback
+    from cifar4.training.train import Trainer, epoch_steps, seed_everything
+
+    assert epoch_steps(42_500, 256) == 166 and epoch_steps(16_800, 256) == 66
+    assert epoch_steps(16_800, 32) == 525 and epoch_steps(100, 256) == 1 and epoch_steps(320, 256) == 2
+    assert epoch_steps(300, 256) == 1  # 44 left: under a quarter (64)
+
+    class Sizes(Callback):
+        def __init__(self):
+            self.sizes = []
+
+        def on_batch_end(self, batch, logs=None):
+            self.sizes.append(batch)
+
+    n, bs = 2 * 32 + 5, 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 4, (n,), generator=g)
+    cfg = config.from_dict({"name": "t", "model": {"name": "mlp-20"},
+                            "train": {"epochs": 1, "batch_size": bs, "precision": "fp32"}}).train
+    seen = []
+    model = models.build("mlp-20", num_classes=4)
+    forward = model.forward
+    model.forward = lambda xb: (seen.append(len(xb)), forward(xb))[1]
+    norm = Normalization.from_config("unit", False, x.numpy())
+    sizes = Sizes()
+    Trainer(model, cfg, norm, Augment(), callbacks=[sizes], generator=seed_everything(0)).fit(x, y, x[:8], y[:8])
+    assert sizes.sizes == [1, 2]
+    assert seen[:2] == [32, 37]  # the 5 left joined the second batch

@@ -43,7 +43,7 @@ from .plan import Plan
 from .precision import PROBE_BATCH, step_times
 from .precision import choose as choose_precision
 from .tensorboard import TensorBoard
-from .train import Trainer, make_optimizer, seed_everything
+from .train import Trainer, epoch_steps, make_optimizer, seed_everything
 
 
 class _SaveEachEpoch(Callback):
@@ -425,7 +425,7 @@ def _make_plan(run: _Fit, t_start: float, log: Callable[[str], None] | None, ski
         exp = _budget_views(run, net, choice.precision, t_start, reasons)
         run.exp = exp
     reasons.insert(0, _data_news(run, exp, fallback))
-    plan = Plan(exp, run.device, choice, kernels, math.ceil(len(run.idx["train"]) / exp.train.batch_size),
+    plan = Plan(exp, run.device, choice, kernels, epoch_steps(len(run.idx["train"]), exp.train.batch_size),
                 gpu, fallback, tuple(reasons), len(run.idx["train"]), run.ds.num_classes, _eval_images(run, exp))
     if log is not None:
         for line in plan.news():
@@ -442,7 +442,7 @@ def _data_news(run: _Fit, exp: Experiment, fallback: dict[str, Any] | None) -> s
     k = run.ds.num_classes
     views = len(tta_views(torch.zeros(1, 3, 4, 4), exp.train.tta))
     line = (f"{exp.name}: {n['train']:,} training images, {k} classes ({n['val']:,} val, {n['test']:,} test): "
-            f"{k} outputs, {math.ceil(n['train'] / exp.train.batch_size)} steps per epoch, final evaluation "
+            f"{k} outputs, {epoch_steps(n['train'], exp.train.batch_size)} steps per epoch, final evaluation "
             f"{_eval_images(run, exp):,} image views ({len(_eval_rows(run, 'train')):,} train, val"
             + (" and test" if run.test else "") + f" x {views})")
     if follows(run.model, DataInitialized):
@@ -510,7 +510,7 @@ def _check_deadline(run: _Fit, t_start: float, log: Callable[[str], None] | None
                           f"({spent:.1f} s to start, load the data and build the model); expected more "
                           f"than {spent:.0f} s")
     # a limit is a ceiling: one epoch rather than a run lost to a slow start
-    run.trainer.train_epochs(1, math.ceil(len(run.idx["train"]) / exp.train.batch_size))
+    run.trainer.train_epochs(1, epoch_steps(len(run.idx["train"]), exp.train.batch_size))
     run.deadline.spent_before_training(spent)
     if log is not None:
         log(f"{exp.name}: its time limit of {b.seconds:g} s was spent before training "
@@ -572,7 +572,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
             step = min(step_times(net, xin[:cand.train.batch_size], run.device, choice.precision, optimizer,
                                   steps=2)[1:])
             image = _forward_seconds(net, xin[:INFER_PROBE], run.device, choice.precision)
-        spe = math.ceil(n["train"] / cand.train.batch_size)
+        spe = epoch_steps(n["train"], cand.train.batch_size)
         # the features still to extract come first: as if the command had started that much earlier
         # (the plan as a budget makes it: what fits, without a limit's tolerance for early plans)
         plan = Budget.starting(cand.train.time_limit, started - extraction, _eval_images(run, cand))
@@ -626,7 +626,7 @@ def _fit_steps(exp: Experiment, cand: Experiment, train_images: int) -> int:
     (of images seen) that it fits on CIFAR-4. Where the training set is the reference's size or
     smaller, this is FALLBACK_FITS of the epochs, as it always was."""
     images = min(train_images, exp.train.reference_images or train_images)
-    return math.ceil(cfgmod.FALLBACK_FITS * exp.train.epochs * math.ceil(images / cand.train.batch_size))
+    return math.ceil(cfgmod.FALLBACK_FITS * exp.train.epochs * epoch_steps(images, cand.train.batch_size))
 
 
 def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> float:
@@ -758,7 +758,7 @@ def _build_trainer(run: _Fit, bar: ProgressBar | None, save_state: bool,
 
 def _restore(run: _Fit, resume_state: tuple[dict, dict]) -> None:
     state, meta = resume_state
-    steps = run.exp.train.epochs * -(-len(run.idx["train"]) // run.exp.train.batch_size)
+    steps = run.exp.train.epochs * epoch_steps(len(run.idx["train"]), run.exp.train.batch_size)
     assert run.trainer is not None
     run.trainer.load_state_dict(state, int(meta["epoch"]), steps)
 
@@ -821,7 +821,7 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
     warmup_seconds, fit_seconds = fit
     train_seconds = sum(r["seconds"] for r in rows)
     trainable, non_trainable = models.count_params(run.model)
-    steps_per_epoch = -(-len(idx["train"]) // exp.train.batch_size)
+    steps_per_epoch = epoch_steps(len(idx["train"]), exp.train.batch_size)
     shown = res["test"] if run.test else res["val"]  # per-class and confusion: test, or val if held out
     metrics: dict[str, Any] = {
         "experiment": exp.name,

@@ -71,6 +71,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7, momentum=cfg.momentum)
 
 
+# A last batch smaller than this share of a batch joins the one before it (epoch_steps says why)
+SMALLEST_LAST_BATCH = 0.25
+
+
+def epoch_steps(images: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over `images`: full batches, and the remainder a batch of its
+    own unless it is under a quarter of a batch, when it joins the last full one. A step on a
+    few images at a high learning rate moves the weights on a noisy mean, and batch norm then
+    normalizes by those few images: CIFAR-10's official split (42,500 training images) would
+    end every epoch at batch 256 with a batch of 4. CIFAR-4's split (16,800: 65 batches and
+    one of 160) and any size a batch divides keep a batch per ceil(images / batch_size)."""
+    full, rest = divmod(images, batch_size)
+    if full == 0:
+        return 1
+    return full + (1 if rest >= batch_size * SMALLEST_LAST_BATCH else 0)
+
+
 def lr_factor(schedule: str, warmup: float, total_steps: int):
     """Multiplier of the base learning rate at a given step. 'linear' with warmup is the
     one-cycle (triangular) schedule of the fast CIFAR recipes."""
@@ -253,7 +270,7 @@ class Trainer:
         if cfg.batch_size > n:
             raise ConfigError(f"train.batch_size {cfg.batch_size} is larger than the training set "
                               f"({n} images); expected at most {n}")
-        self.steps_per_epoch = math.ceil(n / cfg.batch_size)
+        self.steps_per_epoch = epoch_steps(n, cfg.batch_size)
         if not self.total_steps:
             self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -375,7 +392,8 @@ class Trainer:
                 self._follow_params()
                 if self.steps_done >= self.total_steps:
                     break
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            last = step == self.steps_per_epoch - 1  # it takes what is left (epoch_steps)
+            idx = order[step * cfg.batch_size:n if last else (step + 1) * cfg.batch_size]
             loss, logits, yb = self._step(self.model, self.forward, self.optimizer, decay, x_store[idx],
                                           y_store[idx], self.aug_generator)
             self.scheduler.step()
@@ -384,7 +402,7 @@ class Trainer:
                 correct += (logits.argmax(1) == yb).sum()
             step += 1
             self.steps_done += 1
-            seen = min(step * cfg.batch_size, n)
+            seen = n if last else min(step * cfg.batch_size, n)
             if batch_logs:
                 logs = {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
                 self._cbs.on_batch_end(step, logs)

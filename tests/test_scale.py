@@ -156,3 +156,23 @@ def test_evaluate_and_an_ensemble_measure_the_train_sample_training_measured(tmp
     assert all(sum(row) > 0 for row in got["train"]["confusion"])  # every class among them
     ens = make_ensemble([r.run_dir for r in runs], out=tmp_path / "ens", data=ds, weights="equal")
     assert np.array_equal(np.load(ens.run_dir / "predictions.npz")["train_rows"], rows)
+
+
+@pytest.mark.parametrize("reference, tta", [(None, 1), (1000, 1), (40, 0)])
+def test_a_limits_views_are_chosen_again_where_the_data_outgrew_their_reference(tmp_path, monkeypatch,
+                                                                                reference, tta):
+    """The final evaluation at the experiment's views (the train sample, and val and test twice:
+    372 image views here) at 0.05 s an image would take 18.6 s, over 15% of a 100 s limit; its
+    image alone (288 views) fits. The views are cut only where the training set outgrew the
+    images they were chosen on: without a reference, or with a larger one, they stay."""
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pipeline, "_forward_seconds", lambda *a, **k: 0.05)
+    ds = sorted_classes(4, 72)  # 204 train, 36 val, 48 test
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {
+        "train": {"epochs": 1, "time_limit": 100, "reference_images": reference}})})
+    run = pipeline._prepare(exp, ds, tmp_path)
+    assert pipeline._eval_images(run) == 372 and pipeline._eval_images(run, tta=0) == 288
+    assert pipeline._limit_eval_images(run, exp, time.perf_counter(), 0.05) == (372 if tta else 288)
+    plan = pipeline._make_plan(run, time.perf_counter(), None, skippable=False, resumed=False)
+    assert plan.exp.train.tta == tta
+    assert any("instead of 1" in r for r in plan.reasons) == (tta == 0)

@@ -421,7 +421,7 @@ def _make_plan(run: _Fit, t_start: float, log: Callable[[str], None] | None, ski
         choice = precision.decide(exp.train, run.device, net, _probe_inputs(run, net, PROBE_BATCH, "train"),
                                   lambda m: make_optimizer(m, exp.train))
     matmul_weight_grads(net, choice.matmul_weight_grads)
-    if not resumed and exp.train.time_budget is not None and exp.train.tta:
+    if not resumed and exp.train.tta and (exp.train.time_budget is not None or _views_outgrown(run, exp)):
         exp = _budget_views(run, net, choice.precision, t_start, reasons)
         run.exp = exp
     reasons.insert(0, _data_news(run, exp, fallback))
@@ -465,18 +465,30 @@ def _probe_inputs(run: _Fit, net: torch.nn.Module, n: int, part: str) -> torch.T
     return run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
 
 
+def _views_outgrown(run: _Fit, exp: Experiment) -> bool:
+    """Whether a time limit's test-time views were chosen on fewer training images than these
+    (train.reference_images): the final evaluation's cost grows with the data (CIFAR-10's
+    official split: 110,000 image views at `fast`'s six, against CIFAR-4's 48,000), so
+    they are chosen again by a budget's rule (_budget_views)."""
+    ref = exp.train.reference_images
+    return bool(exp.train.time_limit) and ref is not None and len(run.idx["train"]) > ref
+
+
 def _budget_views(run: _Fit, net: torch.nn.Module, prec: str, t_start: float, reasons: list[str]) -> Experiment:
     """A time budget's test-time views, chosen before training: the experiment's, or fewer where
     its final evaluation would take more than EVAL_SHARE of the time left (budget.py), at the
-    inference speed timed here on validation images."""
+    inference speed timed here on validation images. A time limit's, the same way, where the
+    data outgrew the images they were chosen on (_views_outgrown)."""
     exp = run.exp
     views = {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}
-    b = Budget.starting(exp.train.time_budget or 0.0, t_start, views)
+    seconds = exp.train.time_budget if exp.train.time_budget is not None else exp.train.time_limit
+    kind = "time budget" if exp.train.time_budget is not None else "time limit"
+    b = Budget.starting(seconds or 0.0, t_start, views)
     image = _forward_seconds(net, _probe_inputs(run, net, 256, "val"), run.device, prec)
     level = b.choose_views(image)
     if level == exp.train.tta:
         return exp
-    reasons.append(f"{exp.name}: time budget {b.seconds:g} s: final evaluation with test-time level "
+    reasons.append(f"{exp.name}: {kind} {b.seconds:g} s: final evaluation with test-time level "
                    f"{level} instead of {exp.train.tta} (its views would take more than "
                    f"{EVAL_SHARE:.0%} of the time left)")
     return exp.model_copy(update={"train": exp.train.model_copy(update={"tta": level})})
@@ -530,6 +542,17 @@ def _eval_images(run: _Fit, exp: Experiment | None = None, tta: int | None = Non
     return len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
 
 
+def _limit_eval_images(run: _Fit, cand: Experiment, started: float, image: float) -> int:
+    """The final evaluation's image views a candidate plans for under its time limit: at its
+    test-time level, or where the data outgrew the images its views were chosen on
+    (_views_outgrown), at the level a budget's rule would choose at this inference speed (as
+    _budget_views will once the candidate is chosen)."""
+    if not (cand.train.tta and _views_outgrown(run, cand)):
+        return _eval_images(run, cand)
+    views = {lv: _eval_images(run, tta=lv) for lv in range(cand.train.tta, -1, -1)}
+    return views[Budget.starting(cand.train.time_limit or 0.0, started, views).choose_views(image)]
+
+
 def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
                   skippable: bool = False) -> tuple[Experiment, dict[str, Any], precision.Choice | None]:
     """Under its time limit, the experiment where its epochs (nearly: FALLBACK_FITS of them) fit,
@@ -575,7 +598,8 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
         spe = epoch_steps(n["train"], cand.train.batch_size)
         # the features still to extract come first: as if the command had started that much earlier
         # (the plan as a budget makes it: what fits, without a limit's tolerance for early plans)
-        plan = Budget.starting(cand.train.time_limit, started - extraction, _eval_images(run, cand))
+        plan = Budget.starting(cand.train.time_limit, started - extraction,
+                               _limit_eval_images(run, cand, started - extraction, image))
         val = n["val"] + batchnorm.images(net, cand.train)  # (each validation recalibrates batch norm first)
         steps = min(plan.steps(0, step, image, val, spe), cand.train.epochs * spe)
         tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": round(step, 4),

@@ -29,6 +29,7 @@ SMALL_FAST = {"model": {"name": "fast", "options": {"widths": [16, 32, 32]}},
 def test_auto_precision_is_measured_once_per_machine_and_model(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device: True)  # timed even on an AVX2-only CPU
+    monkeypatch.setattr(precision, "machine_busy", lambda: False)  # whatever the test machine is doing
     model = models.build("cnn")
     cfg = config.TrainConfig(batch_size=64)
     x = torch.rand(64, 3, 32, 32)
@@ -48,6 +49,23 @@ def test_auto_precision_is_measured_once_per_machine_and_model(tmp_path, monkeyp
     assert not precision.choose("auto", torch.device("cpu"), models.build("mlp-20"), cfg,
                                 x).cached
     assert precision.choose("fp32", torch.device("cpu"), model, cfg, x).reason == "as asked"
+
+
+def test_a_precision_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
+    """Under a neighbour's load the two precisions are timed in different conditions: the
+    answer serves its run, and the next run measures again."""
+    import os
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: True)
+    model, cfg, x = models.build("cnn"), config.TrainConfig(batch_size=32), torch.rand(32, 3, 32, 32)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (precision.BUSY_LOAD * cores + 1, 0.0, 0.0))
+    busy = precision.choose("auto", torch.device("cpu"), model, cfg, x)
+    assert not busy.cached and busy.precision in ("fp32", "bf16") and "busy, so not kept" in busy.reason
+    assert not (tmp_path / "precision.json").exists()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert not precision.choose("auto", torch.device("cpu"), model, cfg, x).cached  # measured again, kept
+    assert precision.choose("auto", torch.device("cpu"), model, cfg, x).cached
 
 
 def test_matmul_weight_gradients_match_the_librarys(monkeypatch):
@@ -102,6 +120,7 @@ def test_a_cpu_without_bf16_arithmetic_takes_fp32_untimed(tmp_path, monkeypatch)
 
 def test_a_fast_net_is_also_timed_with_matmul_weight_gradients(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "machine_busy", lambda: False)  # kept, whatever the test machine is doing
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device: True)
     # On a CPU without bf16 arithmetic the bf16 steps are emulated, and whether their warm-up
     # passes for "emulated" (and ends the measurement early) depends on the load: never here
@@ -163,6 +182,7 @@ def test_the_measurement_leaves_the_run_untouched(tmp_path, monkeypatch):
 
 def test_a_run_records_its_precision_choice_and_is_reproducible(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "machine_busy", lambda: False)  # the second run reads the first's answer
     exp = config.from_dict({"name": "f", **SMALL_FAST})
     a = pipeline.train(exp, tiny, runs_root=tmp_path / "a", progress=False)
     b = pipeline.train(exp, tiny, runs_root=tmp_path / "b", progress=False)

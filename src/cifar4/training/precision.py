@@ -49,7 +49,8 @@ MARGIN = 0.05          # bf16 must be at least 5 % faster per step
 PROBE_BATCH = 128      # images per measured step (the run's batch size if smaller)
 PROBE_STEPS = 3        # timed steps per precision, after one warm-up step
 EMULATED = 10.0        # a bf16 warm-up this many times fp32's: emulated bf16, not timed further
-CACHE_VERSION = 3      # part of the key: a changed measurement invalidates older answers
+CACHE_VERSION = 4      # part of the key: a changed measurement invalidates older answers (4: none from a busy machine)
+BUSY_LOAD = 1.5        # a 1-minute load average above this many times the usable cores: a busy machine
 MATMUL = "bf16-matmul-wgrad"  # bf16 with the small maps' weight gradients as matmuls
 
 
@@ -131,6 +132,9 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
     mm = seconds.get(MATMUL, seconds["bf16"]) < (1 - MARGIN) * seconds["bf16"]  # the matmuls must win too
     prec = "bf16" if seconds[MATMUL if mm else "bf16"] < (1 - MARGIN) * seconds["fp32"] else "fp32"
     mm = mm and prec == "bf16"
+    if machine_busy():  # used for this run, not kept for the next ones (machine_busy says why)
+        return Choice(prec, _reason(prec, seconds, mm) + "; measured while this machine was busy, so not kept",
+                      seconds, matmul_weight_grads=mm)
     try:
         with locks.hold(path.with_name(path.name + ".lock"), "precision cache", wait=True):
             table = _read(path)
@@ -140,6 +144,21 @@ def choose(asked: str, device: torch.device, model: nn.Module, cfg: TrainConfig,
     except (OSError, locks.LockedError):  # an unwritable cache only costs a new measurement next time
         pass
     return Choice(prec, _reason(prec, seconds, mm), seconds, matmul_weight_grads=mm)
+
+
+def machine_busy() -> bool:
+    """Whether other work shares the CPU: the 1-minute load average above BUSY_LOAD times the
+    cores this process may use. A precision measured then is used for its run but not kept:
+    the precisions' steps are timed one after the other, so a neighbour's burst can land on
+    one of them, and a kept answer decides every later run on the machine. On a 2-core Zen 4
+    EPYC at a load average of 6-9, `fast`'s net timed bf16 slower than fp32; kept, that
+    answer made later runs time the net in fp32 and take a lighter fallback."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average (Windows): nothing to go by
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return load > BUSY_LOAD * cores
 
 
 def _reason(prec: str, seconds: dict[str, float], mm: bool = False) -> str:

@@ -135,3 +135,22 @@ def test_two_gloo_processes_keep_the_statistics_recalibrated_at_the_final_weight
     batchnorm.recalibrate(loaded.model, x, batchnorm.rows(len(x), e.train), 32, contextlib.nullcontext)
     for k, v in buffers(loaded.model).items():
         torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_the_last_epoch_keeps_the_statistics_that_validate_better(tiny, tmp_path, monkeypatch):
+    """After the last epoch the model keeps the running averages where they validate better
+    than the recalibrated statistics (here a recalibration made worthless on purpose): the
+    model saved and evaluated has the training's own. (One epoch: a worthless recalibration
+    after an earlier epoch would be carried into the running averages too.)"""
+    from cifar4.training import batchnorm
+    real = batchnorm.recalibrate
+
+    def worthless(model, *a, **k):
+        norms = real(model, *a, **k)
+        for m in norms:
+            m.running_mean.fill_(100.0)
+        return norms
+    monkeypatch.setattr(batchnorm, "recalibrate", worthless)
+    run = pipeline.train(exp(2, epochs=1), tiny, runs_root=tmp_path, progress=False)
+    assert run.history[-1]["val_accuracy"] > 0.7 and run.metrics["test_accuracy"] > 0.7
+    assert all(m.running_mean.abs().max() < 50 for m in updated_batch_norms(run.model))

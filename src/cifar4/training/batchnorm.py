@@ -34,6 +34,18 @@ def updated(model: nn.Module) -> list[_BatchNorm]:
         model.train(was)
 
 
+def statistics(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of the running statistics of the batch norms training updates (load_statistics
+    puts them back)."""
+    return [t.detach().clone() for m in updated(model) for t in m.buffers()]
+
+
+def load_statistics(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for t, v in zip((t for m in updated(model) for t in m.buffers()), saved, strict=True):
+            t.copy_(v)
+
+
 def rows(n: int, cfg: TrainConfig) -> torch.Tensor:
     """The training rows (of `n`) that recalibration forwards: the first `cfg.bn_recalibrate`
     batches of an order drawn from the run's seed by a generator of their own, so the same seed

@@ -267,7 +267,9 @@ def test_a_run_that_falls_behind_within_an_epoch_is_planned_again_there(tiny, tm
 
 def test_plans_before_the_first_validation_time_the_inference_once(tiny, tmp_path, monkeypatch):
     """A one-epoch run under a limit is planned after 4 steps and again every REPLAN_EVERY
-    steps; the inference pass those plans need is timed once, then validation counts."""
+    steps; the inference pass those plans need is timed once, then validation counts (twice
+    after the last epoch: with the recalibrated batch-norm statistics and with the running
+    averages, the model keeping the better)."""
     from cifar4.training import budget as budgetmod
     from cifar4.training import train as trainmod
 
@@ -285,7 +287,8 @@ def test_plans_before_the_first_validation_time_the_inference_once(tiny, tmp_pat
                                                                                "time_limit": 600}})})
     m = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False).metrics
     assert len(m["time_limit"]["plans"]) >= 3 and m["steps"] == m["steps_per_epoch"]  # plans at 4, 16, 32, ...
-    assert calls == [min(256, m["split"]["val"]), m["split"]["val"]]  # one probe, then the validation
+    val = m["split"]["val"]
+    assert calls == [min(256, val), val, val]  # one probe, then the last epoch's two validations
 
 
 def test_a_budget_spent_before_training_is_a_clear_error(tiny, tmp_path):

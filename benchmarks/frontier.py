@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     if not by_data:
         raise SystemExit(f"frontier.py: no preset runs in {', '.join(files)}; expected presets.py's JSON")
     date, machines = describe(files)
-    order = sorted(by_data, key=lambda d: (d != "CIFAR-4", d != "CIFAR-10", d))  # CIFAR-4 first
+    order = plots.panel_order(by_data)
     panels = {d: plots.frontier_points(by_data[d]) for d in order}
     names = sorted({p.series for pts in panels.values() for p in pts})
     png = Path(a.png) if a.png else IMG / f"{date}-{machines}-frontier.png"

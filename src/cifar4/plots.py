@@ -4,6 +4,7 @@ learning-rate range test, the accuracy / time frontier by dataset."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,11 @@ def dataset_title(classes: list[str] | tuple[str, ...]) -> str:
     if tuple(classes) == CIFAR10_CLASSES:
         return "CIFAR-10"
     return f"{len(classes)} classes"
+
+
+def panel_order(datasets: Iterable[str]) -> list[str]:
+    """The frontier's panels left to right: CIFAR-4, CIFAR-10, then any other data by name."""
+    return sorted(datasets, key=lambda d: (d != "CIFAR-4", d != "CIFAR-10", d))
 
 
 def frontier_panels(panels: dict[str, list[FrontierPoint]], path: Path, title: str = "") -> None:

@@ -371,7 +371,7 @@ def _frontier_section(metrics: dict[str, dict[str, Any]], figdir: Path, runs_dir
     if not by_data:
         s.p("No run recorded its whole time.")
         return s
-    panels = {d: plots.frontier_points(by_data[d]) for d in sorted(by_data, key=lambda d: (d != "CIFAR-4", d))}
+    panels = {d: plots.frontier_points(by_data[d]) for d in plots.panel_order(by_data)}
     plots.frontier_panels(panels, figdir / "frontier.png", title="test accuracy against whole-run seconds")
     s.fig(figdir / "frontier.png", figdir, "frontier.png", "test accuracy against whole-run seconds, "
           "per dataset: " + ", ".join(panels))

@@ -480,7 +480,7 @@ def _budget_views(run: _Fit, net: torch.nn.Module, prec: str, t_start: float, re
     inference speed timed here on validation images. A time limit's, the same way, where the
     data outgrew the images they were chosen on (_views_outgrown)."""
     exp = run.exp
-    views = {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}
+    views = _view_levels(run, exp)
     seconds = exp.train.time_budget if exp.train.time_budget is not None else exp.train.time_limit
     kind = "time budget" if exp.train.time_budget is not None else "time limit"
     b = Budget.starting(seconds or 0.0, t_start, views)
@@ -542,6 +542,12 @@ def _eval_images(run: _Fit, exp: Experiment | None = None, tta: int | None = Non
     return len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
 
 
+def _view_levels(run: _Fit, exp: Experiment) -> dict[int, int]:
+    """The final evaluation's image views at each test-time level from the experiment's down to
+    none: what a budget's rule chooses among (budget.EVAL_SHARE)."""
+    return {lv: _eval_images(run, tta=lv) for lv in range(exp.train.tta, -1, -1)}
+
+
 def _limit_eval_images(run: _Fit, cand: Experiment, started: float, image: float) -> int:
     """The final evaluation's image views a candidate plans for under its time limit: at its
     test-time level, or where the data outgrew the images its views were chosen on
@@ -549,7 +555,7 @@ def _limit_eval_images(run: _Fit, cand: Experiment, started: float, image: float
     _budget_views will once the candidate is chosen)."""
     if not (cand.train.tta and _views_outgrown(run, cand)):
         return _eval_images(run, cand)
-    views = {lv: _eval_images(run, tta=lv) for lv in range(cand.train.tta, -1, -1)}
+    views = _view_levels(run, cand)
     return views[Budget.starting(cand.train.time_limit or 0.0, started, views).choose_views(image)]
 
 

@@ -150,9 +150,9 @@ def machine_busy() -> bool:
     """Whether other work shares the CPU: the 1-minute load average above BUSY_LOAD times the
     cores this process may use. A precision measured then is used for its run but not kept:
     the precisions' steps are timed one after the other, so a neighbour's burst can land on
-    one of them, and a kept answer decides every later run on the machine. On a 2-core Zen 4
-    EPYC at a load average of 6-9, `fast`'s net timed bf16 slower than fp32; kept, that
-    answer made later runs time the net in fp32 and take a lighter fallback."""
+    one of them, and a kept answer decides every later run on the machine (a wrong fp32 kept
+    for `fast`'s net makes a time limit time it in fp32 and take a lighter fallback: the
+    CIFAR-10 benchmark page tells the case)."""
     try:
         load = os.getloadavg()[0]
     except (OSError, AttributeError):  # no load average (Windows): nothing to go by

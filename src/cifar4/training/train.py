@@ -261,9 +261,9 @@ class Trainer:
         ones or the running averages training left, whichever validates better (a choice on
         validation, as early stopping's). Recalibration makes the curve follow the weights while
         the learning rate is high; at the end of a decayed schedule the running averages, taken
-        on the augmented batches the weights were trained on, can serve better (CIFAR-4's
-        `fast`, seed 0: test 0.9142 with them against 0.9103 recalibrated). Under torchrun
-        rank 0's choice holds on every rank. `final_statistics` says which was kept."""
+        on the augmented batches the weights were trained on, can serve better (measured in
+        docs/explanation/training-flow.md). Under torchrun rank 0's choice holds on every rank.
+        `final_statistics` says which was kept."""
         norms = batchnorm.updated(self.model)
         recalibrated = batchnorm.statistics(self.model)
         batchnorm.load_statistics(self.model, kept)

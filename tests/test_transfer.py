@@ -180,6 +180,46 @@ def test_folded_inference_backbone_matches_the_training_one():
     assert torch.allclose(fused, plain.detach(), atol=1e-4, rtol=1e-4)
 
 
+def test_feature_levels_append_the_pooled_stage_outputs_below_the_top():
+    """levels = N: the top level's features unchanged, then the pooled outputs of the N - 1
+    stages below it, top first; the folded inference backbone gives the same."""
+    one = models.build("transfer", resolution=64)
+    three = models.build("transfer", resolution=64, levels=3)
+    for m in (one, three):
+        m.load_pretrained()
+        m.eval()
+    assert (one.num_features, three.num_features) == (1280, 1280 + 320 + 192)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        a, b = one.embed(x), three.embed(x)
+    assert b.shape == (3, 1792) and torch.allclose(a, b[:, :1280], atol=1e-4)
+    # the second level is the last stage's output, pooled
+    bb = three.backbone
+    h = F.relu6(bb._bn0(bb._conv_stem(three.prepare(x))))
+    for block in bb._blocks:
+        h = block(h)
+    with torch.no_grad():
+        assert torch.allclose(b[:, 1280:1600], h.mean((2, 3)).detach(), atol=1e-3)
+    r = ResNet(18).eval()
+    assert r.level_widths() == [512, 256, 128, 64] and r.features(x, 2).shape == (3, 768)
+    assert torch.equal(r.features(x, 2)[:, :512], r.features(x))
+    with pytest.raises(ConfigError, match="levels must be 1 to 8"):
+        config.from_dict(config.merge(config.load_dict("transfer")[0],
+                                      {"model": {"name": "transfer", "options": {"levels": 9}}}))
+
+
+def test_feature_levels_have_their_own_cache_files(tiny):
+    dev = torch.device("cpu")
+    one = models.build("transfer", weights="none", resolution=32)
+    two = models.build("transfer", weights="none", resolution=32, levels=2)
+    two.backbone.load_state_dict(one.backbone.state_dict())
+    a = features.features(one, tiny, np.arange(8), ("plain",), dev, "fp32")
+    b = features.features(two, tiny, np.arange(8), ("plain",), dev, "fp32")
+    assert b.status == "miss" and b.views["plain"].shape == (8, 1600)
+    assert "-2levels-" in Path(b.files[0]).name and "levels" not in Path(a.files[0]).name
+    assert np.allclose(a.views["plain"], b.views["plain"][:, :1280], atol=1e-2)
+
+
 def test_a_frozen_transfer_model_trains_its_head_on_cached_features():
     """The run asks models.base whether only a head trains. Python 3.12's isinstance() on a
     runtime protocol misses nn.Module's submodules (the head), which made every 3.12 transfer
@@ -321,7 +361,7 @@ def test_head_training_on_cached_features_then_evaluate_agrees(tiny, tmp_path, c
     m = r.metrics
     assert m["features"]["cache"] == "miss" and m["features"]["views"] == ["plain", "flip"]
     assert m["features"]["extracted"] == 2 * len(tiny)  # the images and their mirrors
-    assert m["trainable_params"] == 1280 * 512 + 512 + 512 * 4 + 4
+    assert m["trainable_params"] == (1280 + 320 + 192) * 512 + 512 + 512 * 4 + 4  # three levels
     assert m["epochs"] == 3 and "backbone_sha256" in m
     # the saved run is a whole model (backbone + head) on images: evaluate recomputes features
     assert main(["evaluate", str(r.run_dir), "--data", str(_save(tiny, tmp_path)), "--json"]) == 0
@@ -394,7 +434,7 @@ def test_cli_options_and_user_weights(tiny_npz, tmp_path, capsys, monkeypatch):
     assert code == 0
     m = json.loads(capsys.readouterr().out)
     assert m["model_options"]["backbone"] == "resnet18" and m["model_options"]["head"] == [16]
-    assert m["trainable_params"] == 512 * 16 + 16 + 16 * 4 + 4
+    assert m["trainable_params"] == (512 + 256 + 128) * 16 + 16 + 16 * 4 + 4  # the preset's three levels
     code = main(["train", "--preset", "transfer", "--data", str(tiny_npz), "-o", "resolution"])
     err = capsys.readouterr().err
     assert code == 2 and "--option 'resolution' is not KEY=VALUE" in err and "Traceback" not in err

@@ -22,6 +22,8 @@ from torch import nn
 LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
                 (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
                 (1, 3, 1, 6, 192, 320))
+# the index of each stage's last block
+STAGE_ENDS = tuple(sum(s[0] for s in LITE0_STAGES[:i + 1]) - 1 for i in range(len(LITE0_STAGES)))
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01
 FEATURES = 1280
 
@@ -134,8 +136,25 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.feature_map(x).mean((2, 3))
+    def level_widths(self) -> list[int]:
+        """Widths of the pooled feature levels, top first: the head's 1280, then the output of
+        each stage from the last down (320, 192, 112, ...)."""
+        return [FEATURES] + [stage[5] for stage in reversed(LITE0_STAGES)]
+
+    def features(self, x: torch.Tensor, levels: int = 1) -> torch.Tensor:
+        """The head's pooled features, followed by the pooled outputs of the top `levels` - 1
+        stages (top first): what `level_widths` lists, concatenated."""
+        if levels <= 1:
+            return self.feature_map(x).mean((2, 3))
+        ends = set(STAGE_ENDS[len(STAGE_ENDS) - (levels - 1):])
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        pooled = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in ends:
+                pooled.append(x.mean((2, 3)))
+        head = F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
+        return torch.cat([head, *reversed(pooled)], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.features(x)))

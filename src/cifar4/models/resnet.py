@@ -79,14 +79,16 @@ class ResNet(nn.Module):
         self.layer2: nn.Sequential
         self.layer3: nn.Sequential
         self.layer4: nn.Sequential
-        c = 64
+        c, widths = 64, list[int]()
         for i, (n, width) in enumerate(zip(counts, (64, 128, 256, 512), strict=True)):
             layers = []
             for j in range(n):
                 layers.append(block(c, width, 2 if (j == 0 and i > 0) else 1))
                 c = width * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+            widths.insert(0, c)
         self.num_features = c
+        self._level_widths = widths
         self.fc = nn.Linear(c, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -109,10 +111,20 @@ class ResNet(nn.Module):
                     pairs.append((b.downsample, "0", "1"))
         return pairs
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def level_widths(self) -> list[int]:
+        """Widths of the pooled feature levels, top first: layer4's, then layer3's to layer1's."""
+        return list(self._level_widths)
+
+    def features(self, x: torch.Tensor, levels: int = 1) -> torch.Tensor:
+        """layer4's pooled features, followed by those of the `levels` - 1 layers below it
+        (top first)."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean((2, 3))
+        pooled = []
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+            if i > 4 - levels:
+                pooled.append(x.mean((2, 3)))
+        return torch.cat(pooled[::-1], 1) if len(pooled) > 1 else pooled[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))

@@ -124,7 +124,8 @@ class TransferNet(nn.Module):
     backbone: Backbone
 
     def __init__(self, num_classes: int, backbone: str, weights: str, resolution: int,
-                 finetune: int | str, head: Sequence[int], dropout: float, drop_path: float):
+                 finetune: int | str, head: Sequence[int], dropout: float, drop_path: float,
+                 levels: int = 1):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)} (got {backbone!r})")
@@ -155,8 +156,12 @@ class TransferNet(nn.Module):
                     p.requires_grad_(True)
         self.frozen = n_train == 0
         attr = "_fc" if hasattr(self.backbone, "_fc") else "fc"
-        feats = getattr(self.backbone, attr).in_features
         setattr(self.backbone, attr, nn.Identity())  # the ImageNet classifier is not kept
+        widths = self.backbone.level_widths()
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= len(widths):
+            raise ValueError(f"levels must be 1 to {len(widths)} for {backbone} (got {levels!r})")
+        self.levels = levels
+        feats = sum(widths[:levels])
         self.num_features = feats
         self.head = Head(feats, head, num_classes, dropout)
 
@@ -272,8 +277,8 @@ class TransferNet(nn.Module):
         # inference: batch norms folded (eager only; a traced export takes the plain backbone,
         # the same function, and ONNX runtimes fold the norms themselves)
         if self.frozen and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._inference_backbone().features(self.prepare(x))
-        return self.backbone.features(self.prepare(x))
+            return self._inference_backbone().features(self.prepare(x), self.levels)
+        return self.backbone.features(self.prepare(x), self.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
@@ -281,12 +286,12 @@ class TransferNet(nn.Module):
 
 def transfer(num_classes: int = 4, backbone: str = "efficientnet-lite0", weights: str = "imagenet",
              resolution: int = 160, finetune: int | str = 0, head: Sequence[int] = (),
-             dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
+             dropout: float = 0.0, drop_path: float = 0.0, levels: int = 1) -> nn.Module:
     return TransferNet(num_classes, backbone, str(weights), int(resolution), finetune, list(head),
-                       float(dropout), float(drop_path))
+                       float(dropout), float(drop_path), levels)
 
 
 register("transfer", "ImageNet backbone (efficientnet-lite0, or a torchvision ResNet .pth) + dense "
          "head; frozen (features cached) or fine-tuned", transfer,
          backbone="efficientnet-lite0", weights="imagenet", resolution=160, finetune=0, head=(),
-         dropout=0.0, drop_path=0.0)
+         dropout=0.0, drop_path=0.0, levels=1)

@@ -93,12 +93,16 @@ class CacheFile:
 def cache_file(model, ds: Dataset, view: str, precision: str, digest: str) -> CacheFile:
     """The cache file of a backbone, view and precision for `ds` at its images' size: a dataset
     imported larger than 32 px gives a model its images at another size (Dataset.at_size, same
-    checksum), so the size is part of the key and the name (absent at 32 px, CIFAR's files)."""
+    checksum), so the size is part of the key and the name (absent at 32 px, CIFAR's files).
+    So are the feature levels a model pools (absent for the top level alone, the older files)."""
     sized = "" if ds.size == MODEL_SIZE else f"|{ds.size}"
+    levels = getattr(model, "levels", 1)
+    leveled = "" if levels == 1 else f"|levels{levels}"
     key = hashlib.sha256(f"{FORMAT}|{digest}|{model.resolution}|{view}|{precision}|"
-                         f"{ds.checksum()}{sized}".encode()).hexdigest()[:16]
+                         f"{ds.checksum()}{sized}{leveled}".encode()).hexdigest()[:16]
     source = "" if ds.size == MODEL_SIZE else f"from{ds.size}px-"
-    name = f"{model.spec.name}-{model.resolution}px-{source}{view}-{precision}-{key}.npz"
+    depth = "" if levels == 1 else f"{levels}levels-"
+    name = f"{model.spec.name}-{model.resolution}px-{source}{depth}{view}-{precision}-{key}.npz"
     return CacheFile(features_dir() / name, len(ds), model.num_features)
 
 

@@ -3,6 +3,8 @@ and the saved model use statistics of the current weights; the training itself i
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -78,6 +80,7 @@ def test_off_the_running_statistics_are_the_training_averages(tiny, tmp_path):
     r = pipeline.train(exp(0, epochs=1), tiny, runs_root=tmp_path, progress=False, callbacks=[Last()])
     for k, v in buffers(r.model).items():
         assert torch.equal(v, seen[-1][k])
+    assert "final_statistics" not in r.metrics  # nothing was recalibrated, nothing chosen
 
 
 def test_a_resumed_run_recalibrates_to_the_same_result(tiny, tmp_path):
@@ -154,3 +157,6 @@ def test_the_last_epoch_keeps_the_statistics_that_validate_better(tiny, tmp_path
     run = pipeline.train(exp(2, epochs=1), tiny, runs_root=tmp_path, progress=False)
     assert run.history[-1]["val_accuracy"] > 0.7 and run.metrics["test_accuracy"] > 0.7
     assert all(m.running_mean.abs().max() < 50 for m in updated_batch_norms(run.model))
+    assert run.metrics["final_statistics"] == "running"
+    saved = json.loads((run.run_dir / "metrics.json").read_text())
+    assert saved["final_statistics"] == "running"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -205,6 +205,10 @@ class Metrics(_Record):
                                        "kept (early stopping or checkpoint_best), None: the last.")
     iterations: int | None = Field(default=None, description="Training steps taken.")
     steps: int | None = Field(default=None, description="Training steps taken (as iterations).")
+    final_statistics: Literal["recalibrated", "running"] | None = Field(
+        default=None, description="The batch-norm statistics the model ends with: recalibrated at "
+        "the final weights, or the running averages training left, whichever validated better "
+        "(absent for a model without batch norm's recalibration).")
     steps_per_epoch: int | None = Field(default=None, description="Steps in a full epoch.")
     params: int = Field(description="Parameters of the model.")
     trainable_params: int | None = Field(default=None, description="Of which trainable.")

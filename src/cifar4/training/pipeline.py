@@ -898,6 +898,8 @@ def _metrics(run: _Fit, rows: list[dict], res: dict[str, dict], precision: str, 
     if run.plan.kernels is not None:  # the session CNN's pools on a CPU: compiled or the library's
         metrics["kernels"] = {"pool2x2": run.plan.kernels.to_dict()}
     metrics["steps"] = run.trainer.steps_done
+    if run.trainer.final_statistics is not None:  # which batch-norm statistics the last epoch kept
+        metrics["final_statistics"] = run.trainer.final_statistics
     if run.deadline is not None and run.deadline.summary() is not None:  # what a budget or limit planned
         metrics[run.deadline.key] = run.deadline.summary()
     if not run.test:

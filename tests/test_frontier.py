@@ -106,6 +106,24 @@ def test_frontier_points_are_means_with_sample_std_and_the_frontier_is_per_serie
     assert plots.on_frontier(pts) == {("cpu", "fast"), ("gpu", "fast")}
 
 
+def test_frontier_labels_stay_inside_and_apart_and_seconds_read_as_numbers():
+    plt = plots._pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    pts = plots.frontier_points([("fast", "", 84.0, 0.913), ("fast (fresh machine)", "", 85.0, 0.911),
+                                 ("fast --time-budget 30", "", 30.0, 0.84), ("best (fresh machine)", "", 590.0, 0.96)])
+    ax.set_xscale("log")
+    plots._frontier_axes(ax, pts)
+    offsets = dict(zip([p.label for p in pts], plots._label_offsets(ax, pts), strict=True))
+    assert offsets["best (fresh machine)"][2] == "right"  # anchored on its right: it would run off the panel
+    assert offsets["fast --time-budget 30"][2] == "left"
+    assert offsets["fast"][1] != offsets["fast (fresh machine)"][1]  # the two close labels do not overlap
+    assert offsets["fast --time-budget 30"][1] == 3
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert shown and all(re.fullmatch(r"\$?\\mathdefault\{\d+\}\$?|\d+", t) for t in shown), shown
+    plt.close(fig)
+
+
 def test_report_draws_the_users_runs_of_two_datasets_side_by_side(tiny, tmp_path):
     entries = lab.run_lab(["mlp-raw"], tiny, tmp_path / "lab", quick=True, progress=False)
     X, _, t = make_arrays(200)

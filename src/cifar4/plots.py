@@ -4,6 +4,7 @@ learning-rate range test, the accuracy / time frontier by dataset."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,10 +183,11 @@ def frontier_panels(panels: dict[str, list[FrontierPoint]], path: Path, title: s
                 ax.errorbar([p.seconds for p in mine], [p.accuracy for p in mine], fmt="osD^v<>"[k % 7],
                             xerr=[p.seconds_std for p in mine], yerr=[p.accuracy_std for p in mine],
                             ms=5, capsize=2, ls="none", color=f"C{k}", label=ser or None)
-            for p in mine:
-                ax.annotate(p.label, (p.seconds, p.accuracy), textcoords="offset points", xytext=(4, 3),
-                            fontsize=7, color=f"C{k}")
         ax.set_xscale("log")
+        _frontier_axes(ax, pts)
+        for p, (dx, dy, ha) in zip(pts, _label_offsets(ax, pts), strict=True):
+            ax.annotate(p.label, (p.seconds, p.accuracy), textcoords="offset points", xytext=(dx, dy),
+                        ha=ha, fontsize=7, color=f"C{series.index(p.series)}")
         ax.set_xlabel("seconds, command start to metrics.json (mean over runs)")
         ax.set_ylabel("test accuracy (mean +- std over runs)")
         ax.grid(alpha=0.3, which="both")
@@ -195,6 +197,60 @@ def frontier_panels(panels: dict[str, list[FrontierPoint]], path: Path, title: s
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, path)
+
+
+NICE_SECONDS = (1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600, 900, 1200, 1800, 3600)
+
+
+def _frontier_axes(ax, pts: list[FrontierPoint]) -> None:
+    """Room around the points for their labels, and seconds written as plain numbers on the
+    log axis (its default 3 x 10^1 style runs the labels into each other)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+    lo, hi = min(p.seconds for p in pts), max(p.seconds for p in pts)
+    ax.set_xlim(lo / 1.3, hi * 1.3)
+    ax.margins(y=0.1)
+    ticks: list[float] = [t for t in NICE_SECONDS if lo / 1.3 <= t <= hi * 1.3] or [round(lo, 1)]
+    if len(ticks) > 7:  # every other one, keeping the last
+        ticks = ticks[::-1][::2][::-1]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _label_box(px: float, py: float, w: float, ha: str, dy: int) -> tuple[float, float, float, float]:
+    """A label's box (left, right, bottom, top, in points) for a point at (px, py)."""
+    left = px - 4 - w if ha == "right" else px + 4
+    return left, left + w, py + dy, py + dy + 8
+
+
+def _label_offsets(ax, pts: list[FrontierPoint]) -> list[tuple[int, int, str]]:
+    """(dx, dy, alignment) in points per label: the first place, of just above or just below its
+    point on its right, then on its left, then further below, where its box covers no marker
+    and no label placed before it (a side where it would run off the panel is not tried).
+    Boxes are estimated from the label's length (7 pt text); if no place is clear, the first."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    span = math.log(x1 / x0)
+    width, height = (v * 72 / ax.figure.dpi for v in (ax.bbox.width, ax.bbox.height))  # in points
+    def at(p: FrontierPoint) -> tuple[float, float]:
+        return math.log(p.seconds / x0) / span * width, (p.accuracy - y0) / (y1 - y0) * height
+
+    # boxes in points (left, right, bottom, top): the markers first, then each label placed
+    placed = [(x - 3, x + 3, y - 3, y + 3) for x, y in map(at, pts)]
+    out = []
+    for p in pts:
+        px, py = at(p)
+        w = 4.0 * len(p.label)
+        sides = ["left", "right"] if px + 4 + w <= width else ["right"]  # ha: the label's anchor
+        if px - 4 - w < 0:
+            sides = ["left"]
+        tries = [(ha, dy) for ha in sides for dy in (3, -10)] + [(sides[0], -10 - 9 * k) for k in range(1, 6)]
+        ha, dy = next(((h, d) for h, d in tries
+                       if not any(a < r and b > lft and c < t and e > bt for lft, r, bt, t in placed
+                                  for a, b, c, e in [_label_box(px, py, w, h, d)])), tries[0])
+        placed.append(_label_box(px, py, w, ha, dy))
+        out.append((-4 if ha == "right" else 4, dy, ha))
+    return out
 
 
 def frontier(points: list[tuple[str, float, float]], path: Path, title: str = "") -> None:

@@ -483,6 +483,20 @@ def test_transfer_benchmark_script_runs(tiny_npz, tmp_path):
     assert "transfer | 2 |" in out.stdout
 
 
+def test_feature_levels_benchmark_scores_each_prefix_on_validation(tiny_npz, tmp_path):
+    import subprocess
+    import sys
+    script = Path(__file__).parents[1] / "benchmarks" / "feature_levels.py"
+    out = subprocess.run([sys.executable, str(script), "transfer", "--data", str(tiny_npz), "--levels", "1", "3",
+                          "--seeds", "0", "--resolution", "32", "--epochs", "1",
+                          "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["levels"], r["features"]) for r in rows] == [(1, 1280), (3, 1792)]
+    assert all(0 <= r["val_accuracy"] <= 1 and r["views"] == ["plain", "flip"] for r in rows)
+    assert "| 3 | 1792 |" in out.stdout
+
+
 def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny):
     """On a GPU the last batch is filled up to a whole one (one kernel choice per shape): the
     images' own features come out as unpadded (up to the kernels' rounding), the filler's not at all."""

@@ -470,31 +470,30 @@ def test_report_has_a_transfer_section(tiny, tmp_path):
     assert "Do the ImageNet weights carry?" in text and "(a) frozen, native 32 px" in text
 
 
-def test_transfer_benchmark_script_runs(tiny_npz, tmp_path):
+def _benchmark(script: str, args: list[str], tmp_path: Path) -> tuple[str, list[dict]]:
+    """Run benchmarks/SCRIPT in a fresh process: its stdout and the rows it wrote with --out."""
     import subprocess
     import sys
-    script = Path(__file__).parents[1] / "benchmarks" / "transfer.py"
-    out = subprocess.run([sys.executable, str(script), "transfer", "--data", str(tiny_npz), "--seeds", "0", "1",
-                          "--epochs", "1", "--subset", "96", "--set", "resolution=32",
-                          "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    path = Path(__file__).parents[1] / "benchmarks" / script
+    out = subprocess.run([sys.executable, str(path), *args, "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads((tmp_path / "r.json").read_text())
+    return out.stdout, json.loads((tmp_path / "r.json").read_text())
+
+
+def test_transfer_benchmark_script_runs(tiny_npz, tmp_path):
+    stdout, rows = _benchmark("transfer.py", ["transfer", "--data", str(tiny_npz), "--seeds", "0", "1",
+                                              "--epochs", "1", "--subset", "96", "--set", "resolution=32"], tmp_path)
     assert [r["cache"] for r in rows] == ["miss", "hit"] and rows[0]["options"]["resolution"] == 32
-    assert "transfer | 2 |" in out.stdout
+    assert "transfer | 2 |" in stdout
 
 
 def test_feature_levels_benchmark_scores_each_prefix_on_validation(tiny_npz, tmp_path):
-    import subprocess
-    import sys
-    script = Path(__file__).parents[1] / "benchmarks" / "feature_levels.py"
-    out = subprocess.run([sys.executable, str(script), "transfer", "--data", str(tiny_npz), "--levels", "1", "3",
-                          "--seeds", "0", "--resolution", "32", "--epochs", "1",
-                          "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads((tmp_path / "r.json").read_text())
+    stdout, rows = _benchmark("feature_levels.py", ["transfer", "--data", str(tiny_npz), "--levels", "1", "3",
+                                                    "--seeds", "0", "--resolution", "32", "--epochs", "1"], tmp_path)
     assert [(r["levels"], r["features"]) for r in rows] == [(1, 1280), (3, 1792)]
     assert all(0 <= r["val_accuracy"] <= 1 and r["views"] == ["plain", "flip"] for r in rows)
-    assert "| 3 | 1792 |" in out.stdout
+    assert "| 3 | 1792 |" in stdout
 
 
 def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny):

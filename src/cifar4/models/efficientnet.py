@@ -144,9 +144,7 @@ class EfficientNetLite0(nn.Module):
     def features(self, x: torch.Tensor, levels: int = 1) -> torch.Tensor:
         """The head's pooled features, followed by the pooled outputs of the top `levels` - 1
         stages (top first): what `level_widths` lists, concatenated."""
-        if levels <= 1:
-            return self.feature_map(x).mean((2, 3))
-        ends = set(STAGE_ENDS[len(STAGE_ENDS) - (levels - 1):])
+        ends = set(STAGE_ENDS[len(STAGE_ENDS) - (levels - 1):]) if levels > 1 else set()
         x = F.relu6(self._bn0(self._conv_stem(x)))
         pooled = []
         for i, block in enumerate(self._blocks):

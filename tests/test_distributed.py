@@ -134,3 +134,21 @@ def test_a_killed_data_parallel_run_resumes_under_torchrun(npz, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout)
     assert m["epochs"] == 8 and m["resumed_from_epoch"] >= 1 and len(_history(run)) == 8
+
+
+def test_a_process_that_joined_a_group_ends_with_its_atexit_handlers_run_and_its_output_flushed(tmp_path):
+    """`exit_process` skips the interpreter's shutdown (where gloo's worker threads can abort a
+    finished process) but not what a normal exit does for the program: the atexit handlers run,
+    buffered output reaches its pipe, and the exit code is the one given."""
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, pathlib, sys\n"
+            "from cifar4.training.distributed import exit_process\n"
+            f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+            "sys.stdout.write('{\"buffered\": true}')\n"  # no newline: still in the buffer
+            "sys.stderr.write('to stderr')\n"
+            "exit_process(3)\n"
+            "print('never printed')\n")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3
+    assert r.stdout == '{"buffered": true}' and r.stderr == "to stderr"
+    assert marker.read_text() == "yes"

@@ -1041,13 +1041,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         from .training.distributed import teardown
-        teardown()  # leave torchrun's process group, if this process joined one
+        if teardown():  # left torchrun's process group: the process ends without the shutdown
+            _STATE["joined_group"] = True
     return 0
 
 
-def _entry() -> None:
-    sys.exit(main())
+def entry() -> None:
+    """The process's entry point (the `cifar4` command and `python -m cifar4`)."""
+    code = main()
+    if _STATE.get("joined_group"):
+        from .training.distributed import exit_process
+        exit_process(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    _entry()
+    entry()

@@ -13,10 +13,13 @@ metrics; every rank validates (the same numbers), so early stopping decides alik
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as _dt
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -63,9 +66,30 @@ def setup() -> World:
     return w
 
 
-def teardown() -> None:
+def teardown() -> bool:
+    """Leave torchrun's process group; True when this process had joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that joined a process group, skipping the interpreter's shutdown.
+
+    DistributedDataParallel leaves references to the gloo process group behind that
+    destroy_process_group cannot drop, so gloo's worker threads outlive the Python code. A worker
+    that releases a finished collective's tensors while the interpreter shuts down needs the GIL,
+    cannot take it, and aborts the whole process ("terminate called without an active
+    exception", SIGABRT or SIGSEGV); torchrun then reports a failed run whose folder is complete,
+    and stops the other ranks. So such a process runs its atexit handlers, flushes the standard
+    streams and ends at once: nothing of its own is left unwritten, and no worker thread can
+    wake up in a dying interpreter."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing to write to
+            stream.flush()
+    os._exit(code)
 
 
 def broadcast(obj: Any) -> Any:

@@ -176,3 +176,24 @@ def test_a_limits_views_are_chosen_again_where_the_data_outgrew_their_reference(
     plan = pipeline._make_plan(run, time.perf_counter(), None, skippable=False, resumed=False)
     assert plan.exp.train.tta == tta
     assert any("instead of 1" in r for r in plan.reasons) == (tta == 0)
+
+
+@pytest.mark.parametrize("recalibrate, model", [(2, "fast"), (0, "fast"), (2, "cnn")])
+def test_a_deadline_reserves_the_last_epochs_second_validation_where_batch_norm_is_recalibrated(
+        tmp_path, monkeypatch, recalibrate, model):
+    """The last epoch validates the recalibrated statistics and the running averages (and keeps
+    the better): the deadline's final reserve counts that second pass over the validation split
+    with the final evaluation, and only where it happens (the fast net has batch norm, the plain
+    cnn none)."""
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    ds = sorted_classes(4, 72)  # 204 train, 36 val, 48 test
+    recipe = config.merge(SMALL_FAST, {"train": {"time_limit": 100, "bn_recalibrate": recalibrate}})
+    if model == "cnn":
+        recipe["model"] = {"name": "cnn", "options": {}}
+    exp = config.from_dict({"name": "f", **recipe})
+    run = pipeline._prepare(exp, ds, tmp_path)
+    pipeline._make_plan(run, time.perf_counter(), None, skippable=False, resumed=False)
+    run.x = {k: torch.from_numpy(run.ds.X[v]) for k, v in run.idx.items()}
+    deadline = pipeline._deadline(run, time.perf_counter(), None, run.norm)
+    second = 36 if recalibrate and model == "fast" else 0
+    assert deadline.budget.eval_images == pipeline._eval_images(run) + second

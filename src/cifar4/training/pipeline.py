@@ -503,7 +503,8 @@ def _deadline(run: _Fit, t_start: float, log: Callable[[str], None] | None,
     if budget is None and not exp.train.time_limit:
         return None
     # a budget may cut the final evaluation's test-time views, so it is given each level's cost
-    images = _eval_images(run) if budget is None else {exp.train.tta: _eval_images(run)}  # views: planned
+    last = _eval_images(run) + _statistics_check_images(run)
+    images = last if budget is None else {exp.train.tta: last}  # views: planned
     b = Budget.starting(budget or exp.train.time_limit, t_start, images,
                         max_epochs=None if budget is not None else exp.train.epochs)
     return Deadline(b, run.x["val"], norm, log)
@@ -540,6 +541,16 @@ def _eval_images(run: _Fit, exp: Experiment | None = None, tta: int | None = Non
     views = len(tta_views(torch.zeros(1, 3, 4, 4), (exp or run.exp).train.tta if tta is None else tta))
     parts = ("val", "test") if run.test else ("val",)
     return len(_eval_rows(run, "train")) + views * sum(len(run.idx[k]) for k in parts)
+
+
+def _statistics_check_images(run: _Fit) -> int:
+    """Images of the extra validation pass the last epoch takes where batch norm is
+    recalibrated: the running averages are validated too, and the better statistics kept
+    (Trainer._final_statistics). A deadline reserves it with the final evaluation, since on
+    CIFAR-10's 7,500 validation images it is seconds the plan would not see coming."""
+    if not run.exp.train.bn_recalibrate or not batchnorm.updated(run.model):
+        return 0
+    return len(run.x["val"]) if "val" in run.x else len(run.idx["val"])
 
 
 def _view_levels(run: _Fit, exp: Experiment) -> dict[int, int]:

@@ -157,9 +157,10 @@ def main() -> None:
     ap.add_argument("--split", default="session", choices=["session", "stratified", "official"])
     ap.add_argument("--train-images", type=int, default=None,
                     help="train on this many of the training split's images (spread evenly)")
+    ap.add_argument("--resolution", type=int, default=None, help="instead of the experiment's")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    exp = config.load(a.experiment)
+    exp = config.load(a.experiment, {"model": {"options": {"resolution": a.resolution}}} if a.resolution else None)
     ds = cifar4.load_dataset(a.data)
     sp = make_split(ds, a.split, 42)
     train_rows = sp.train

@@ -496,6 +496,15 @@ def test_feature_levels_benchmark_scores_each_prefix_on_validation(tiny_npz, tmp
     assert "| 3 | 1792 |" in stdout
 
 
+def test_finetune_top_benchmark_trains_both_arms_on_cached_activations(tiny_npz, tmp_path):
+    stdout, rows = _benchmark("finetune_top.py", ["transfer-224", "--data", str(tiny_npz), "--seeds", "0",
+                                                  "--resolution", "32", "--epochs", "2"], tmp_path)
+    assert [(r["arm"], r["epoch"]) for r in rows] == [("frozen", 12), ("tuned", 1), ("tuned", 2)]
+    assert all(r["cut_block"] == 14 and r["activation_shape"] == [192, 1, 1] for r in rows)
+    assert all(0 <= r["val_accuracy"] <= 1 for r in rows)
+    assert "| frozen | 12 |" in stdout and "| tuned | 2 |" in stdout
+
+
 def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny):
     """On a GPU the last batch is filled up to a whole one (one kernel choice per shape): the
     images' own features come out as unpadded (up to the kernels' rounding), the filler's not at all."""

@@ -16,11 +16,13 @@ them, for each seed:
   norms keep ImageNet's statistics), at `--lr-top`, for `--epochs`.
 
 Both arms use Adam with a one-cycle schedule at the experiment's rate, batch size and label
-smoothing, and the same augmentation: the mirror of the cached activation map (not the
-activations of the mirrored image, which would double the extraction; it is the same for
-both arms). Validation averages the map and its mirror. The test split is not read.
+smoothing, and the same augmentation, a mirror view: by default (`--mirror map`) the cached
+activation map mirrored, which costs no second extraction; `--mirror image` extracts the
+activations of the mirror images too, as the frozen presets' mirror view is made. Validation
+averages the two views. The test split is not read.
 
     python benchmarks/finetune_top.py transfer-224 --seeds 0 1 2
+    python benchmarks/finetune_top.py transfer-224 --seeds 0 1 2 --arms frozen --mirror image
     python benchmarks/finetune_top.py transfer-224 --data cifar10.npz --split official --train-images 12000
 
 Prints one JSON object per arm and seed (the tuned arm's per epoch), then a table.
@@ -47,13 +49,15 @@ from cifar4.training.features import feature_precision
 from common import mean_std
 
 
-def activations(model, ds, rows: np.ndarray, cut: int, bf16: bool) -> torch.Tensor:
-    """The output of backbone block `cut` for the rows' images (fp16), batch norms folded."""
+def activations(model, ds, rows: np.ndarray, cut: int, bf16: bool, mirror: bool = False) -> torch.Tensor:
+    """The output of backbone block `cut` for the rows' images, or their mirror images (fp16),
+    batch norms folded."""
     fused = model._inference_backbone()
     out = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(rows), model.max_batch):
             x = torch.from_numpy(ds.X[rows[i:i + model.max_batch]]).permute(0, 3, 1, 2).float() / 255
+            x = x.flip(3) if mirror else x
             x = F.relu6(fused._bn0(fused._conv_stem(model.prepare(x))))
             for block in fused._blocks[:cut + 1]:
                 x = block(x)
@@ -93,8 +97,14 @@ class Top(nn.Module):
         return self
 
 
+def _mirror(acts: torch.Tensor, images: torch.Tensor | None, rows) -> torch.Tensor:
+    """The mirror view of cached activations: those of the mirror images where extracted,
+    else the mirrored activation map."""
+    return (images[rows] if images is not None else acts[rows].flip(3)).float()
+
+
 def fit(arm: str, exp, make_top, a_tr, y_tr, a_va, y_va, epochs: int, lr_top: float, bf16: bool,
-        seed: int, report) -> float:
+        seed: int, report, m_tr: torch.Tensor | None = None, m_va: torch.Tensor | None = None) -> float:
     torch.manual_seed(seed)
     top = make_top()
     tuned = arm == "tuned"
@@ -114,7 +124,7 @@ def fit(arm: str, exp, make_top, a_tr, y_tr, a_va, y_va, epochs: int, lr_top: fl
         top.eval()
         with torch.no_grad(), cast:
             plain = torch.cat([top.features(a_tr[i:i + 512].float()).float() for i in range(0, n, 512)])
-            mirror = torch.cat([top.features(a_tr[i:i + 512].float().flip(3)).float() for i in range(0, n, 512)])
+            mirror = torch.cat([top.features(_mirror(a_tr, m_tr, slice(i, i + 512))).float() for i in range(0, n, 512)])
     acc = 0.0
     for epoch in range(epochs):
         top.train()
@@ -123,9 +133,9 @@ def fit(arm: str, exp, make_top, a_tr, y_tr, a_va, y_va, epochs: int, lr_top: fl
             rows = order[i:i + batch]
             flip = torch.rand(len(rows)) < 0.5
             if tuned:
-                x = a_tr[rows].float()
                 with cast:
-                    out = top(torch.where(flip[:, None, None, None], x.flip(3), x)).float()
+                    out = top(torch.where(flip[:, None, None, None], _mirror(a_tr, m_tr, rows),
+                                          a_tr[rows].float())).float()
             else:
                 out = top.head(torch.where(flip[:, None], mirror[rows], plain[rows]))
             loss = F.cross_entropy(out, y_tr[rows], label_smoothing=t.label_smoothing)
@@ -137,7 +147,7 @@ def fit(arm: str, exp, make_top, a_tr, y_tr, a_va, y_va, epochs: int, lr_top: fl
             top.eval()
             with torch.no_grad(), cast:
                 p = torch.cat([top(a_va[i:i + 256].float()).float().softmax(1)
-                               + top(a_va[i:i + 256].float().flip(3)).float().softmax(1)
+                               + top(_mirror(a_va, m_va, slice(i, i + 256))).float().softmax(1)
                                for i in range(0, len(a_va), 256)])
             acc = float((p.argmax(1) == y_va).float().mean())
             report({"arm": arm, "seed": seed, "epoch": epoch + 1, "val_accuracy": round(acc, 4),
@@ -158,6 +168,9 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=None,
                     help="train on this many of the training split's images (spread evenly)")
     ap.add_argument("--resolution", type=int, default=None, help="instead of the experiment's")
+    ap.add_argument("--mirror", default="map", choices=["map", "image"],
+                    help="the mirror view: the cached map mirrored, or the mirror image's activations "
+                         "(a second extraction)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     exp = config.load(a.experiment, {"model": {"options": {"resolution": a.resolution}}} if a.resolution else None)
@@ -175,11 +188,14 @@ def main() -> None:
     bf16 = feature_precision(exp.train.precision, torch.device("cpu")) == "bf16"
     t0 = time.perf_counter()
     a_tr, a_va = (activations(model, ds, r, cut, bf16) for r in (train_rows, sp.val))
+    m_tr = m_va = None
+    if a.mirror == "image":
+        m_tr, m_va = (activations(model, ds, r, cut, bf16, mirror=True) for r in (train_rows, sp.val))
     extraction = time.perf_counter() - t0
     y_tr, y_va = torch.from_numpy(ds.Y[train_rows]).long(), torch.from_numpy(ds.Y[sp.val]).long()
     common = {"experiment": exp.name, "dataset": Path(ds.source).name, "split": a.split,
               "train_images": len(train_rows), "val_images": len(sp.val), "blocks": a.blocks,
-              "cut_block": cut, "activation_shape": list(a_tr.shape[1:]), "lr_top": a.lr_top,
+              "cut_block": cut, "activation_shape": list(a_tr.shape[1:]), "lr_top": a.lr_top, "mirror": a.mirror,
               "extraction_seconds": round(extraction, 1), "precision": "bf16" if bf16 else "fp32",
               "cpu": runs.machine(torch.device("cpu"))["cpu"], "stage_ends": list(STAGE_ENDS)}
     results: list[dict] = []
@@ -198,7 +214,8 @@ def main() -> None:
     for seed in a.seeds:
         for arm in a.arms:
             epochs = a.epochs if arm == "tuned" else exp.train.epochs
-            final[arm].append(fit(arm, exp, make_top, a_tr, y_tr, a_va, y_va, epochs, a.lr_top, bf16, seed, report))
+            final[arm].append(fit(arm, exp, make_top, a_tr, y_tr, a_va, y_va, epochs, a.lr_top, bf16, seed, report,
+                                  m_tr, m_va))
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
     print("\n| arm | epochs | validation accuracy |\n|---|---|---|")

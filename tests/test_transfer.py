@@ -503,6 +503,9 @@ def test_finetune_top_benchmark_trains_both_arms_on_cached_activations(tiny_npz,
     assert all(r["cut_block"] == 14 and r["activation_shape"] == [192, 1, 1] for r in rows)
     assert all(0 <= r["val_accuracy"] <= 1 for r in rows)
     assert "| frozen | 12 |" in stdout and "| tuned | 2 |" in stdout
+    _, rows = _benchmark("finetune_top.py", ["transfer-224", "--data", str(tiny_npz), "--seeds", "0", "--arms",
+                                             "frozen", "--mirror", "image", "--resolution", "32"], tmp_path)
+    assert [(r["arm"], r["mirror"]) for r in rows] == [("frozen", "image")]
 
 
 def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny):

@@ -550,7 +550,7 @@ def _statistics_check_images(run: _Fit) -> int:
     CIFAR-10's 7,500 validation images it is seconds the plan would not see coming."""
     if not run.exp.train.bn_recalibrate or not batchnorm.updated(run.model):
         return 0
-    return len(run.x["val"]) if "val" in run.x else len(run.idx["val"])
+    return len(run.idx["val"])
 
 
 def _view_levels(run: _Fit, exp: Experiment) -> dict[int, int]:

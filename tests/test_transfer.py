@@ -231,11 +231,67 @@ def test_a_frozen_transfer_model_trains_its_head_on_cached_features():
 
     class Dynamic:  # members reachable only through __getattr__, as nn.Module's submodules are
         def __getattr__(self, name):
-            if name in ("frozen", "head", "resolution", "num_features", "max_batch", "backbone_digest", "embed"):
+            if name in ("frozen", "head", "resolution", "num_features", "max_batch", "backbone_digest", "embed",
+                        "cut", "cache_shape", "cache_embed", "on_cache"):
                 return True
             raise AttributeError(name)
     assert models.cached_features_only(Dynamic())
     assert "head" not in vars(frozen) and "head" in frozen._modules  # what the static lookup misses
+
+
+def test_features_above_a_cut_continue_the_activations_below_it():
+    """features = features_above(activations_below(x, cut), cut): any cut, any levels the cut
+    leaves; a level whose stage ends under the map is refused."""
+    bb = models.build("transfer", resolution=64).backbone
+    bb.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for levels in (1, 2, 3):
+            whole = bb.features(x, levels)
+            for cut in (0, 9, 14, 15):
+                if levels > bb.max_levels_above(cut):
+                    continue
+                maps = bb.activations_below(x, cut)
+                assert maps.shape[1:] == bb.map_shape(64, cut)
+                assert torch.allclose(bb.features_above(maps, cut, levels), whole, atol=1e-4)
+        assert bb.map_shape(224, 14) == (192, 7, 7) and bb.map_shape(224, 16) == (320, 7, 7)
+        assert bb.map_shape(224, 0) == (32, 112, 112) and bb.map_shape(225, 1) == (16, 113, 113)
+        with pytest.raises(ValueError, match="expected at most 3 levels above block 15"):
+            bb.features_above(bb.activations_below(x, 15), 15, 4)
+
+
+def test_tuned_blocks_train_on_the_cached_maps_below_them():
+    """tune_blocks = 2: the top two blocks and the head convolution train (their batch norms
+    keep ImageNet's statistics), the rest is frozen; what trains takes the cached map entering
+    block 14 and gives the model's own logits; the digest keys the frozen part alone."""
+    m = models.build("transfer", resolution=64, levels=3, tune_blocks=2, head=[16])
+    m.load_pretrained()
+    assert m.cut == 14 and not m.frozen and models.cached_inputs(m) and not models.cached_features_only(m)
+    assert m.cache_shape == (192, 2, 2)
+    stages = m.backbone.stages()
+    assert all(not p.requires_grad for g in stages[:15] for mod in g for p in mod.parameters())
+    trained = {n for n, p in m.backbone.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in m.backbone.named_parameters()
+                       if n.startswith(("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1."))
+                       and "_depthwise_conv" not in n}  # (the depthwise kernels stay: their gradient is slow)
+    top = m.on_cache()
+    assert top is m.on_cache() and not any(k.startswith("_top") for k in m.state_dict())
+    top.train()
+    assert not any(mod.training for mod in m.backbone.modules()) and top.head.training
+    m.eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        maps = m.cache_embed(x).view(3, *m.cache_shape)
+        assert torch.allclose(top(maps), m(x), atol=1e-3)
+    digest = m.backbone_digest()
+    with torch.no_grad():
+        m.backbone._blocks[15]._project_conv.weight.add_(1.0)
+    assert m.backbone_digest() == digest  # the tuned part does not key the cache
+    with torch.no_grad():
+        m.backbone._blocks[3]._project_conv.weight.add_(1.0)
+    assert m.backbone_digest() != digest
+    cfg = config.from_dict({"model": {"name": "transfer"}, "train": {"lr": 0.01, "backbone_lr_scale": 0.5}}).train
+    assert sorted(g["lr"] for g in make_optimizer(top, cfg).param_groups) == pytest.approx([0.005, 0.01])
 
 
 def test_finetune_trains_only_the_top_blocks_at_a_lower_rate():
@@ -255,6 +311,12 @@ def test_finetune_trains_only_the_top_blocks_at_a_lower_rate():
 
 
 @pytest.mark.parametrize("bad, match", [
+    ({"model": {"options": {"tune_blocks": 2, "finetune": 1}}}, "expected one of them, with finetune = 0"),
+    ({"model": {"options": {"tune_blocks": 2, "backbone": "resnet18", "weights": "r.pth"}}},
+     "tune_blocks needs backbone efficientnet-lite0"),
+    ({"model": {"options": {"tune_blocks": 17}}}, "tune_blocks must be at most 16"),
+    ({"model": {"options": {"tune_blocks": -1}}}, "tune_blocks must be 0"),
+    ({"model": {"options": {"tune_blocks": 1, "levels": 4}}}, "levels must be 1 to 3 .* with tune_blocks=1"),
     ({"augment": {"translate": 2}}, "augment.translate needs the images"),
     ({"train": {"tta": 2}}, "tta 0 or 1"),
     ({"data": {"standardize": True}}, "data.standardize = false"),
@@ -375,6 +437,41 @@ def test_head_training_on_cached_features_then_evaluate_agrees(tiny, tmp_path, c
     assert pred[0]["label"] in tiny.classes and abs(sum(pred[0]["probabilities"].values()) - 1) < 1e-4
     # a second run reads the cache and trains the same head
     r2 = pipeline.train(_exp(), tiny, runs_root=tmp_path / "runs", progress=False)
+    assert r2.metrics["features"]["cache"] == "hit"
+    assert r2.history == [{**h, "seconds": r2.history[i]["seconds"]} for i, h in enumerate(r.history)]
+
+
+def _tuned(**over) -> config.Experiment:
+    d = config.merge(config.load_dict("transfer-tuned")[0],
+                     {"model": {"options": {"resolution": 64, "head": [32]}},
+                      "train": {"epochs": 2, "batch_size": 32}, "fallbacks": []})
+    return config.from_dict(config.merge(d, over))
+
+
+def test_tuned_blocks_train_on_cached_maps_then_evaluate_agrees(tiny, tmp_path, capsys):
+    """`transfer-tuned`: the maps entering the tuned blocks are extracted once (every image,
+    and the mirror images of validation and test for the mirror view), the blocks above and
+    the head train on them, and the saved run, a whole model on images, evaluates as training
+    reported; a second run reads the cache and trains the same way."""
+    exp = _tuned()
+    r = pipeline.train(exp, tiny, runs_root=tmp_path / "runs", progress=False)
+    m, sp = r.metrics, r.metrics["split"]
+    assert m["features"]["views"] == ["plain", "flip"] and m["features"]["cache"] == "miss"
+    assert m["features"]["extracted"] == len(tiny) + sp["val"] + sp["test"]
+    assert any("below14" in Path(f).name for f in m["features"]["files"])
+    torch.manual_seed(0)
+    init = models.build("transfer", **exp.model.options)
+    init.load_pretrained()
+    tuned, base = r.model.backbone.state_dict(), init.backbone.state_dict()
+    top = ("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")
+    assert all(torch.equal(tuned[k], base[k]) for k in base if not k.startswith(top))
+    assert not torch.equal(tuned["_blocks.15._project_conv.weight"], base["_blocks.15._project_conv.weight"])
+    assert torch.equal(tuned["_blocks.15._depthwise_conv.weight"], base["_blocks.15._depthwise_conv.weight"])
+    assert torch.equal(tuned["_blocks.15._bn2.running_var"], base["_blocks.15._bn2.running_var"])
+    assert main(["evaluate", str(r.run_dir), "--data", str(_save(tiny, tmp_path)), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["test"]["accuracy"] == pytest.approx(m["test_accuracy"], abs=0.03)
+    r2 = pipeline.train(exp, tiny, runs_root=tmp_path / "runs", progress=False)
     assert r2.metrics["features"]["cache"] == "hit"
     assert r2.history == [{**h, "seconds": r2.history[i]["seconds"]} for i, h in enumerate(r.history)]
 

@@ -12,10 +12,11 @@ run (models/base.py), the Keras-style summary, weight files, and the model famil
 """
 
 from . import ensemble, fast, seed, transfer  # noqa: F401  (each registers its models)
-from .base import backbone_digest, cached_features_only, full_precision, init_from_data, load_pretrained
+from .base import backbone_digest, cached_features_only, cached_inputs, full_precision, init_from_data, load_pretrained
 from .registry import MODEL_SIZE, ModelSpec, build, input_size, names, register, resolve_options, spec
 from .summary import Summary, count_params, summary
 
-__all__ = ["MODEL_SIZE", "ModelSpec", "Summary", "backbone_digest", "build", "cached_features_only", "count_params",
+__all__ = ["MODEL_SIZE", "ModelSpec", "Summary", "backbone_digest", "build", "cached_features_only", "cached_inputs",
+           "count_params",
            "full_precision", "init_from_data", "input_size", "load_pretrained", "names", "register",
            "resolve_options", "spec", "summary"]

@@ -11,7 +11,9 @@ asks through the functions below, never by probing attributes itself.
   whitening layer; the random-backbone control's batch-norm statistics).
 - `FrozenBackbone`: a frozen pretrained backbone under a trainable head. Its features are the
   same at every epoch, so the run computes them once (training/features.py, cached on disk) and
-  trains the head alone on them.
+  trains the head alone on them. With `cut` set, the backbone is frozen below that block only:
+  the activation maps entering it are cached instead, and the blocks above train with the head
+  on them (`on_cache` is what trains, `cache_shape` what it takes per image).
 - `MemberPrecision`: runs its parts in their own precisions (an ensemble); `full_precision`
   turns that off for export.
 - `max_batch`: the largest inference batch worth using on a CPU (large inputs want small
@@ -47,6 +49,7 @@ class DataInitialized(Protocol):
 
 class FrozenBackbone(Protocol):
     frozen: bool
+    cut: int | None
     head: nn.Module
     resolution: int
     num_features: int
@@ -57,6 +60,13 @@ class FrozenBackbone(Protocol):
     def backbone_digest(self) -> str: ...
 
     def embed(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def cache_shape(self) -> tuple[int, ...]: ...
+
+    def cache_embed(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def on_cache(self) -> nn.Module: ...
 
 
 class MemberPrecision(Protocol):
@@ -86,6 +96,13 @@ def init_from_data(model: nn.Module, x: torch.Tensor) -> None:
 def cached_features_only(model: nn.Module) -> TypeGuard[FrozenBackbone]:
     """Whether only a head trains, on features computed once (a frozen backbone)."""
     return follows(model, FrozenBackbone) and bool(model.frozen)
+
+
+def cached_inputs(model: nn.Module) -> TypeGuard[FrozenBackbone]:
+    """Whether what trains takes inputs computed once and cached: a frozen backbone's
+    features (its head trains), or the activation maps below a backbone's tuned top blocks
+    (those blocks and the head train)."""
+    return follows(model, FrozenBackbone) and (bool(model.frozen) or model.cut is not None)
 
 
 def backbone_digest(model: nn.Module) -> str | None:

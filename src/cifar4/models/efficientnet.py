@@ -144,15 +144,50 @@ class EfficientNetLite0(nn.Module):
     def features(self, x: torch.Tensor, levels: int = 1) -> torch.Tensor:
         """The head's pooled features, followed by the pooled outputs of the top `levels` - 1
         stages (top first): what `level_widths` lists, concatenated."""
-        ends = set(STAGE_ENDS[len(STAGE_ENDS) - (levels - 1):]) if levels > 1 else set()
+        return self.features_above(self.activations_below(x, 0), 0, levels)
+
+    def activations_below(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        """The activation map that enters block `cut` (the stem's output for 0): what the blocks
+        from `cut` up take, so that they can be trained on maps computed once."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        pooled = []
-        for i, block in enumerate(self._blocks):
+        for block in self._blocks[:cut]:
+            x = block(x)
+        return x
+
+    def features_above(self, x: torch.Tensor, cut: int, levels: int = 1) -> torch.Tensor:
+        """`features` from the activation map entering block `cut` (activations_below). A
+        pooled level whose stage ends below the cut can only come from the map itself, where
+        that stage is the one just below it (its output is the map)."""
+        ends = set(STAGE_ENDS[len(STAGE_ENDS) - (levels - 1):]) if levels > 1 else set()
+        if any(e < cut - 1 for e in ends):
+            raise ValueError(f"levels={levels} pools stages that end below block {cut - 1}; "
+                             f"expected at most {self.max_levels_above(cut)} levels above block {cut}")
+        pooled = [x.mean((2, 3))] if cut - 1 in ends else []
+        for i, block in enumerate(self._blocks[cut:], cut):
             x = block(x)
             if i in ends:
                 pooled.append(x.mean((2, 3)))
         head = F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
         return torch.cat([head, *reversed(pooled)], 1)
+
+    @staticmethod
+    def map_shape(resolution: int, cut: int) -> tuple[int, int, int]:
+        """(C, H, W) of `activations_below(x, cut)` for square inputs of side `resolution`:
+        'SAME' convolutions give ceil(side / stride)."""
+        side, channels = math.ceil(resolution / 2), 32  # the stem
+        block = 0
+        for repeats, _, stride, _, _, c_out in LITE0_STAGES:
+            for r in range(repeats):
+                if block == cut:
+                    return channels, side, side
+                side, channels = math.ceil(side / (stride if r == 0 else 1)), c_out
+                block += 1
+        return channels, side, side
+
+    @staticmethod
+    def max_levels_above(cut: int) -> int:
+        """The most feature levels `features_above(x, cut, levels)` can pool."""
+        return 1 + sum(1 for e in STAGE_ENDS if e >= cut - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.features(x)))

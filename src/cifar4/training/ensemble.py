@@ -96,9 +96,9 @@ def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.de
             continue
         model = m.loaded.model
         tta = 0 if part == "train" else m.exp.train.tta
-        if models.cached_features_only(model):  # a frozen backbone: its cached features, as training did
+        if models.cached_inputs(model):  # a frozen backbone: its cache, as training read it
             cached = cached or CachedFeatures(m.exp, m.loaded.model, ds, idx, device, False, m.loaded.precision)
-            out[part] = cached.logits(model.head, part, tta, "fp32")
+            out[part] = cached.logits(model.on_cache(), part, tta, "fp32")
             continue
         m.loaded.model.to(device)
         out[part] = predict_logits(m.loaded.model, torch.from_numpy(ds.X[rows]), m.loaded.norm,

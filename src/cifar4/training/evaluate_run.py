@@ -81,9 +81,9 @@ def part_logits(loaded: LoadedModel, exp: Any, folder: Path, ds: datamod.Dataset
     hold the image and its mirror alone), on the images. `as_trained`: `tta` is the run's own
     setting (so cached features and members' own views apply). `cifar4 interpret` comes here too."""
     model = loaded.model.to(dev)
-    if as_trained and models.cached_features_only(model):
+    if as_trained and models.cached_inputs(model):
         cached = CachedFeatures(exp, loaded.model, ds, _every_part(idx), dev, False, loaded.precision)
-        head: nn.Module = cast(Any, model).head
+        head: nn.Module = model.on_cache()
         return {k: cached.logits(head, k, tta[k], prec) for k in idx}
     members = _member_experiments(loaded, folder) if as_trained and not any(tta.values()) else None
     if members is not None:  # as Ensemble.forward: the log of the members' weighted mean probabilities
@@ -127,9 +127,9 @@ class _OneMember(nn.Module):
 def _member_logits(model: Ensemble, i: int, exp: Any, ds: datamod.Dataset, idx: dict[str, np.ndarray],
                    dev: torch.device, loaded: LoadedModel, prec: str) -> dict[str, torch.Tensor]:
     net: nn.Module = model.members[i]
-    if exp is not None and models.cached_features_only(net):
+    if exp is not None and models.cached_inputs(net):
         cached = CachedFeatures(exp, model.members[i], ds, _every_part(idx), dev, False, model.precisions[i])
-        head: nn.Module = cast(Any, net).head
+        head: nn.Module = net.on_cache()
         return {k: cached.logits(head, k, 0 if k == "train" else model.tta[i], prec) for k in idx}
     one = _OneMember(model, i)
     return {k: predict_logits(one, torch.from_numpy(ds.X[rows]), loaded.norm, device=dev, precision=prec,

@@ -1,16 +1,21 @@
 """Frozen-backbone features, computed once and cached on disk.
 
+What is cached per image is what the model trains on (`cache_embed`): a frozen backbone's
+pooled features, or, where its top blocks are tuned (`tune_blocks`), the activation map that
+enters them, flattened (192 x 7 x 7 at 224 px, in fp16: 18.8 KB an image).
+
 With a frozen backbone (transfer mode (b)) every epoch would push the same images through the
 same network; instead each image's pooled features are computed once per view (the image, and
 its mirror for flip augmentation and flip test-time augmentation) and kept in
 
-    <cache>/features/<backbone>-<resolution>px-[from<size>px-]<view>-<precision>-<key>.npz
+    <cache>/features/<backbone>-<resolution>px-[from<size>px-][below<block>-]<view>-<precision>-<key>.npz
 
 where <cache> is $CIFAR4_CACHE or the user cache folder, and <key> hashes the backbone's
 weights, the resolution, the view, the precision, the dataset's sha256 and the size of its
-images where not 32 px (an imported dataset stored larger): another backbone, size or dataset
-never reads stale features. A cache file covers the whole dataset and records
-which rows are done, so a run on a subset computes only its rows and later runs fill the rest.
+images where not 32 px (an imported dataset stored larger), and for activation maps the block
+they enter: another backbone, size or dataset never reads stale features. A cache file covers
+the whole dataset and records which rows are done, so a run on a subset computes only its rows
+and later runs fill the rest.
 Files are written atomically (one .npz, features and done-mask together), so a reader never sees
 a torn or inconsistent file; rows are added under the file's lock (locks.py), so two processes
 filling one file keep each other's rows.
@@ -20,11 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -37,7 +43,7 @@ from ..data import Dataset, work_cache
 from ..data.transforms import Augment, BatchAugment, FeatureInput, Normalization, ViewSample
 from ..device import autocast, bf16_is_fast, synchronize, to_device
 from ..errors import DataError
-from ..models.base import inference_batch
+from ..models.base import FrozenBackbone, inference_batch
 from ..models.registry import MODEL_SIZE
 from .evaluate import predict_logits
 from .precision import arithmetic
@@ -94,22 +100,31 @@ def cache_file(model, ds: Dataset, view: str, precision: str, digest: str) -> Ca
     """The cache file of a backbone, view and precision for `ds` at its images' size: a dataset
     imported larger than 32 px gives a model its images at another size (Dataset.at_size, same
     checksum), so the size is part of the key and the name (absent at 32 px, CIFAR's files).
-    So are the feature levels a model pools (absent for the top level alone, the older files)."""
+    So are the feature levels a model pools (absent for the top level alone, the older files),
+    or, for activation maps, the block they enter (levels are then pooled above the cache)."""
     sized = "" if ds.size == MODEL_SIZE else f"|{ds.size}"
-    levels = getattr(model, "levels", 1)
+    cut = getattr(model, "cut", None)
+    levels = 1 if cut is not None else getattr(model, "levels", 1)
     leveled = "" if levels == 1 else f"|levels{levels}"
+    below = "" if cut is None else f"|below{cut}"
     key = hashlib.sha256(f"{FORMAT}|{digest}|{model.resolution}|{view}|{precision}|"
-                         f"{ds.checksum()}{sized}{leveled}".encode()).hexdigest()[:16]
+                         f"{ds.checksum()}{sized}{leveled}{below}".encode()).hexdigest()[:16]
     source = "" if ds.size == MODEL_SIZE else f"from{ds.size}px-"
-    depth = "" if levels == 1 else f"{levels}levels-"
+    depth = ("" if levels == 1 else f"{levels}levels-") + ("" if cut is None else f"below{cut}-")
     name = f"{model.spec.name}-{model.resolution}px-{source}{depth}{view}-{precision}-{key}.npz"
-    return CacheFile(features_dir() / name, len(ds), model.num_features)
+    return CacheFile(features_dir() / name, len(ds), cache_dim(model))
+
+
+def cache_dim(model) -> int:
+    """Numbers the cache holds per image (the product of the model's `cache_shape`)."""
+    return math.prod(model.cache_shape)
 
 
 @torch.no_grad()
 def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: str,
             progress=None, task=None, pad: bool | None = None) -> np.ndarray:
-    """Pooled backbone features (float16) of uint8 NHWC images, optionally mirrored, computed
+    """What the cache holds (float16, `cache_embed`: pooled backbone features or activation
+    maps, flattened) of uint8 NHWC images, optionally mirrored, computed
     from the same input as `cifar4 evaluate` and `predict` feed the saved model. The images go
     to the device in one copy and the features come back in one (on a GPU no batch waits for
     the host; rounded to float16 there, as numpy rounds them). `pad` (default: on a GPU) fills
@@ -117,7 +132,7 @@ def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: s
     shape, so an unpadded last batch would load a second set of kernels for one batch)."""
     model.eval()
     cast = autocast(device, precision)
-    out = torch.empty((len(X), model.num_features), dtype=torch.float16, device=device)
+    out = torch.empty((len(X), cache_dim(model)), dtype=torch.float16, device=device)
     batch = inference_batch(model, CHUNK, device)
     pad = device.type != "cpu" if pad is None else pad
     images = torch.from_numpy(X).to(device)
@@ -130,7 +145,7 @@ def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: s
         if flip:
             x = x.flip(3)
         with cast:
-            f = model.embed(x)
+            f = model.cache_embed(x)
         out[i:i + n] = f[:n].float()
         if progress is not None:
             progress.advance(task, n)
@@ -212,7 +227,7 @@ def features(model, ds: Dataset, rows: np.ndarray, views: tuple[str, ...], devic
     for v in views:
         cf = cache_file(model, ds, v, precision, digest)
         if not use_cache:
-            feats = np.zeros((len(ds), model.num_features), np.float16)
+            feats = np.zeros((len(ds), cache_dim(model)), np.float16)
             todo = np.unique(rows)
             feats[todo] = _extract_rows(model, ds, todo, v, device, precision, show_progress)
             extracted += len(todo)
@@ -287,31 +302,55 @@ def feature_views(exp: Experiment) -> tuple[str, ...]:
     return ("plain", "flip") if exp.augment.flip or exp.train.tta >= 1 else ("plain",)
 
 
+SPLITS = ("train", "val", "test")
+
+
+def cache_requests(exp: Experiment, model) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The splits and views a run reads from the cache. A frozen backbone's features: every
+    split in `feature_views`. Activation maps below tuned blocks: the image of every split, and
+    the mirror image of validation and test under flip test-time augmentation, as `evaluate`
+    and `predict` make it; training mirrors the cached map instead (a second extraction of the
+    training images would double the extraction for a view the map's mirror nearly is)."""
+    if getattr(model, "cut", None) is None:
+        return [(SPLITS, feature_views(exp))]
+    return [(SPLITS, ("plain",))] + ([(("val", "test"), ("flip",))] if exp.train.tta >= 1 else [])
+
+
 class CachedFeatures:
-    """Transfer mode (b): the frozen backbone's features of every split, from the feature
-    cache (computed there once), as inputs for training and evaluating the head alone. Views:
-    the image, plus its mirror when the experiment flips (training picks one view per row and
-    step) or asks for flip test-time augmentation (logits averaged over both)."""
+    """Transfer modes (b) and (d): the frozen backbone's features of every split, or the
+    activation maps entering its tuned top blocks, from the feature cache (computed there once),
+    as inputs for training and evaluating what trains on them (the model's `on_cache`). Views:
+    the image, plus, for features, its mirror when the experiment flips (training picks one view
+    per row and step) or asks for flip test-time augmentation (logits averaged over both); for
+    maps, the mirror of validation and test under flip test-time augmentation, while training
+    mirrors the maps (cache_requests)."""
 
     def __init__(self, exp: Experiment, model: torch.nn.Module, ds: Dataset,
                  idx: dict[str, np.ndarray], device: torch.device, progress: bool,
                  precision: str | None = None):
         # the backbone's precision: a saved run's recorded one, or the rule for extraction
         self.precision = precision or feature_precision(exp.train.precision, device)
-        self.flip_train = exp.augment.flip
-        views = feature_views(exp)
-        rows = np.concatenate([idx["train"], idx["val"], idx["test"]])
+        maps = getattr(model, "cut", None) is not None
+        self.flip_train = exp.augment.flip and not maps  # (maps: mirrored by the augmentation)
+        shape: tuple[int, ...] = cast(FrozenBackbone, model).cache_shape
         to_device(model, device)
-        self.fs = features(model, ds, rows, views, device, self.precision, progress)
+        requests = cache_requests(exp, model)
+        sets = [features(model, ds, np.concatenate([idx[k] for k in parts]), views, device, self.precision,
+                         progress) for parts, views in requests]
         model.cpu()
+        self.fs = FeatureSet({}, sum(f.seconds for f in sets), sum(f.extracted for f in sets),
+                             sum(f.cached for f in sets), [name for f in sets for name in f.files])
         self.device = device
-        self.split: dict[str, dict[str, torch.Tensor]] = {}
-        start = 0
-        for k in ("train", "val", "test"):
-            n = len(idx[k])
-            self.split[k] = {v: torch.from_numpy(a[start:start + n]) for v, a in self.fs.views.items()}
-            start += n
-        self.augment: BatchAugment = ViewSample() if self.flip_train else Augment()
+        self.split: dict[str, dict[str, torch.Tensor]] = {k: {} for k in SPLITS}
+        for (parts, _), fset in zip(requests, sets, strict=True):
+            for v, a in fset.views.items():
+                self.fs.views[v] = a
+                start = 0
+                for k in parts:
+                    n = len(idx[k])
+                    self.split[k][v] = torch.from_numpy(a[start:start + n]).view(n, *shape)
+                    start += n
+        self.augment: BatchAugment = ViewSample() if self.flip_train else Augment(flip=exp.augment.flip and maps)
 
     def train_inputs(self) -> dict[str, torch.Tensor]:
         out = {k: self.split[k]["plain"] for k in ("train", "val", "test")}
@@ -324,9 +363,14 @@ class CachedFeatures:
         """The head's logits for a split (or the given positions in it), averaged over the
         mirror too when tta >= 1."""
         views = ["plain", "flip"] if tta >= 1 else ["plain"]
-        feats = {v: self.split[split][v] if rows is None else self.split[split][v][rows] for v in views}
-        return torch.stack([predict_logits(head, feats[v], FeatureInput(), device=self.device,
+        return torch.stack([predict_logits(head, self._view(split, v, rows), FeatureInput(), device=self.device,
                                            precision=precision) for v in views]).mean(0)
+
+    def _view(self, split: str, view: str, rows: torch.Tensor | None) -> torch.Tensor:
+        got = self.split[split].get(view)
+        if got is None:  # activation maps: the mirror images' are cached for validation and test;
+            got = self.split[split]["plain"].flip(3)  # elsewhere the mirrored map stands in
+        return got if rows is None else got[rows]
 
     def info(self) -> dict[str, Any]:
         fs = self.fs

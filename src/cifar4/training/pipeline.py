@@ -38,7 +38,7 @@ from . import batchnorm, distributed, precision
 from .budget import EVAL_SHARE, Budget, Deadline
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
 from .evaluate import accuracy_lines, predict_logits, summarize
-from .features import CachedFeatures, extraction_seconds, feature_precision, feature_views, pending
+from .features import CachedFeatures, cache_requests, extraction_seconds, feature_precision, pending
 from .plan import Plan
 from .precision import PROBE_BATCH, step_times
 from .precision import choose as choose_precision
@@ -415,7 +415,7 @@ def _make_plan(run: _Fit, t_start: float, log: Callable[[str], None] | None, ski
         exp, fallback, choice = _fit_to_limit(run, t_start, reasons.append, skippable)
         run.exp = exp
     _build_model(run)
-    net = run.model.head if models.cached_features_only(run.model) else run.model
+    net = run.model.on_cache() if models.cached_inputs(run.model) else run.model
     kernels = native.prepare(net, run.device)  # built once per machine, before any step is timed
     if choice is None:  # (a fallback's timing measured it already)
         choice = precision.decide(exp.train, run.device, net, _probe_inputs(run, net, PROBE_BATCH, "train"),
@@ -457,11 +457,11 @@ def _data_news(run: _Fit, exp: Experiment, fallback: dict[str, Any] | None) -> s
 
 
 def _probe_inputs(run: _Fit, net: torch.nn.Module, n: int, part: str) -> torch.Tensor:
-    """The first `n` rows of a split as `net` takes them: normalized images, or for the head of
-    a frozen backbone, inputs of its features' shape (their values do not change the timing)."""
+    """The first `n` rows of a split as `net` takes them: normalized images, or for what trains
+    on a backbone's cache, inputs of the cache's shape (their values do not change the timing)."""
     rows = run.idx[part][:n]
     if net is not run.model:
-        return torch.randn(len(rows), cast(FrozenBackbone, run.model).num_features, device=run.device)
+        return torch.randn(len(rows), *cast(FrozenBackbone, run.model).cache_shape, device=run.device)
     return run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
 
 
@@ -597,13 +597,13 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cand.train.seed)  # as _prepare builds it (a random backbone's cache key)
             model = models.build(cand.model.name, num_classes=run.ds.num_classes, **cand.model.options)
-            net, xin, frozen = model, x, models.cached_features_only(model)
-            if frozen:  # a frozen backbone: its head trains on features
+            net, xin, frozen = model, x, models.cached_inputs(model)
+            if frozen:  # a frozen backbone: its head (and tuned blocks) train on its cache
                 _initialise(model, run.ds, run.norm, _init_rows(run))  # as _prepare: its weights key the cache
                 to_device(model, run.device)
                 extraction = _extraction_seconds(run, cand, model)  # those not cached yet come first
                 backbone = cast(FrozenBackbone, model)
-                net, xin = backbone.head, torch.randn(len(x), backbone.num_features, device=run.device)
+                net, xin = backbone.on_cache(), torch.randn(len(x), *backbone.cache_shape, device=run.device)
             to_device(net, run.device)
             choice = choose_precision(cand.train.precision, run.device, net, cand.train, xin[:PROBE_BATCH],
                                       optimizer)
@@ -676,8 +676,8 @@ def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> f
     needs, at the rate timed here (features.extraction_seconds). On a CPU that runs in fp32,
     `best`'s 48,000 views at 224 px would take longer than its whole limit."""
     prec = feature_precision(exp.train.precision, run.device)
-    rows = np.concatenate([run.idx[k] for k in ("train", "val", "test")])
-    todo = pending(model, run.ds, rows, feature_views(exp), prec)
+    todo = sum(pending(model, run.ds, np.concatenate([run.idx[k] for k in parts]), views, prec)
+               for parts, views in cache_requests(exp, model))
     if not todo:
         return 0.0
     return EXTRACTION_MARGIN * todo * extraction_seconds(model, run.ds.X, run.device, prec)
@@ -777,9 +777,9 @@ def _build_trainer(run: _Fit, bar: ProgressBar | None, save_state: bool,
     cbs = _callbacks(exp, run.folder, bar)
     model = run.model
     norm: InputTransform
-    if models.cached_features_only(model):  # only the head trains, on features computed once
+    if models.cached_inputs(model):  # the head (and tuned blocks) train on the cache, computed once
         run.cached = CachedFeatures(exp, run.model, run.ds, run.idx, run.device, progress)
-        net, norm, augment = model.head, FeatureInput(), run.cached.augment
+        net, norm, augment = model.on_cache(), FeatureInput(), run.cached.augment
         run.x = run.cached.train_inputs()
     else:
         net, norm, augment = run.model, run.norm, Augment(**exp.augment.model_dump())
@@ -836,8 +836,8 @@ def _evaluate_splits(run: _Fit) -> tuple[dict[str, dict], str, dict[str, tuple[n
     prec, tta, classes = run.plan.precision.precision, run.exp.train.tta, run.ds.classes
     parts = ("train", "val", "test") if run.test else ("train", "val")
     logits: dict[str, torch.Tensor] = {}
-    if run.cached is not None and models.cached_features_only(run.model):
-        head = run.model.head
+    if run.cached is not None and models.cached_inputs(run.model):
+        head = run.model.on_cache()
         for k in parts:
             logits[k] = run.cached.logits(head, k, 0 if k == "train" else tta, prec,
                                           torch.from_numpy(_eval_rows(run, k)))

@@ -268,7 +268,7 @@ def _member_limit(member: Experiment, left: float, later: list[Experiment],
     own limit if that is shorter (`own_limit`; not after an earlier member was skipped, whose
     time goes to the later ones, which would otherwise leave most of the limit unused). The last member so gets
     all that is left; an earlier one may not take it all (under its limit a frozen-backbone
-    member whose features would not fit takes a lighter fallback, as `best`'s transfer-224 does
+    member whose features would not fit takes a lighter fallback, as `best`'s transfer-tuned does
     on an AVX2-only CPU). Where the earlier members left almost nothing, a member still trains
     a short run (MIN_MEMBER_SECONDS) so the ensemble ends."""
     limit = max(MIN_MEMBER_SECONDS, left - ENSEMBLE_SECONDS - sum(reserved_seconds(m) for m in later))

@@ -49,19 +49,16 @@ from cifar4.training.features import feature_precision
 from common import mean_std
 
 
-def activations(model, ds, rows: np.ndarray, cut: int, bf16: bool, mirror: bool = False) -> torch.Tensor:
-    """The output of backbone block `cut` for the rows' images, or their mirror images (fp16),
-    batch norms folded."""
-    fused = model._inference_backbone()
+def activations(model, ds, rows: np.ndarray, bf16: bool, mirror: bool = False) -> torch.Tensor:
+    """The activation maps entering the tuned blocks of `model` (a transfer model with
+    `tune_blocks`: its `cache_embed`, batch norms folded) for the rows' images, or their mirror
+    images (fp16)."""
     out = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(rows), model.max_batch):
             x = torch.from_numpy(ds.X[rows[i:i + model.max_batch]]).permute(0, 3, 1, 2).float() / 255
             x = x.flip(3) if mirror else x
-            x = F.relu6(fused._bn0(fused._conv_stem(model.prepare(x))))
-            for block in fused._blocks[:cut + 1]:
-                x = block(x)
-            out.append(x.to(torch.float16).contiguous())
+            out.append(model.cache_embed(x).view(len(x), *model.cache_shape).to(torch.float16))
     return torch.cat(out)
 
 
@@ -180,17 +177,17 @@ def main() -> None:
     if a.train_images and a.train_images < len(train_rows):
         train_rows = train_rows[np.linspace(0, len(train_rows) - 1, a.train_images).round().astype(int)]
     opts = exp.model.options
-    model = models.build("transfer", len(ds.classes), **{**opts, "levels": 1})
-    if model.spec.name != "efficientnet-lite0":
+    if opts.get("backbone", "efficientnet-lite0") != "efficientnet-lite0":
         raise SystemExit(f"{a.experiment}: expected an efficientnet-lite0 backbone")
+    model = models.build("transfer", len(ds.classes), **{**opts, "levels": 1, "tune_blocks": a.blocks})
     model.load_pretrained()
-    cut = len(model.backbone._blocks) - 1 - a.blocks
+    cut = model.cut - 1  # the block whose output is cached
     bf16 = feature_precision(exp.train.precision, torch.device("cpu")) == "bf16"
     t0 = time.perf_counter()
-    a_tr, a_va = (activations(model, ds, r, cut, bf16) for r in (train_rows, sp.val))
+    a_tr, a_va = (activations(model, ds, r, bf16) for r in (train_rows, sp.val))
     m_tr = m_va = None
     if a.mirror == "image":
-        m_tr, m_va = (activations(model, ds, r, cut, bf16, mirror=True) for r in (train_rows, sp.val))
+        m_tr, m_va = (activations(model, ds, r, bf16, mirror=True) for r in (train_rows, sp.val))
     extraction = time.perf_counter() - t0
     y_tr, y_va = torch.from_numpy(ds.Y[train_rows]).long(), torch.from_numpy(ds.Y[sp.val]).long()
     common = {"experiment": exp.name, "dataset": Path(ds.source).name, "split": a.split,
@@ -206,7 +203,7 @@ def main() -> None:
         results.append(r)
 
     def make_top() -> Top:
-        fresh = models.build("transfer", len(ds.classes), **{**opts, "levels": 1})
+        fresh = models.build("transfer", len(ds.classes), **{**opts, "levels": 1, "tune_blocks": 0})
         fresh.load_pretrained()
         return Top(fresh.backbone, cut, opts.get("head", []), len(ds.classes), float(opts.get("dropout", 0.0)))
 

@@ -476,6 +476,28 @@ def test_tuned_blocks_train_on_cached_maps_then_evaluate_agrees(tiny, tmp_path, 
     assert r2.history == [{**h, "seconds": r2.history[i]["seconds"]} for i, h in enumerate(r.history)]
 
 
+def test_a_time_limit_counts_the_maps_still_to_extract_for_tuned_blocks(tiny, tmp_path, monkeypatch):
+    """Tuned blocks under a time limit are timed with the maps their cache lacks (every image,
+    and the mirror images of validation and test) and their own steps; where those would not
+    fit, the first fallback that fits runs (here the frozen features of the image alone)."""
+    monkeypatch.setattr(pipeline, "extraction_seconds", lambda *a: 1.0)  # one image view a second
+    frozen = {"model": {"options": {"tune_blocks": 0}}, "augment": {"flip": False},
+              "train": {"tta": 0, "schedule": "constant", "warmup": 0.0}}
+    n = len(tiny)
+    sp = pipeline._prepare(_tuned(), tiny, tmp_path).idx
+    maps = n + len(sp["val"]) + len(sp["test"])
+    limit = pipeline.EXTRACTION_MARGIN * (n + maps) / 2  # between what the two candidates extract
+    r = pipeline.train(_tuned(train={"time_limit": limit}, fallbacks=[frozen]), tiny, runs_root=tmp_path,
+                       progress=False)
+    fb = r.metrics["fallback"]
+    # (the last candidate is not timed: it runs where none before it fits)
+    assert fb["used"] == 0 and [t["extraction_seconds"] for t in fb["tried"]] == \
+        [round(maps * pipeline.EXTRACTION_MARGIN, 1)]
+    assert fb["tried"][0]["epochs_fit"] < config.FALLBACK_FITS * 2
+    assert r.metrics["features"]["views"] == ["plain"] and r.metrics["features"]["extracted"] == n
+    assert r.model.cut is None
+
+
 def test_a_time_limit_counts_the_features_still_to_extract(tiny, tmp_path, monkeypatch):
     """Under a time limit a frozen-backbone candidate is timed with the extraction of the features
     the cache lacks (none once cached) and its head's steps; where the extraction would not fit,

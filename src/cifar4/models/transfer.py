@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import CheckpointError, ModelError
-from .efficientnet import LITE0_STAGES, EfficientNetLite0
+from .efficientnet import STAGE_ENDS, EfficientNetLite0
 from .registry import register
 from .resnet import DEPTHS, ResNet
 from .weights import load_weights_into, read_weights
@@ -204,7 +204,7 @@ class TransferNet(nn.Module):
         if finetune != 0:
             raise ValueError("tune_blocks trains the top blocks on cached activations, finetune through "
                              "the whole backbone: expected one of them, with finetune = 0")
-        blocks = sum(s[0] for s in LITE0_STAGES)
+        blocks = STAGE_ENDS[-1] + 1
         if tune_blocks > blocks:
             raise ValueError(f"tune_blocks must be at most {blocks}, the backbone's blocks (got {tune_blocks})")
         return blocks - tune_blocks

@@ -363,14 +363,9 @@ class CachedFeatures:
         """The head's logits for a split (or the given positions in it), averaged over the
         mirror too when tta >= 1."""
         views = ["plain", "flip"] if tta >= 1 else ["plain"]
-        return torch.stack([predict_logits(head, self._view(split, v, rows), FeatureInput(), device=self.device,
+        feats = {v: self.split[split][v] if rows is None else self.split[split][v][rows] for v in views}
+        return torch.stack([predict_logits(head, feats[v], FeatureInput(), device=self.device,
                                            precision=precision) for v in views]).mean(0)
-
-    def _view(self, split: str, view: str, rows: torch.Tensor | None) -> torch.Tensor:
-        got = self.split[split].get(view)
-        if got is None:  # activation maps: the mirror images' are cached for validation and test;
-            got = self.split[split]["plain"].flip(3)  # elsewhere the mirrored map stands in
-        return got if rows is None else got[rows]
 
     def info(self) -> dict[str, Any]:
         fs = self.fs

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -40,7 +41,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     label, sep, sets = text.partition(":")
     if not sep:
         raise SystemExit(f"variant '{text}' is not base or LABEL:KEY=VALUE,...")
-    return label, cfgmod.parse_sets(sets.split(","))
+    # commas inside a TOML list (model.options.widths=[32, 96, 192]) belong to the value
+    return label, cfgmod.parse_sets(re.split(r",(?![^\[]*\])", sets))
 
 
 def main() -> None:

@@ -294,6 +294,23 @@ def test_tuned_blocks_train_on_the_cached_maps_below_them():
     assert sorted(g["lr"] for g in make_optimizer(top, cfg).param_groups) == pytest.approx([0.005, 0.01])
 
 
+def test_the_lab_report_names_each_transfer_mode_and_the_backbone_layers_that_train():
+    """A tuned model is not described as frozen: its mode is (d), and the backbone parameters
+    it trains (which the head's per-layer lines leave out) are counted."""
+    from cifar4.lab.report import _backbone_trained, _finetune_text, transfer_mode
+
+    base = {"backbone": "efficientnet-lite0", "weights": "imagenet", "resolution": 224, "finetune": 0}
+    tuned = {**base, "tune_blocks": 2}
+    assert transfer_mode(tuned).startswith("(d)") and "top 2 blocks" in _finetune_text(tuned)
+    assert transfer_mode(base).startswith("(b)") and _finetune_text(base) == "frozen"  # no key: older runs
+    assert transfer_mode({**base, "resolution": 32, "tune_blocks": 0}).startswith("(a)")
+    assert transfer_mode({**base, "finetune": 2}).startswith("(c)")
+    m = models.build("transfer", weights="none", resolution=64, levels=3, tune_blocks=1)
+    n = sum(p.numel() for p in m.backbone.parameters() if p.requires_grad)
+    assert n > 0 and _backbone_trained(m) == f" ({n:,} of its parameters trainable)"
+    assert _backbone_trained(models.build("transfer", weights="none", resolution=64)) == ""
+
+
 def test_finetune_trains_only_the_top_blocks_at_a_lower_rate():
     m = models.build("transfer", weights="none", resolution=32, finetune=2)
     stages = m.backbone.stages()

@@ -205,7 +205,8 @@ def _experiment_section(name: str, folder: Path, m: dict[str, Any], figdir: Path
     if m["model"] == "transfer":  # a 150-layer backbone: described, not tabulated
         o = m["model_options"]
         s.p(f"Backbone {o['backbone']} ({o['weights']} weights) at {o['resolution']} px, "
-            f"{_finetune_text(o['finetune'])}; head: " + "; ".join(param_lines(_head(loaded.model))) +
+            f"{_finetune_text(o)}{_backbone_trained(loaded.model)}; head: "
+            + "; ".join(param_lines(_head(loaded.model))) +
             f". Total {m['params']:,} parameters ({m['trainable_params']:,} trainable).")
     else:
         s.pre(models.summary(loaded.model, m["model"]).text())
@@ -480,13 +481,28 @@ def _questions_section(metrics: dict[str, dict[str, Any]], num_classes: int) -> 
     return s
 
 
-def _finetune_text(finetune: Any) -> str:
+def _finetune_text(o: dict[str, Any]) -> str:
+    tuned = int(o.get("tune_blocks") or 0)  # runs from before the option have no key
+    if tuned:
+        return (f"top {tuned} block{'s' if tuned > 1 else ''} and the head convolution trained on cached "
+                f"activations, the blocks below frozen")
+    finetune = o["finetune"]
     if finetune == 0:
         return "frozen"
     return "fine-tuned whole" if finetune == "all" else f"top {finetune} blocks fine-tuned"
 
 
+def _backbone_trained(model: nn.Module) -> str:
+    """The backbone's trainable parameters, where it has any: the head's lines below leave
+    them out."""
+    backbone = getattr(model, "backbone", None)
+    n = sum(p.numel() for p in backbone.parameters() if p.requires_grad) if isinstance(backbone, nn.Module) else 0
+    return f" ({n:,} of its parameters trainable)" if n else ""
+
+
 def transfer_mode(o: dict[str, Any]) -> str:
+    if int(o.get("tune_blocks") or 0):
+        return "(d) top blocks tuned on cached activations"
     if o["finetune"] != 0:
         return "(c) fine-tuned"
     return "(a) frozen, native 32 px" if int(o["resolution"]) <= 32 else "(b) frozen, upsampled, cached features"

@@ -1,4 +1,4 @@
-"""Transfer learning: an ImageNet-pretrained backbone under a small head, in three modes set by
+"""Transfer learning: an ImageNet-pretrained backbone under a small head, in four modes set by
 the `transfer*` experiments:
 
 - (a) `transfer-32`: the session's setup, backbone frozen at the native 32x32, a dense head;

@@ -1,6 +1,6 @@
 """Transfer learning: the packaged EfficientNet-Lite0 weights load strictly and carry meaning,
 torchvision-format ResNet checkpoints load strictly, the feature cache is keyed and incremental,
-and the three modes train from experiment files and the command line."""
+and the four modes train from experiment files and the command line."""
 
 from __future__ import annotations
 

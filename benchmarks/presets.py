@@ -63,6 +63,8 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
            "run_dir": m["run_dir"]}
     if m.get("members"):
         out["feature_seconds"] = m.get("feature_seconds")
+        if m.get("skipped_members"):  # members whose lightest variant did not fit their time
+            out["skipped_members"] = [{k: sk.get(k) for k in ("experiment", "reason")} for sk in m["skipped_members"]]
         out["members"] = [{k: mm.get(k) for k in ("experiment", "weight", "val_accuracy", "test_accuracy",
                                                  "fit_seconds", "warmup_seconds", "feature_seconds",
                                                  "total_seconds")}

@@ -6,7 +6,7 @@ the `transfer*` experiments:
   and cached on disk (cifar4.features), then only the head trains, in seconds;
 - (c) `transfer-finetune`: the top `finetune` blocks (or all) train too, at a lower learning
   rate (`train.backbone_lr_scale`), with augmentation: the GPU path, runnable on the CPU;
-- (d) `transfer-tuned`: the top `tune_blocks` blocks of EfficientNet-Lite0 and its head
+- (d) `transfer-tuned`: the top `tune_blocks` blocks of an EfficientNet-Lite and its head
   convolution train with the head on the activation maps that enter them, computed once and
   cached on disk like (b)'s features (everything below stays frozen): most of (c)'s gain for a
   small part of its arithmetic, the mirror view made by mirroring the cached map.

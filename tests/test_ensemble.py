@@ -98,8 +98,29 @@ def test_bad_member_lists_are_one_line_errors(members, tiny, tmp_path):
         ens.make_ensemble([a, b], weights=[1.0], data=tiny, runs_root=tmp_path)
     other = pipeline.train(config.from_dict({"name": "cnn", **MEMBERS["cnn"], "data": {"split_seed": 7}}),
                            tiny, runs_root=tmp_path / "runs", progress=False)
-    with pytest.raises(RunError, match="expected the same split"):
+    with pytest.raises(RunError, match="expected the same validation and test rows"):
         ens.make_ensemble([a, other.run_dir], data=tiny, runs_root=tmp_path)
+
+
+def test_a_member_on_fewer_training_rows_joins_on_the_same_validation_and_test_rows(members, tiny, tmp_path):
+    """A member trained on a subset of the training rows (as a time limit's fallback does) is
+    weighed and tested on the same rows as the others; the ensemble's train accuracy is measured
+    on rows that every member trained on, and it records the largest training set."""
+    full = members[0]
+    few = pipeline.train(config.from_dict({"name": "cnn", **MEMBERS["cnn"], "data": {"train_subset": 64}}),
+                         tiny, runs_root=tmp_path / "runs", progress=False)
+    assert few.metrics["split"]["train"] == 64 < full.metrics["split"]["train"]
+    res = ens.make_ensemble([full.run_dir, few.run_dir], out=tmp_path / "e", data=tiny)
+    saved = runs.read_predictions(tmp_path / "e")
+    assert set(saved["train"][0]) <= set(runs.read_predictions(few.run_dir)["train"][0])
+    for part in ("val", "test"):
+        assert np.array_equal(saved[part][0], runs.read_predictions(full.run_dir)[part][0])
+    assert res.metrics["split"]["train"] == full.metrics["split"]["train"]
+    assert res.metrics["train_accuracy_images"] == 64
+    held = pipeline.train(config.from_dict({"name": "cnn", **MEMBERS["cnn"], "data": {"eval_subset": 20}}),
+                          tiny, runs_root=tmp_path / "runs", progress=False)
+    with pytest.raises(RunError, match="20 validation and test rows.*expected the same validation and test rows"):
+        ens.make_ensemble([full.run_dir, held.run_dir], data=tiny, runs_root=tmp_path)
 
 
 def test_the_command_line(members, tiny_npz, tmp_path):

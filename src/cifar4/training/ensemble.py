@@ -75,11 +75,15 @@ def _check_compatible(members: list[Member]) -> None:
         if m.metrics["data"]["sha256"] != first.metrics["data"]["sha256"]:
             raise RunError(f"run '{m.folder}' was trained on other data than '{first.folder}'; "
                            f"expected members of one dataset")
+        # the same validation and test rows; a member may train on a subset of the training rows
+        # (a time limit's fallback does where a frozen backbone's features of all would not fit)
         a, b = m.exp.data, first.exp.data
-        if (a.split, a.split_seed, a.train_subset, a.eval_subset) != \
-                (b.split, b.split_seed, b.train_subset, b.eval_subset):
-            raise RunError(f"run '{m.folder}' uses split {a.split} (seed {a.split_seed}), "
-                           f"'{first.folder}' split {b.split} (seed {b.split_seed}); expected the same split")
+        if (a.split, a.split_seed, a.eval_subset) != (b.split, b.split_seed, b.eval_subset):
+            raise RunError(f"run '{m.folder}' uses split {a.split} (seed {a.split_seed}"
+                           + (f", {a.eval_subset} validation and test rows" if a.eval_subset else "")
+                           + f"), '{first.folder}' split {b.split} (seed {b.split_seed}"
+                           + (f", {b.eval_subset} validation and test rows" if b.eval_subset else "")
+                           + "); expected the same validation and test rows")
 
 
 def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.device,
@@ -218,8 +222,9 @@ class _Combined:
 def _combine(ms: list[Member], ds: Dataset, w_spec: Sequence[float] | str, dev: torch.device) -> _Combined:
     """Each member's final-evaluation logits, the weights (given, equal, or chosen on the
     validation split) and the combined probabilities' numbers on every part."""
-    sp, idx = split_indices(ms[0].exp.data, ds)
-    idx["train"] = idx["train"][sample_positions(len(idx["train"]), _train_rows(ms[0]), sp.kind)]
+    ref = min(ms, key=_train_split)  # its training rows are training rows of every member
+    sp, idx = split_indices(ref.exp.data, ds)
+    idx["train"] = idx["train"][sample_positions(len(idx["train"]), _train_rows(ref), sp.kind)]
     # One batch goes to every member: the smallest size any member takes (a transfer member
     # trained on larger images resizes inside; a 32 px member cannot take more)
     sized = ds.at_size(min(ds.size, *(m.loaded.input_size for m in ms)))
@@ -301,7 +306,7 @@ def _ensemble_metrics(ms: list[Member], ds: Dataset, c: _Combined, model: torch.
         epochs=0, params=trainable + non_trainable, trainable_params=trainable,
         seed=ms[0].exp.train.seed,
         split={"kind": c.split.kind, "seed": c.split.seed,
-               "train": len(split_indices(ms[0].exp.data, ds)[1]["train"]),
+               "train": max(_train_split(m) for m in ms),
                "val": len(c.idx["val"]), "test": len(c.idx["test"])},
         train_accuracy_images=len(c.idx["train"]),
         data={"source": ds.source, "sha256": ds.checksum(), "images": len(ds)},
@@ -309,10 +314,15 @@ def _ensemble_metrics(ms: list[Member], ds: Dataset, c: _Combined, model: torch.
         versions=runs.versions(), machine=runs.machine(c.device), started_at=started_at)
 
 
+def _train_split(m: Member) -> int:
+    """How many training rows the member trained on (fewer than the split's where a subset)."""
+    return int(m.metrics["split"]["train"])
+
+
 def _train_rows(m: Member) -> int:
     """How many train rows the member's final evaluation measured (split.sample_positions)."""
     n = m.metrics.get("train_accuracy_images")
-    return int(n) if n else int(m.metrics["split"]["train"])
+    return int(n) if n else _train_split(m)
 
 
 def _text(m: dict[str, Any]) -> str:

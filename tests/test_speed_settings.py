@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cifar4 import config, models
+from cifar4.data.split import split_indices
 from cifar4.errors import ConfigError
 from cifar4.models import native
 from cifar4.training import pipeline, precision
@@ -443,7 +444,10 @@ def test_epochs_given_lift_a_presets_time_limit():
 
 def test_fallbacks_are_checked_as_variants_of_the_experiment(tmp_path):
     base = {"name": "f", **config.merge(SMALL_FAST, {"train": {"time_limit": 60}})}
-    for fallbacks, expected in [([{"data": {"split": "official"}}], "fallbacks[0] sets 'data'"),
+    for fallbacks, expected in [([{"data": {"split": "official"}}], "fallbacks[0] sets data.split; a fallback's "
+                                 "data table sets only data.train_subset"),
+                                ([{"dataset": {}}], "fallbacks[0] sets 'dataset'"),
+                                ([{"data": {"train_subset": 0}}], "experiment fallbacks[0]: data.train_subset"),
                                 ([{"train": {"tta": 1}}, {"model": {"options": {"widths": [8, 8]}}}],
                                  "experiment fallbacks[1]: model 'fast' cannot be built"),
                                 ([{"train": {"epochs": 0}}], "experiment fallbacks[0]: train.epochs")]:
@@ -455,6 +459,38 @@ def test_fallbacks_are_checked_as_variants_of_the_experiment(tmp_path):
     assert config.load(tmp_path / "f.toml").fallbacks == exp.fallbacks
     assert "fallbacks" not in config.from_dict(base).to_dict()  # runs without them write as before
     assert config.load("fast").fallbacks  # the preset has them
+
+
+def test_a_fallbacks_training_subset_is_a_ceiling():
+    """A lighter variant never reads more training rows than the experiment it stands in for."""
+    base = {"name": "f", **config.merge(SMALL_FAST, {"train": {"time_limit": 60}}),
+            "fallbacks": [{"data": {"train_subset": 500}}]}
+    assert config.from_dict(base).fallback(0).data.train_subset == 500
+    small = config.from_dict({**base, "data": {"train_subset": 200}})
+    assert small.fallback(0).data.train_subset == 200
+    assert config.from_dict({**base, "data": {"train_subset": 900}}).fallback(0).data.train_subset == 500
+    assert small.fallback(0).fallbacks == [] and small.fallbacks == base["fallbacks"]
+
+
+def test_a_fallback_on_fewer_training_images_trains_on_those(tiny, tmp_path, monkeypatch):
+    """Where no variant fits, the last one runs: here one that reads 96 of the training rows. The
+    plan is made for it (steps per epoch, its timing's epochs), the run trains and evaluates on
+    those rows, validation and test stay the experiment's, and config.toml holds the subset, so
+    that --resume and cifar4 evaluate read the same rows."""
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    exp = config.from_dict({"name": "f", **config.merge(SMALL_FAST, {"train": {"epochs": 100000, "time_limit": 600}}),
+                            "fallbacks": [{"model": {"options": {"widths": [8, 8, 8]}}, "train": {"epochs": 1},
+                                           "data": {"train_subset": 96}}]})
+    full = split_indices(exp.data, tiny)[1]
+    assert len(full["train"]) > 96
+    r = pipeline.train(exp, tiny, runs_root=tmp_path, progress=False)
+    plan = json.loads((r.run_dir / "run.json").read_text())["plan"]
+    assert plan["fallback"] == 0 and plan["train_images"] == 96 and plan["steps_per_epoch"] == 3
+    assert any("data.train_subset=96" in why for why in plan["reasons"])
+    assert config.load(r.run_dir / "config.toml").data.train_subset == 96
+    assert r.metrics["split"]["train"] == 96 and r.metrics["train_accuracy_images"] == 96
+    assert [r.metrics["split"][part] for part in ("val", "test")] == [len(full["val"]), len(full["test"])]
+    assert r.metrics["steps_per_epoch"] == 3 and r.metrics["iterations"] == 3
 
 
 @pytest.mark.parametrize("epochs, used", [(1, None), (100000, 1)])

@@ -188,6 +188,10 @@ class EnsembleConfig(_Strict):
 
 # What an ensemble experiment may set beyond its members: the rest belongs to the members' files.
 FALLBACK_SECTIONS = ("model", "train", "augment")
+# ... and of data, a fallback may set only the training rows it reads: a variant that trains on a
+# subset of them (a frozen backbone's features of fewer images to extract) is judged on the same
+# validation rows and tested on the same test rows as the experiment it stands in for
+FALLBACK_DATA_KEYS = ("train_subset",)
 # A variant fits where a time limit leaves it the steps of this share of the experiment's epochs,
 # counted on its training set or on train.reference_images where that is smaller (pipeline._fit_steps)
 FALLBACK_FITS = 0.75
@@ -207,13 +211,15 @@ class Experiment(_Strict):
                                          "searched by `cifar4 sweep`.")
     ensemble: EnsembleConfig | None = Field(default=None, description="Members trained, then averaged "
                                             "(the model section unused).")
-    # lighter variants for slower machines, each a table of model / train / augment keys merged
+    # lighter variants for slower machines, each a table of model / train / augment keys (and the
+    # training subset, data.train_subset) merged
     # into the experiment: where train.time_limit would cut its epochs short (under
     # FALLBACK_FITS of them), the first variant that fits that many is trained instead, the
     # last where none does (pipeline._fit_to_limit; the run records the choice as `fallback`). Without a
     # time limit (`--epochs N`, `--time-limit 0`, a time budget) the experiment runs as written.
     fallbacks: list[dict[str, Any]] = Field(default_factory=list, description="Lighter variants: "
-                                            "model / train / augment tables tried under a time limit.")
+                                            "model / train / augment tables (and data.train_subset) "
+                                            "tried under a time limit.")
     # what changes where the run's device is a GPU: a table of model / train / augment keys
     # merged into the experiment there (a GPU's steps at a CPU's batch sizes are bound by the
     # host: larger batches take fewer steps). The run's config.toml holds what ran, its
@@ -249,9 +255,16 @@ class Experiment(_Strict):
             if self.ensemble is not None:
                 what = "gpu table belongs" if label == "gpu" else "fallbacks belong"
                 raise ValueError(f"an ensemble's {what} to its members' experiments")
-            extra = sorted(set(table) - set(FALLBACK_SECTIONS))
+            sections = FALLBACK_SECTIONS + (("data",) if label != "gpu" else ())
+            extra = sorted(set(table) - set(sections))
             if extra:
-                raise ValueError(f"{label} sets '{extra[0]}'; expected only {', '.join(FALLBACK_SECTIONS)} tables")
+                raise ValueError(f"{label} sets '{extra[0]}'; expected only {', '.join(sections)} tables")
+            data = table.get("data", {})
+            keys = sorted(set(data) - set(FALLBACK_DATA_KEYS)) if isinstance(data, dict) else ["(not a table)"]
+            if keys:
+                raise ValueError(f"{label} sets data.{keys[0]}; a fallback's data table sets only "
+                                 f"{', '.join(f'data.{k}' for k in FALLBACK_DATA_KEYS)} (its validation "
+                                 f"and test rows stay the experiment's)")
         return self
 
     def _variant(self, key: str, table: dict[str, Any], label: str, where: str | None) -> Experiment:
@@ -264,8 +277,14 @@ class Experiment(_Strict):
         return self._variant("gpu", self.gpu, "gpu", where)
 
     def fallback(self, i: int, where: str | None = None) -> Experiment:
-        """The experiment as its i-th fallback makes it (with no fallbacks of its own)."""
-        return self._variant("fallbacks", self.fallbacks[i], f"fallbacks[{i}]", where)
+        """The experiment as its i-th fallback makes it (with no fallbacks of its own). A
+        fallback's data.train_subset is a ceiling: a lighter variant never reads more training
+        rows than the experiment it stands in for, so a smaller subset already set stays."""
+        table = self.fallbacks[i]
+        own, sub = self.data.train_subset, table.get("data", {}).get("train_subset")
+        if own and isinstance(sub, int) and sub > own:
+            table = merge(table, {"data": {"train_subset": own}})
+        return self._variant("fallbacks", table, f"fallbacks[{i}]", where)
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", by_alias=True, exclude_none=False)

@@ -413,6 +413,8 @@ def _make_plan(run: _Fit, t_start: float, log: Callable[[str], None] | None, ski
     if not resumed and exp.fallbacks and exp.train.time_limit and exp.train.time_budget is None \
             and distributed.world().size == 1:  # (torchrun's ranks would have to agree: as written)
         exp, fallback, choice = _fit_to_limit(run, t_start, reasons.append, skippable)
+        if exp.data != run.exp.data:  # a fallback that trains on a subset of the training rows
+            run.split, run.idx, run.norm, run.y = _split_rows(exp, run.ds)
         run.exp = exp
     _build_model(run)
     net = run.model.on_cache() if models.cached_inputs(run.model) else run.model
@@ -584,7 +586,6 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
     even its lightest variant would otherwise run anyway and take the command far past its limit."""
     exp = run.exp
     candidates = [exp, *(exp.fallback(i) for i in range(len(exp.fallbacks)))]
-    n = {k: len(run.idx[k]) for k in ("train", "val")}
     rows = run.idx["train"][:max(c.train.batch_size for c in candidates)]
     x = run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
     tried: list[dict[str, Any]] = []
@@ -594,6 +595,8 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
         def optimizer(m: torch.nn.Module, c: cfgmod.TrainConfig = cand.train) -> torch.optim.Optimizer:
             return make_optimizer(m, c)
         extraction = 0.0
+        idx = _candidate_rows(run, cand)
+        n = {k: len(idx[k]) for k in ("train", "val")}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cand.train.seed)  # as _prepare builds it (a random backbone's cache key)
             model = models.build(cand.model.name, num_classes=run.ds.num_classes, **cand.model.options)
@@ -601,7 +604,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
             if frozen:  # a frozen backbone: its head (and tuned blocks) train on its cache
                 _initialise(model, run.ds, run.norm, _init_rows(run))  # as _prepare: its weights key the cache
                 to_device(model, run.device)
-                extraction = _extraction_seconds(run, cand, model)  # those not cached yet come first
+                extraction = _extraction_seconds(run, cand, model, idx)  # those not cached yet come first
                 backbone = cast(FrozenBackbone, model)
                 net, xin = backbone.on_cache(), torch.randn(len(x), *backbone.cache_shape, device=run.device)
             to_device(net, run.device)
@@ -638,7 +641,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
     chosen = candidates[used] if used else exp.model_copy(update={"fallbacks": []})  # what runs, as it runs
     record = {"used": None if used == 0 else used - 1, "tried": tried, "fits": cfgmod.FALLBACK_FITS}
     if log is not None and used:
-        log(_fallback_news(exp, chosen, tried[0], used - 1, n["train"]))
+        log(_fallback_news(exp, chosen, tried[0], used - 1, len(run.idx["train"])))
     return chosen, record, choices[used] if used < len(choices) else None
 
 
@@ -670,13 +673,14 @@ def _fit_steps(exp: Experiment, cand: Experiment, train_images: int) -> int:
     return math.ceil(cfgmod.FALLBACK_FITS * exp.train.epochs * epoch_steps(images, cand.train.batch_size))
 
 
-def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module) -> float:
+def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module,
+                        idx: dict[str, np.ndarray]) -> float:
     """Seconds a frozen-backbone candidate would spend extracting the features that the cache
-    does not hold yet (none where it holds them all): the rows of every split in each view it
-    needs, at the rate timed here (features.extraction_seconds). On a CPU that runs in fp32,
+    does not hold yet (none where it holds them all): the rows `idx` of every split in each view
+    it needs, at the rate timed here (features.extraction_seconds). On a CPU that runs in fp32,
     `best`'s 48,000 views at 224 px would take longer than its whole limit."""
     prec = feature_precision(exp.train.precision, run.device)
-    todo = sum(pending(model, run.ds, np.concatenate([run.idx[k] for k in parts]), views, prec)
+    todo = sum(pending(model, run.ds, np.concatenate([idx[k] for k in parts]), views, prec)
                for parts, views in cache_requests(exp, model))
     if not todo:
         return 0.0
@@ -712,15 +716,27 @@ def _prepare(exp: Experiment, ds: Dataset, folder: Path, test: bool = True) -> _
     """Split, device and normalization from the training rows (what the plan needs first). The
     images are the size the model takes (models.input_size: the stored size up to a transfer
     model's resolution, else 32 px), made once for the whole dataset before any batch."""
-    sp, idx = split_indices(exp.data, ds)
     ds = ds.at_size(models.input_size(exp.model.name, exp.model.options, ds.size))
+    sp, idx, norm, y = _split_rows(exp, ds)
     if exp.train.batch_size > len(idx["train"]):  # before any costly step
         raise ConfigError(f"train.batch_size {exp.train.batch_size} is larger than the training set "
                           f"({len(idx['train'])} images); expected at most {len(idx['train'])}")
     device = pick_device(distributed.device_for(exp.train.device, distributed.world()))
-    norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])
-    y = {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
     return _Fit(exp, ds, folder, sp, idx, device, norm, y, test=test)
+
+
+def _split_rows(exp: Experiment, ds: Dataset) -> tuple[Split, dict[str, np.ndarray], Normalization,
+                                                        dict[str, torch.Tensor]]:
+    """The split, each part's rows, the normalization of the training rows and the labels."""
+    sp, idx = split_indices(exp.data, ds)
+    norm = Normalization.from_config(exp.data.scale, exp.data.standardize, ds.X[idx["train"]])
+    return sp, idx, norm, {k: torch.from_numpy(ds.Y[v]) for k, v in idx.items()}
+
+
+def _candidate_rows(run: _Fit, cand: Experiment) -> dict[str, np.ndarray]:
+    """The rows a time limit's candidate would read: the run's, or where the candidate trains on
+    a subset of the training rows (a fallback's data.train_subset), that subset's."""
+    return run.idx if cand.data == run.exp.data else split_indices(cand.data, run.ds)[1]
 
 
 def _build_model(run: _Fit) -> None:

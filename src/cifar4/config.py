@@ -212,11 +212,11 @@ class Experiment(_Strict):
     ensemble: EnsembleConfig | None = Field(default=None, description="Members trained, then averaged "
                                             "(the model section unused).")
     # lighter variants for slower machines, each a table of model / train / augment keys (and the
-    # training subset, data.train_subset) merged
-    # into the experiment: where train.time_limit would cut its epochs short (under
-    # FALLBACK_FITS of them), the first variant that fits that many is trained instead, the
-    # last where none does (pipeline._fit_to_limit; the run records the choice as `fallback`). Without a
-    # time limit (`--epochs N`, `--time-limit 0`, a time budget) the experiment runs as written.
+    # training subset, data.train_subset) merged into the experiment: where train.time_limit
+    # would cut its epochs short (under FALLBACK_FITS of them), the first variant that fits that
+    # many is trained instead, the last where none does (pipeline._fit_to_limit; the run records
+    # the choice as `fallback`). Without a time limit (`--epochs N`, `--time-limit 0`, a time
+    # budget) the experiment runs as written.
     fallbacks: list[dict[str, Any]] = Field(default_factory=list, description="Lighter variants: "
                                             "model / train / augment tables (and data.train_subset) "
                                             "tried under a time limit.")
@@ -260,7 +260,9 @@ class Experiment(_Strict):
             if extra:
                 raise ValueError(f"{label} sets '{extra[0]}'; expected only {', '.join(sections)} tables")
             data = table.get("data", {})
-            keys = sorted(set(data) - set(FALLBACK_DATA_KEYS)) if isinstance(data, dict) else ["(not a table)"]
+            if not isinstance(data, dict):
+                raise ValueError(f"{label} sets data to {data!r}; expected a table")
+            keys = sorted(set(data) - set(FALLBACK_DATA_KEYS))
             if keys:
                 raise ValueError(f"{label} sets data.{keys[0]}; a fallback's data table sets only "
                                  f"{', '.join(f'data.{k}' for k in FALLBACK_DATA_KEYS)} (its validation "

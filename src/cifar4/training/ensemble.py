@@ -79,11 +79,11 @@ def _check_compatible(members: list[Member]) -> None:
         # (a time limit's fallback does where a frozen backbone's features of all would not fit)
         a, b = m.exp.data, first.exp.data
         if (a.split, a.split_seed, a.eval_subset) != (b.split, b.split_seed, b.eval_subset):
-            raise RunError(f"run '{m.folder}' uses split {a.split} (seed {a.split_seed}"
-                           + (f", {a.eval_subset} validation and test rows" if a.eval_subset else "")
-                           + f"), '{first.folder}' split {b.split} (seed {b.split_seed}"
-                           + (f", {b.eval_subset} validation and test rows" if b.eval_subset else "")
-                           + "); expected the same validation and test rows")
+            def rows(d: cfgmod.DataConfig) -> str:
+                return f"split {d.split} (seed {d.split_seed}" + \
+                    (f", {d.eval_subset} validation and test rows)" if d.eval_subset else ")")
+            raise RunError(f"run '{m.folder}' uses {rows(a)}, '{first.folder}' {rows(b)}; "
+                           f"expected the same validation and test rows")
 
 
 def _logits(m: Member, ds: Dataset, idx: dict[str, np.ndarray], device: torch.device,

@@ -5,6 +5,7 @@ learning-rate range test, the accuracy / time frontier by dataset."""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,11 +192,14 @@ def frontier_panels(panels: dict[str, list[FrontierPoint]], path: Path, title: s
         ax.set_xlabel("seconds, command start to metrics.json (mean over runs)")
         ax.set_ylabel("test accuracy (mean +- std over runs)")
         ax.grid(alpha=0.3, which="both")
-        ax.set_title(name, fontsize=10)
+        # wrapped to the panel's width: a long title (file, images, split, dates) would run
+        # into the next panel's
+        ax.set_title(textwrap.fill(name, 70), fontsize=10)
         if any(p.series for p in pts):
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()  # room for the panels' titles, wrapped to two lines, under the figure's
     _save(fig, path)
 
 

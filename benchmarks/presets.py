@@ -98,10 +98,13 @@ def main() -> None:
     ap.add_argument("--split", default=None, choices=("session", "stratified", "official"),
                     help="the split kind, as cifar4 train --split (official: CIFAR-10's own test set)")
     ap.add_argument("--out", default=None, help="also write the runs as JSON here")
+    ap.add_argument("--keep-runs", default=None, metavar="DIR",
+                    help="keep the run folders here (default: a temporary folder, removed), so that "
+                         "an ensemble's members can be compared or recombined afterwards")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runs_dir = Path(tmp) / "runs"
+        runs_dir = Path(a.keep_runs) if a.keep_runs else Path(tmp) / "runs"
         plan: list[tuple[str, int, int, float | None]] = []
         if a.budgets:
             plan = [(a.presets[0], a.seeds[0], 42, b) for b in a.budgets]

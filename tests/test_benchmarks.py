@@ -1,12 +1,16 @@
 """The benchmark scripts' own rules: the Keras reference needs no TensorFlow to say what it needs,
-and time_to_accuracy.py pairs Keras' runs with cifar4's by experiment and round."""
+time_to_accuracy.py pairs Keras' runs with cifar4's by experiment and round, and recombine.py
+adds another seed's member to each ensemble run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).parents[1] / "benchmarks"
 # runs a script with TensorFlow hidden, as on a machine where it is not installed
@@ -58,3 +62,33 @@ def test_speedups_pair_each_keras_run_with_cifar4s_runs_of_its_round(monkeypatch
             {"experiment": "keras:cnn", "round": 2, "train_seconds": 24.0},
             {"experiment": "fast", "round": 1, "train_seconds": 60.0}]
     assert speedups(rows) == {"cnn": [2.0, 3.0]}
+
+
+def test_recombine_adds_another_seeds_member_to_each_run(tiny_npz, tmp_path, monkeypatch):
+    from cifar4 import config, data
+    from cifar4.training import pipeline
+    monkeypatch.chdir(tmp_path)
+    members = {"cnn": {"model": {"name": "cnn"}, "train": {"epochs": 1, "batch_size": 32}},
+               "mlp": {"model": {"name": "mlp-20"}, "train": {"epochs": 1, "batch_size": 32}}}
+    for name, d in members.items():
+        (tmp_path / f"{name}.toml").write_text(config.from_dict({"name": name, **d}).to_toml())
+    ds = data.load(tiny_npz)
+    folders = []
+    for seed in (1, 2):
+        exp = config.from_dict({"name": "pair", "ensemble": {"members": ["cnn.toml", "mlp.toml"], "weights": "val"},
+                                "train": {"seed": seed}})
+        folders.append(pipeline.train(exp, ds, run_dir=tmp_path / f"pair{seed}", progress=False))
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(BENCH / "recombine.py"), *(str(f.run_dir) for f in folders),
+                        "--data", str(tiny_npz), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert [(x["run"], x["shape"]) for x in rows] == [
+        (run, shape) for run in ("pair1", "pair2")
+        for shape in ("as trained", "+ cnn", "+ mlp", "+ cnn + mlp")]
+    for f in folders:  # as trained: the run's own ensemble, recomputed
+        own = next(x for x in rows if x["run"] == f.run_dir.name and x["shape"] == "as trained")
+        assert own["test_accuracy"] == pytest.approx(f.metrics["test_accuracy"])
+        assert own["weights"] == pytest.approx(f.metrics["model_options"]["weights"])
+    assert [len(x["members"]) for x in rows[:4]] == [2, 3, 3, 4]
+    assert all(abs(sum(x["weights"]) - 1) < 1e-6 for x in rows)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -23,10 +22,14 @@ from pathlib import Path
 from cifar4 import data as datamod
 from cifar4 import runs
 from cifar4.training.ensemble import make_ensemble
+from common import mean_std
 
 
 def members_of(run: Path) -> dict[str, Path]:
     """{experiment name: member folder} of a finished ensemble run."""
+    if not ((run / "metrics.json").exists() and (run / "members").is_dir()):
+        raise SystemExit(f"recombine.py: '{run}' is not a finished ensemble run; expected a run folder "
+                         f"with metrics.json and members/")
     out = {}
     for sub in sorted((run / "members").iterdir()):
         if (sub / "metrics.json").exists():
@@ -42,7 +45,8 @@ def main() -> None:
     a = ap.parse_args()
     by_split: dict[int, list[tuple[Path, dict[str, Path]]]] = defaultdict(list)
     for r in a.runs:
-        by_split[int(runs.read_metrics(r)["split"]["seed"])].append((r, members_of(r)))
+        own = members_of(r)
+        by_split[int(runs.read_metrics(r)["split"]["seed"])].append((r, own))
     ds = datamod.load(a.data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,11 +75,8 @@ def main() -> None:
     print("\n| shape | runs | validation | test |\n|---|---|---|---|")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         rs = [r for r in rows if r["shape"] == shape]
-
-        def ms(k: str, rs: list[dict] = rs) -> str:
-            v = [r[k] for r in rs]
-            return f"{statistics.mean(v):.4f}" + (f" +- {statistics.stdev(v):.4f}" if len(v) > 1 else "")
-        print(f"| {shape} | {len(rs)} | {ms('val_accuracy')} | {ms('test_accuracy')} |")
+        print(f"| {shape} | {len(rs)} | {mean_std([r['val_accuracy'] for r in rs])} | "
+              f"{mean_std([r['test_accuracy'] for r in rs])} |")
 
 
 if __name__ == "__main__":

@@ -515,12 +515,12 @@ def test_tuned_blocks_train_on_cached_maps_then_evaluate_agrees(tiny, tmp_path, 
     m, sp = r.metrics, r.metrics["split"]
     assert m["features"]["views"] == ["plain", "flip"] and m["features"]["cache"] == "miss"
     assert m["features"]["extracted"] == len(tiny) + sp["val"] + sp["test"]
-    assert any("below13" in Path(f).name for f in m["features"]["files"])  # three blocks tuned
+    assert any("below12" in Path(f).name for f in m["features"]["files"])  # four blocks tuned
     torch.manual_seed(0)
     init = models.build("transfer", **exp.model.options)
     init.load_pretrained()
     tuned, base = r.model.backbone.state_dict(), init.backbone.state_dict()
-    top = ("_blocks.13.", "_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")
+    top = ("_blocks.12.", "_blocks.13.", "_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")
     assert all(torch.equal(tuned[k], base[k]) for k in base if not k.startswith(top))
     assert not torch.equal(tuned["_blocks.15._project_conv.weight"], base["_blocks.15._project_conv.weight"])
     assert torch.equal(tuned["_blocks.15._depthwise_conv.weight"], base["_blocks.15._depthwise_conv.weight"])

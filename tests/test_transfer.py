@@ -551,6 +551,7 @@ def test_a_time_limit_counts_the_maps_still_to_extract_for_tuned_blocks(tiny, tm
     assert fb["used"] == 0 and [t["extraction_seconds"] for t in fb["tried"]] == \
         [round(maps * pipeline.EXTRACTION_MARGIN, 1)]
     assert fb["tried"][0]["epochs_fit"] < config.FALLBACK_FITS * 2
+    assert fb["tried"][0]["step_seconds"] is None  # its maps alone outlast the limit
     assert r.metrics["features"]["views"] == ["plain"] and r.metrics["features"]["extracted"] == n
     assert r.model.cut is None
 
@@ -558,7 +559,8 @@ def test_a_time_limit_counts_the_maps_still_to_extract_for_tuned_blocks(tiny, tm
 def test_a_time_limit_counts_the_features_still_to_extract(tiny, tmp_path, monkeypatch):
     """Under a time limit a frozen-backbone candidate is timed with the extraction of the features
     the cache lacks (none once cached) and its head's steps; where the extraction would not fit,
-    the first fallback that fits runs instead (here: the same features without the mirror view)."""
+    the first fallback that fits runs instead (here: the same features without the mirror view),
+    and a candidate whose extraction alone outlasts the limit is not timed further."""
     exp = _exp(train={"time_limit": 600, "epochs": 2},
                fallbacks=[{"augment": {"flip": False}, "train": {"tta": 0}},
                           {"model": {"options": {"resolution": 48}}}])
@@ -572,12 +574,17 @@ def test_a_time_limit_counts_the_features_still_to_extract(tiny, tmp_path, monke
     # margin for what the probe leaves out) would not fit a 400 s limit, one view would
     monkeypatch.setattr(pipeline, "extraction_seconds", lambda *a: 1.0)
     other = type(tiny)(tiny.X[::-1].copy(), tiny.Y[::-1].copy(), source="reversed")
-    r = pipeline.train(_exp(train={"time_limit": 400, "epochs": 2}, fallbacks=exp.fallbacks), other,
-                       runs_root=tmp_path / "c", progress=False)
+    limited = _exp(train={"time_limit": 400, "epochs": 2}, fallbacks=exp.fallbacks)
+    r = pipeline.train(limited, other, runs_root=tmp_path / "c", progress=False)
     fb = r.metrics["fallback"]
     assert fb["used"] == 0 and [t["extraction_seconds"] for t in fb["tried"]] == \
         [round(n * pipeline.EXTRACTION_MARGIN, 1) for n in (480, 240)]
     assert fb["tried"][0]["epochs_fit"] < config.FALLBACK_FITS * 2 <= fb["tried"][1]["epochs_fit"]
+    # the first candidate's extraction alone outlasts the limit: its steps are not timed
+    assert fb["tried"][0]["step_seconds"] is None and fb["tried"][0]["steps_fit"] == 0
+    assert fb["tried"][1]["step_seconds"] > 0 and fb["tried"][1]["image_seconds"] > 0
+    news = pipeline._fallback_news(limited, limited.fallback(0), fb["tried"][0], 0, len(other))
+    assert "do not fit its 400 s time limit here (none would, after 576 s extracting features" in news
     assert r.metrics["features"]["views"] == ["plain"] and r.metrics["features"]["extracted"] == len(tiny)
 
 

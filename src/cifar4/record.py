@@ -109,8 +109,10 @@ class TimeInfo(_Record):
 class FallbackTry(_Record):
     fallback: int | None = Field(description="The candidate timed: None for the experiment as "
                                              "written, else the index into its fallbacks.")
-    step_seconds: float = Field(description="Measured seconds per training step.")
-    image_seconds: float = Field(description="Measured seconds of inference per image.")
+    step_seconds: float | None = Field(description="Measured seconds per training step; None: not "
+                                       "timed, the features it lacks alone outlast the limit.")
+    image_seconds: float | None = Field(description="Measured seconds of inference per image; None: "
+                                        "not timed, as step_seconds.")
     epochs_fit: float = Field(description="Epochs that would fit the time limit at that speed.")
     extraction_seconds: float | None = Field(default=None, description="A frozen backbone: seconds "
                                              "expected to extract the features not yet cached.")

@@ -589,7 +589,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
     rows = run.idx["train"][:max(c.train.batch_size for c in candidates)]
     x = run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
     tried: list[dict[str, Any]] = []
-    choices: list[precision.Choice] = []  # each timed candidate's precision: the plan keeps the winner's
+    choices: list[precision.Choice | None] = []  # each candidate's precision: the plan keeps the winner's
     used = len(candidates) - 1
     for i, cand in enumerate(candidates if skippable else candidates[:-1]):
         def optimizer(m: torch.nn.Module, c: cfgmod.TrainConfig = cand.train) -> torch.optim.Optimizer:
@@ -605,6 +605,16 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
                 _initialise(model, run.ds, run.norm, _init_rows(run))  # as _prepare: its weights key the cache
                 to_device(model, run.device)
                 extraction = _extraction_seconds(run, cand, model, idx)  # those not cached yet come first
+                if cand.train.time_limit and time.perf_counter() + extraction >= started + cand.train.time_limit:
+                    # its features alone outlast the limit: no step of it fits, so its steps, its
+                    # precision and its inference are not timed (on CIFAR-10 each tuned-block
+                    # candidate's timing cost seconds that the next member trains in)
+                    choices.append(None)
+                    tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": None,
+                                  "image_seconds": None, "epochs_fit": 0.0, "steps_fit": 0,
+                                  "steps_needed": _fit_steps(exp, cand, n["train"]),
+                                  "extraction_seconds": round(extraction, 1)})
+                    continue
                 backbone = cast(FrozenBackbone, model)
                 net, xin = backbone.on_cache(), torch.randn(len(x), *backbone.cache_shape, device=run.device)
             to_device(net, run.device)
@@ -654,7 +664,8 @@ def _fallback_news(exp: Experiment, chosen: Experiment, t: dict[str, Any], used:
     counted = (f" on {ref:,} images, the training set its epochs were chosen on"
                if ref and ref < train_images else "")
     return (f"{exp.name}: its {exp.train.epochs} epochs do not fit its {exp.train.time_limit:g} s time limit "
-            f"here ({t['epochs_fit']:.1f} would, {t['steps_fit']} steps at {1000 * t['step_seconds']:.0f} ms"
+            + (f"here ({t['epochs_fit']:.1f} would, {t['steps_fit']} steps at {1000 * t['step_seconds']:.0f} ms"
+               if t["step_seconds"] is not None else "here (none would")
             + (f", after {t['extraction_seconds']:.0f} s extracting features" if t.get("extraction_seconds") else "")
             + f"; it needs {t['steps_needed']}: {cfgmod.FALLBACK_FITS:.0%} of its epochs{counted}): "
             f"fallbacks[{used}] instead ({_differences(exp, chosen)})")

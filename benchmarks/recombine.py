@@ -45,7 +45,7 @@ def main() -> None:
     a = ap.parse_args()
     by_split: dict[int, list[tuple[Path, dict[str, Path]]]] = defaultdict(list)
     for r in a.runs:
-        own = members_of(r)
+        own = members_of(r)  # first: a folder that is not a run gets its one-line error
         by_split[int(runs.read_metrics(r)["split"]["seed"])].append((r, own))
     ds = datamod.load(a.data)
     rows = []

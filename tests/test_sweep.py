@@ -143,6 +143,33 @@ def _check_study(study, trials: int) -> None:
             assert json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())["val_accuracy"] == t.value
 
 
+RACE_WORKER = """
+import sys, time
+import optuna
+from cifar4 import locks
+from cifar4.lab import sweep as sw
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.load_study(study_name="race", storage=sys.argv[1])
+sw._run_trials(study, lambda t: (time.sleep(0.02), t.suggest_float("x", 0, 1))[1], int(sys.argv[2]),
+               None, 30.0, turn=lambda: locks.hold(sys.argv[3], "race"))
+"""
+
+
+def test_workers_that_finish_together_start_no_trial_past_the_count(tmp_path):
+    """Four workers with trials of a few hundredths of a second: without one snapshot of the
+    study per count and a turn to count and start, about every other study ended with 13 or 14."""
+    for round_ in range(2):
+        url = f"sqlite:///{tmp_path / f'race{round_}.db'}"
+        optuna.create_study(study_name="race", storage=url)
+        cmd = [PY, "-c", RACE_WORKER, url, "12", str(tmp_path / "trials.lock")]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for p in procs:
+            _, e = p.communicate(timeout=120)
+            assert p.returncode == 0, e[-2000:]
+        study = optuna.load_study(study_name="race", storage=url)
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 12
+
+
 @pytest.mark.slow
 def test_two_workers_share_one_study_in_a_file(setup):
     root, npz, exp = setup

@@ -18,7 +18,8 @@ Storage: by default one SQLite file in the sweep's folder (`<sweeps>/<study>/stu
 SQLAlchemy URL joins a shared study (PostgreSQL across machines: `--storage
 postgresql+psycopg://user@host/db`). Workers are ordinary processes running the same command:
 Optuna hands out trials, and its heartbeat marks the trial of a killed worker as failed. The
-command runs until N trials have finished (complete or pruned), counting every worker's.
+command runs until N trials have finished (complete or pruned), counting every worker's; workers
+on one machine count and start a trial in turn (`<sweeps>/<study>/trials.lock`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,29 +182,42 @@ def sweep(exp: Experiment, ds: datamod.Dataset, trials: int, study_name: str | N
         return float(r.metrics["val_accuracy"])
 
     with _quiet_optuna():
-        _run_trials(study, objective, trials, timeout, heartbeat)
+        _run_trials(study, objective, trials, timeout, heartbeat,
+                    turn=lambda: locks.hold(folder / "trials.lock", f"sweep study '{name}' trial count"))
     finished = len(study.get_trials(deepcopy=False, states=done))
     return SweepResult(name, url, folder, finished, best_trial(study, ds) if finished else None)
 
 
-def _run_trials(study: Any, objective: Any, trials: int, timeout: float | None, heartbeat: float) -> None:
+def _run_trials(study: Any, objective: Any, trials: int, timeout: float | None, heartbeat: float,
+                turn: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
     """Start one trial at a time while the study's finished trials plus those running (in any
-    worker) are fewer than `trials`: `--trials N` finishes N, unless two workers start the last
-    one at the same instant. When the last ones run elsewhere, wait for them: one whose worker
-    was killed is failed by its silent heartbeat, and then replaced here."""
+    worker) are fewer than `trials`, so `--trials N` finishes N. A worker counts and starts its
+    trial holding `turn` (the sweep folder's lock), released once the trial is in the storage as
+    running: two workers on one machine never both start the last one. (Workers on other
+    machines share no lock; they can, if they count at the same instant.) When the last ones run
+    elsewhere, wait for them: one whose worker was killed is failed by its silent heartbeat, and
+    then replaced here."""
     optuna = _optuna()
     state = optuna.trial.TrialState
     start = time.monotonic()
     while timeout is None or time.monotonic() - start < timeout:
-        optuna.storages.fail_stale_trials(study)  # a killed worker's trial stops counting as running
-        finished = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
-        running = len(study.get_trials(deepcopy=False, states=(state.RUNNING,)))
-        if finished >= trials:
-            return
-        if finished + running >= trials:
-            time.sleep(min(heartbeat, WAIT_SECONDS))
-            continue
-        study.optimize(objective, n_trials=1, catch=())
+        with contextlib.ExitStack() as held:
+            held.enter_context(turn())
+            optuna.storages.fail_stale_trials(study)  # a killed worker's trial stops counting as running
+            # One read for both counts: between two reads another worker's trial can finish,
+            # missing from the first as not yet finished and from the second as no longer running.
+            now = [t.state for t in study.get_trials(deepcopy=False)]
+            finished = sum(s in (state.COMPLETE, state.PRUNED) for s in now)
+            running = now.count(state.RUNNING)
+            if finished >= trials:
+                return
+            if finished + running < trials:
+                def started(trial: Any) -> Any:
+                    held.close()  # the trial now counts as running for every worker
+                    return objective(trial)
+                study.optimize(started, n_trials=1, catch=())
+                continue
+        time.sleep(min(heartbeat, WAIT_SECONDS))
 
 
 WAIT_SECONDS = 1.0  # how often a worker with no trial left to start looks at the others' last ones

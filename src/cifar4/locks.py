@@ -11,6 +11,8 @@ hold its folder while the training it starts holds each run folder.
     lab/.lock                      the lab folder (cifar4 lab)
     runs/<run>/.lock               a run folder (train, resume, the lab's runs)
     <cache>/features/<file>.lock   one feature-cache file (frozen-backbone features)
+    <sweeps>/<study>/study.lock    opening (and first creating) a sweep's study
+    <sweeps>/<study>/trials.lock   a sweep worker counting the study's trials and starting one
 """
 
 from __future__ import annotations

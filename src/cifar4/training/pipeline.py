@@ -597,6 +597,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
         extraction = 0.0
         idx = _candidate_rows(run, cand)
         n = {k: len(idx[k]) for k in ("train", "val")}
+        spe, needed = epoch_steps(n["train"], cand.train.batch_size), _fit_steps(exp, cand, n["train"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cand.train.seed)  # as _prepare builds it (a random backbone's cache key)
             model = models.build(cand.model.name, num_classes=run.ds.num_classes, **cand.model.options)
@@ -610,10 +611,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
                     # precision and its inference are not timed (on CIFAR-10 each tuned-block
                     # candidate's timing cost seconds that the next member trains in)
                     choices.append(None)
-                    tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": None,
-                                  "image_seconds": None, "epochs_fit": 0.0, "steps_fit": 0,
-                                  "steps_needed": _fit_steps(exp, cand, n["train"]),
-                                  "extraction_seconds": round(extraction, 1)})
+                    tried.append(_tried_row(i, spe, needed, 0, None, None, extraction))
                     continue
                 backbone = cast(FrozenBackbone, model)
                 net, xin = backbone.on_cache(), torch.randn(len(x), *backbone.cache_shape, device=run.device)
@@ -625,19 +623,14 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
             step = min(step_times(net, xin[:cand.train.batch_size], run.device, choice.precision, optimizer,
                                   steps=2)[1:])
             image = _forward_seconds(net, xin[:INFER_PROBE], run.device, choice.precision)
-        spe = epoch_steps(n["train"], cand.train.batch_size)
         # the features still to extract come first: as if the command had started that much earlier
         # (the plan as a budget makes it: what fits, without a limit's tolerance for early plans)
         plan = Budget.starting(cand.train.time_limit, started - extraction,
                                _limit_eval_images(run, cand, started - extraction, image))
         val = n["val"] + batchnorm.images(net, cand.train)  # (each validation recalibrates batch norm first)
         steps = min(plan.steps(0, step, image, val, spe), cand.train.epochs * spe)
-        tried.append({"fallback": None if i == 0 else i - 1, "step_seconds": round(step, 4),
-                      "image_seconds": round(image, 6), "epochs_fit": round(steps / spe, 2),
-                      "steps_fit": steps, "steps_needed": _fit_steps(exp, cand, n["train"])})
-        if frozen:
-            tried[-1]["extraction_seconds"] = round(extraction, 1)
-        if steps >= tried[-1]["steps_needed"]:  # the experiment's epochs, nearly (on its reference)
+        tried.append(_tried_row(i, spe, needed, steps, step, image, extraction if frozen else None))
+        if steps >= needed:  # the experiment's epochs, nearly (on its reference)
             used = i
             break
     else:
@@ -653,6 +646,19 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
     if log is not None and used:
         log(_fallback_news(exp, chosen, tried[0], used - 1, len(run.idx["train"])))
     return chosen, record, choices[used] if used < len(choices) else None
+
+
+def _tried_row(i: int, spe: int, needed: int, steps: int, step: float | None, image: float | None,
+               extraction: float | None) -> dict[str, Any]:
+    """Candidate `i`'s row in metrics.json's `fallback.tried` (FallbackTry): `step` and `image`
+    None where it was not timed, `extraction` None where it has no frozen backbone."""
+    row = {"fallback": None if i == 0 else i - 1,
+           "step_seconds": None if step is None else round(step, 4),
+           "image_seconds": None if image is None else round(image, 6),
+           "epochs_fit": round(steps / spe, 2), "steps_fit": steps, "steps_needed": needed}
+    if extraction is not None:
+        row["extraction_seconds"] = round(extraction, 1)
+    return row
 
 
 INFER_PROBE = 128  # images of the forward pass timed for a fallback's evaluation cost

@@ -214,3 +214,70 @@ def test_an_earlier_member_leaves_a_later_one_half_its_own_limit():
     # the last member gets all that is left, up to its own limit
     assert pipeline._member_limit(later, 100, []).train.time_limit == 100 - pipeline.ENSEMBLE_SECONDS
     assert pipeline._member_limit(later, 400, []).train.time_limit == later.train.time_limit
+
+
+def _pair(tmp_path, **ensemble):
+    for name, d in MEMBERS.items():
+        (tmp_path / f"{name}.toml").write_text(config.from_dict({"name": name, **d}).to_toml())
+    return config.from_dict({"name": "pair", "ensemble": {"members": ["cnn.toml", "fast.toml"], **ensemble}})
+
+
+def test_a_distilled_member_learns_from_the_earlier_ones(tiny, tmp_path, monkeypatch):
+    """ensemble.distill: the later member's targets mix its labels with the earlier member's
+    softened probabilities on its training rows; it trains otherwise as it would alone."""
+    from cifar4.training.distill import teacher_targets
+    monkeypatch.chdir(tmp_path)
+    plain = pipeline.train(_pair(tmp_path), tiny, run_dir=tmp_path / "plain", progress=False)
+    exp = _pair(tmp_path, distill=0.4, distill_temperature=3.0)
+    pipeline.train(exp, tiny, run_dir=tmp_path / "taught", progress=False)
+    first = runs.read_metrics(tmp_path / "taught" / "members" / "1-cnn")
+    second = runs.read_metrics(tmp_path / "taught" / "members" / "2-fast")
+    assert "distill" not in first and "distill" not in runs.read_metrics(plain.run_dir / "members" / "2-fast")
+    d = second["distill"]
+    assert d["weight"] == 0.4 and d["temperature"] == 3.0 and d["teachers"] == ["1-cnn"] and d["seconds"] > 0
+    # the first member trained as it does without distillation; the second learned other weights
+    assert first["val_accuracy"] == runs.read_metrics(plain.run_dir / "members" / "1-cnn")["val_accuracy"]
+    taught = runs.read_predictions(tmp_path / "taught" / "members" / "2-fast")["val"][1]
+    alone = runs.read_predictions(plain.run_dir / "members" / "2-fast")["val"][1]
+    assert not np.allclose(taught, alone)
+    # the targets: probabilities, the label's share at least 1 - distill
+    member = pipeline.member_experiment(exp, "fast.toml")
+    t = teacher_targets([tmp_path / "taught" / "members" / "1-cnn"], member, tiny, exp.ensemble)
+    assert t is not None
+    torch.testing.assert_close(t.probs.sum(1), torch.ones(len(t.rows)))
+    labels = torch.from_numpy(tiny.Y[t.rows]).long()
+    assert bool((t.probs.gather(1, labels[:, None]) >= 0.6 - 1e-6).all())
+    assert bool((t.probs.argmax(1) == labels).all())
+    # a fallback's subset of the rows takes their targets; rows outside them are refused
+    sub = t.rows[::3]
+    torch.testing.assert_close(t.for_rows(sub), t.probs[::3])
+    with pytest.raises(ConfigError, match="do not cover this member's training rows"):
+        t.for_rows(np.array([-1]))
+
+
+def test_soft_targets_of_the_labels_train_as_the_labels(tiny):
+    """A row of probabilities that is the label's one-hot trains exactly as the label does
+    (cross-entropy against a distribution), so distillation changes nothing but the targets."""
+    from cifar4.data.transforms import Normalization
+    from cifar4.models.registry import build
+    from cifar4.training.train import Trainer, seed_everything
+    exp = config.from_dict({"name": "cnn", **MEMBERS["cnn"], "train": {"epochs": 1, "batch_size": 32,
+                                                                       "label_smoothing": 0.1}})
+    x, y = torch.from_numpy(tiny.X[:128]), torch.from_numpy(tiny.Y[:128]).long()
+    norm = Normalization.from_config(exp.data.scale, exp.data.standardize, tiny.X[:128])
+    weights = []
+    for target in (y, torch.nn.functional.one_hot(y, tiny.num_classes).float()):
+        gen = seed_everything(0)
+        model = build(exp.model.name, num_classes=tiny.num_classes, **exp.model.options)
+        tr = Trainer(model, exp.train, norm, generator=gen)
+        tr.fit(x, target, x[:32], y[:32])
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert tr.history.rows[-1]["accuracy"] > 0
+    torch.testing.assert_close(weights[0], weights[1])
+
+
+def test_distill_is_checked_by_the_schema():
+    for bad, what in (({"distill": 0.6}, "distill"), ({"distill": -0.1}, "distill"),
+                      ({"distill_temperature": 0}, "distill_temperature")):
+        with pytest.raises(ConfigError, match=what):
+            config.from_dict({"name": "x", "ensemble": {"members": ["fast", "cnn"], **bad}})

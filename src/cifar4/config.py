@@ -184,6 +184,14 @@ class EnsembleConfig(_Strict):
         default="equal", description="One per member, equal, or val: chosen on the validation split.")
     epochs_scale: float = Field(default=1.0, gt=0, le=1, description="The members' epochs times this "
                                                                    "(the lab's --quick).")
+    distill: float = Field(default=0.0, ge=0, le=0.5, description=(
+        "Later members learn from the earlier ones: each trains on targets made of 1 - distill parts "
+        "its labels and distill parts the earlier members' mean probabilities on its training images "
+        "(softened by distill_temperature). At most 0.5, so the label keeps the largest share."))
+    distill_temperature: float = Field(default=2.0, gt=0, le=10, description=(
+        "The earlier members' logits are divided by this before their softmax: above 1, the targets "
+        "keep which wrong classes an image resembles, which a member that fits its training images "
+        "almost surely would otherwise round away."))
 
 
 # What an ensemble experiment may set beyond its members: the rest belongs to the members' files.

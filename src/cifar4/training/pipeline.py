@@ -37,6 +37,7 @@ from ..runs import CHECKPOINT_FILE, Result, machine, versions
 from . import batchnorm, distributed, precision
 from .budget import EVAL_SHARE, Budget, Deadline
 from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint, ProgressBar
+from .distill import Targets, teacher_targets
 from .evaluate import accuracy_lines, predict_logits, summarize
 from .features import CachedFeatures, cache_requests, extraction_seconds, feature_precision, pending
 from .plan import Plan
@@ -102,14 +103,15 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
           overwrite: bool = False, progress: bool = True, save_state: bool = True,
           callbacks: list[Callback] | None = None, run_name: str | None = None,
           evaluate_test: bool = True, tensorboard: str | Path | None = None,
-          started: float | None = None, skip_if_unfit: bool = False) -> Result:
+          started: float | None = None, skip_if_unfit: bool = False, targets: Targets | None = None) -> Result:
     """Train one experiment (an Experiment, a built-in name or a TOML path) and write its run
     (`runs_root/<run_name or experiment>-<stamp>`, or exactly `run_dir`). `callbacks` are added
     after the built-in ones (history, progress, early stopping, ...). `started`: the
     time.perf_counter() value the command started at (train.time_budget counts from it; by
     default from this call). `skip_if_unfit` (an ensemble's member with later ones): under a
     time limit where not even its lightest variant fits one epoch, raise MemberUnfit instead
-    of training."""
+    of training. `targets`: probabilities to train on instead of the labels (an ensemble's
+    later member learning from the earlier ones: distill.py)."""
     started = time.perf_counter() if started is None else started
     keep_freed_memory()  # each step reuses what the last one freed (device.keep_freed_memory says why)
     if not isinstance(exp, Experiment):
@@ -129,7 +131,7 @@ def train(exp: Experiment | str | Path, data: Dataset | str | Path | None = None
         try:
             result = _run(exp, ds, folder, progress, save_state, resume_state=None,
                           extra=[*(callbacks or []), *([tb] if tb else [])], evaluate_test=evaluate_test,
-                          started=started, skippable=skip_if_unfit)
+                          started=started, skippable=skip_if_unfit, targets=targets)
         except BaseException:
             if tb is not None:
                 tb.close()
@@ -196,15 +198,21 @@ def _train_ensemble(exp: Experiment, ds: Dataset, runs_root: str | Path, run_dir
                 continue
             if continuing and (sub / "metrics.json").exists():
                 done.append(sub)
-            elif continuing and (sub / "state" / "last.json").exists():
-                done.append(resume(sub, ds, progress).run_dir)
+                continue
+            # a later member's targets from the earlier ones (distill.py): computed before its
+            # time limit is set, so their seconds count against the ensemble's
+            targets = (teacher_targets(done, m, ds, exp.ensemble, exp.train.device)
+                       if exp.ensemble.distill and done else None)
+            if continuing and (sub / "state" / "last.json").exists():
+                done.append(_resume_one(sub, ds, progress, targets).run_dir)
             else:
                 if exp.train.time_limit:  # after a skip, the skipped member's time goes to the later ones
                     m = _member_limit(m, exp.train.time_limit - (time.perf_counter() - t0), members[i:],
                                       own_limit=not skipped)
                 try:
                     done.append(train(m, ds, run_dir=sub, overwrite=True, progress=progress,
-                                      skip_if_unfit=bool(exp.train.time_limit) and i < len(members)).run_dir)
+                                      skip_if_unfit=bool(exp.train.time_limit) and i < len(members),
+                                      targets=targets).run_dir)
                 except MemberUnfit as e:  # its time goes to the later members
                     shutil.rmtree(sub, ignore_errors=True)
                     skipped.append({"member": i, "experiment": m.name, "reason": str(e), "tried": e.tried})
@@ -290,7 +298,8 @@ def resume(run_dir: str | Path, data: Dataset | str | Path | None = None,
     return _resume_one(folder, data, progress)
 
 
-def _resume_one(folder: Path, data: Dataset | str | Path | None, progress: bool) -> Result:
+def _resume_one(folder: Path, data: Dataset | str | Path | None, progress: bool,
+                targets: Targets | None = None) -> Result:
     with contextlib.ExitStack() as held:
         def check() -> str:
             held.enter_context(locks.run_lock(folder))  # refused while another process trains this run
@@ -304,7 +313,7 @@ def _resume_one(folder: Path, data: Dataset | str | Path | None, progress: bool)
         if st is not None and st[1].get("data_sha256") not in (None, ds.checksum()):
             raise RunError(f"run '{folder}' was trained on other data (sha256 "
                            f"{st[1]['data_sha256'][:12]}...); pass the same --data")
-        return _run(exp, ds, folder, progress, True, resume_state=st)
+        return _run(exp, ds, folder, progress, True, resume_state=st, targets=targets)
 
 
 def _on_main(step: Callable[[], str]) -> str:
@@ -347,11 +356,13 @@ class _Fit:
     saver: _SaveEachEpoch | None = None
     deadline: Deadline | None = None  # follows a time budget or limit during training
     test: bool = True  # False: the test split stays held out (sweep trials); per-class and confusion on val
+    targets: torch.Tensor | None = None  # what the fit learns instead of y["train"] (distill.py)
 
 
 def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state: bool,
          resume_state: tuple[dict, dict] | None, extra: list[Callback] | None = None,
-         evaluate_test: bool = True, started: float | None = None, skippable: bool = False) -> Result:
+         evaluate_test: bool = True, started: float | None = None, skippable: bool = False,
+         targets: Targets | None = None) -> Result:
     """One run, step by step: data, plan (written once), model, trainer, fit, final evaluation,
     artifacts."""
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -373,6 +384,8 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     if main and resume_state is None:  # written once, before training; a resumed run keeps its own
         record.write_experiment(folder, plan.exp)
         record.write_run_info(folder, ds.source, ds.checksum(), plan.to_record())
+    if targets is not None:  # the rows the plan settled on (a fallback may read a subset)
+        run.targets = targets.for_rows(run.idx["train"])
     _build_trainer(run, bar, save_state, extra, progress, (t_start, log))
     assert run.trainer is not None
     if resume_state is not None:  # a resumed run keeps its steps
@@ -389,7 +402,8 @@ def _run(exp: Experiment, ds: Dataset, folder: Path, progress: bool, save_state:
     eval_seconds = time.perf_counter() - t_eval
     metrics = _metrics(run, rows, res, precision, (warmup_seconds, fit_seconds), eval_seconds, resume_state,
                        started_at)
-    for key, value in (("fallback", plan.fallback), ("gpu", plan.gpu)):
+    for key, value in (("fallback", plan.fallback), ("gpu", plan.gpu),
+                       ("distill", targets.record if targets is not None else None)):
         if value is not None:
             metrics[key] = value
     _write_artifacts(run, rows, res, precision, metrics)
@@ -841,7 +855,8 @@ def _fit(run: _Fit) -> tuple[list[dict], float]:
     assert run.trainer is not None
     t_fit = time.perf_counter()
     try:
-        history = run.trainer.fit(run.x["train"], run.y["train"], run.x["val"], run.y["val"])
+        y = run.y["train"] if run.targets is None else run.targets
+        history = run.trainer.fit(run.x["train"], y, run.x["val"], run.y["val"])
     except BaseException:
         if run.saver is not None:
             run.saver.settle()

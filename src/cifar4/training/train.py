@@ -214,7 +214,9 @@ class Trainer:
     def fit(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
             y_val: torch.Tensor) -> History:
         """Train for the configured epochs (from `start_epoch` when resumed), validating after
-        each; callbacks see every step, as in Keras' fit()."""
+        each; callbacks see every step, as in Keras' fit(). `y_train`: class indices, or one row
+        of target probabilities per image (a distilled ensemble member: the label's class keeps
+        the largest share, so training accuracy still counts against it)."""
         x_store, y_store = self._schedule_and_store(x_train, y_train)
         if self.budget is not None and not any(isinstance(c, Deadline) for c in self.callbacks):
             warnings.warn("Trainer(budget=...) is deprecated; add budget.Deadline(budget, x_val, norm) "
@@ -426,7 +428,7 @@ class Trainer:
             self.scheduler.step()
             with torch.no_grad():
                 loss_sum += loss.detach() * len(yb)
-                correct += (logits.argmax(1) == yb).sum()
+                correct += (logits.argmax(1) == (yb.argmax(1) if yb.ndim > 1 else yb)).sum()
             step += 1
             self.steps_done += 1
             seen = n if last else min(step * cfg.batch_size, n)

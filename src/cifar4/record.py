@@ -130,6 +130,20 @@ class FallbackInfo(_Record):
     fits: float = Field(description="The share of its epochs a candidate must fit to be chosen.")
 
 
+class DistillInfo(_Record):
+    weight: float = Field(description="ensemble.distill: the share of the earlier members' probabilities "
+                                      "in the targets (the label keeps the rest).")
+    temperature: float = Field(description="ensemble.distill_temperature: their logits divided by it "
+                                           "before the softmax.")
+    teachers: list[str] = Field(description="The earlier members that taught (their member folders).")
+    teacher_agrees: float = Field(description="The share of the training rows on which the teachers' "
+                                              "mean probabilities pick the label's class.")
+    seconds: float = Field(description="Seconds spent computing the targets (counted in the "
+                                       "ensemble's time, before this member's limit was set).")
+    left_out: list[str] | None = Field(default=None, description="Earlier members that did not teach: "
+                                       "they trained on other rows (a fallback's subset).")
+
+
 class FeaturesInfo(_Record):
     views: list[str] = Field(default_factory=list, description="The image views whose features "
                                                                "were cached (the image, its mirror).")
@@ -232,6 +246,8 @@ class Metrics(_Record):
     time_limit: TimeInfo | None = Field(default=None, description="What a time limit planned.")
     time_budget: TimeInfo | None = Field(default=None, description="What a time budget planned.")
     fallback: FallbackInfo | None = Field(default=None, description="Which variant a time limit chose.")
+    distill: DistillInfo | None = Field(default=None, description="An ensemble's later member: what it "
+                                        "learned from the earlier ones besides its labels ([ensemble] distill).")
     gpu: dict[str, Any] | None = Field(default=None, description="The experiment's gpu table, where it "
                                        "applied (the run was on a GPU).")
     held_out_test: bool | None = Field(default=None, description="True: the test split was not "

@@ -119,6 +119,9 @@ def _make(ds: Dataset, kind: str, seed: int) -> Split:
     return Split(kind, seed, train, val, test)
 
 
+TRAIN_EVAL_ROWS = 5000  # the train split's final numbers come from this many of its rows (pipeline._eval_rows)
+
+
 def sample_positions(count: int, n: int, kind: str) -> np.ndarray:
     """Positions of `n` of a split part's `count` rows (all where there are no more): its first
     ones where the split's order is random (session and stratified splits shuffle), evenly spaced

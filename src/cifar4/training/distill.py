@@ -29,6 +29,7 @@ from ..data.split import split_indices
 from ..device import inference_precision, pick_device
 from ..errors import ConfigError
 from ..runs import load_model
+from .evaluate_run import part_logits
 
 
 @dataclass
@@ -57,8 +58,6 @@ def teacher_targets(teachers: list[Path], member: Experiment, ds: Dataset, ens: 
     """The targets of `member`'s training rows from the finished runs `teachers` (those trained
     on the same rows; see the module's docstring), or None where none did."""
     t0 = time.perf_counter()
-    from .evaluate_run import part_logits  # evaluate_run reads finished runs; it imports the pipeline
-
     _, idx = split_indices(member.data, ds)
     rows = idx["train"]
     dev = pick_device(device)

@@ -23,14 +23,13 @@ from torch import nn
 
 from .. import data as datamod
 from .. import models, record
-from ..data.split import sample_positions, split_indices
+from ..data.split import TRAIN_EVAL_ROWS, sample_positions, split_indices
 from ..device import inference_precision, pick_device
 from ..errors import RunError
 from ..models.ensemble import Ensemble
 from ..runs import LoadedModel, load_model, read_predictions, resolve_run
 from .evaluate import predict_logits, summarize
 from .features import CachedFeatures
-from .pipeline import TRAIN_EVAL_ROWS
 
 
 def evaluate_run(run: str | Path, data: str | Path | datamod.Dataset | None = None,

@@ -26,7 +26,7 @@ from .. import io as cio
 from .. import locks, models, plots, record, runs
 from ..config import Experiment
 from ..data import Dataset
-from ..data.split import Split, sample_positions, split_indices
+from ..data.split import TRAIN_EVAL_ROWS, Split, sample_positions, split_indices
 from ..data.transforms import Augment, FeatureInput, InputTransform, Normalization, tta_views
 from ..device import autocast, keep_freed_memory, pick_device, synchronize, to_device
 from ..errors import Cifar4Error, ConfigError, RunError
@@ -862,9 +862,6 @@ def _fit(run: _Fit) -> tuple[list[dict], float]:
             run.saver.settle()
         raise
     return history.rows, time.perf_counter() - t_fit
-
-
-TRAIN_EVAL_ROWS = 5000  # the train split's final numbers come from this many of its rows (sample_positions)
 
 
 def _eval_rows(run: _Fit, part: str) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -13,6 +15,18 @@ def by_experiment(results: list[dict]) -> dict[str, list[dict]]:
     for r in results:
         groups.setdefault(r["experiment"], []).append(r)
     return groups
+
+
+def emit(row: dict, rows: list[dict]) -> None:
+    """Print a result as one JSON line (a long series shows as it goes) and keep it in `rows`."""
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+
+
+def write_rows(rows: list[dict], out: str | None) -> None:
+    """All the results as one JSON list at `out`, where one is given."""
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def mean_std(values: list[float]) -> str:

@@ -15,16 +15,16 @@ reported beside, never used to choose.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from cifar4 import config, runs
 from cifar4 import data as datamod
+from cifar4.config import EnsembleConfig
 from cifar4.training.distill import teacher_targets
 from cifar4.training.ensemble import make_ensemble
 from cifar4.training.pipeline import train
-from common import mean_std
+from common import emit, mean_std, write_rows
 
 
 def main() -> None:
@@ -38,6 +38,10 @@ def main() -> None:
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep the students' runs here")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = ap.parse_args()
+    bad = [w for w in a.weights if not 0 <= w <= 0.5]
+    if bad or not 0 < a.temperature <= 10:
+        raise SystemExit(f"distill.py: --weights {bad or a.weights} --temperature {a.temperature:g}: expected "
+                         f"weights from 0 to 0.5 and a temperature above 0, at most 10 (as [ensemble] takes them)")
     ds = datamod.load(a.data)
     for t in a.teachers:
         if not (t / "metrics.json").exists():
@@ -50,12 +54,10 @@ def main() -> None:
             for w in a.weights:
                 exp = config.load(a.student, {"train": {"seed": tm["seed"], "time_limit": 0},
                                               "data": {"split_seed": tm["split"]["seed"]}})
-                ens = config.from_dict({"name": "pair", "ensemble": {
-                    "members": [tm["experiment"], a.student], "distill": w,
-                    "distill_temperature": a.temperature}}).ensemble
-                assert ens is not None
+                ens = EnsembleConfig(members=[tm["experiment"], a.student], distill=w,
+                                     distill_temperature=a.temperature)
                 targets = teacher_targets([teacher], exp, ds, ens) if w else None
-                folder = keep / f"{a.student}-seed{tm['seed']}-split{tm['split']['seed']}-distill{w:g}"
+                folder = keep / f"{exp.name}-seed{tm['seed']}-split{tm['split']['seed']}-distill{w:g}"
                 res = train(exp, ds, run_dir=folder, overwrite=True, progress=False, targets=targets)
                 pair = make_ensemble([teacher, folder], out=Path(tmp) / "pair", weights="val", data=ds,
                                      overwrite=True).metrics
@@ -68,10 +70,8 @@ def main() -> None:
                        "targets_seconds": (targets.record["seconds"] if targets else 0.0),
                        "pair_weights": pair["model_options"]["weights"],
                        "pair_val_accuracy": pair["val_accuracy"], "pair_test_accuracy": pair["test_accuracy"]}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+                emit(row, rows)
+    write_rows(rows, a.out)
     print("\n| distill | runs | student validation | student test | pair validation | pair test |\n"
           "|---|---|---|---|---|---|")
     for w in a.weights:

@@ -14,7 +14,6 @@ used to choose.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from cifar4 import data as datamod
 from cifar4 import runs
 from cifar4.training.ensemble import make_ensemble
-from common import mean_std
+from common import emit, mean_std, write_rows
 
 
 def members_of(run: Path) -> dict[str, Path]:
@@ -68,10 +67,8 @@ def main() -> None:
                            "members": [mm["experiment"] for mm in m["members"]],
                            "weights": m["model_options"]["weights"],
                            "val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"]}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-    if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+                    emit(row, rows)
+    write_rows(rows, a.out)
     print("\n| shape | runs | validation | test |\n|---|---|---|---|")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         rs = [r for r in rows if r["shape"] == shape]

@@ -92,3 +92,33 @@ def test_recombine_adds_another_seeds_member_to_each_run(tiny_npz, tmp_path, mon
         assert own["weights"] == pytest.approx(f.metrics["model_options"]["weights"])
     assert [len(x["members"]) for x in rows[:4]] == [2, 3, 3, 4]
     assert all(abs(sum(x["weights"]) - 1) < 1e-6 for x in rows)
+
+
+def test_distill_trains_each_student_and_pairs_it_with_its_teacher(tiny_npz, tmp_path, monkeypatch):
+    from cifar4 import config, data
+    from cifar4.training import pipeline
+    monkeypatch.chdir(tmp_path)
+    ds = data.load(tiny_npz)
+    teacher = pipeline.train(config.from_dict({"name": "cnn", "model": {"name": "cnn"},
+                                               "train": {"epochs": 1, "batch_size": 32, "seed": 1}}),
+                             ds, run_dir=tmp_path / "teacher", progress=False)
+    (tmp_path / "student.toml").write_text(config.from_dict({
+        "name": "student", "model": {"name": "fast", "options": {"widths": [16, 32, 32]}},
+        "train": {"epochs": 1, "batch_size": 32}}).to_toml())
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(BENCH / "distill.py"), str(teacher.run_dir), "--student", "student.toml",
+           "--weights", "0", "0.5", "--data", str(tiny_npz), "--keep-runs", str(tmp_path / "kept"), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert [(x["seed"], x["distill"]) for x in rows] == [(1, 0.0), (1, 0.5)]
+    assert rows[0]["targets_seconds"] == 0.0 and rows[1]["targets_seconds"] > 0
+    taught = json.loads((tmp_path / "kept" / "student-seed1-split42-distill0.5" / "metrics.json").read_text())
+    assert taught["distill"]["teachers"] == ["teacher"] and taught["seed"] == 1
+    assert "distill" not in json.loads((tmp_path / "kept" / "student-seed1-split42-distill0" / "metrics.json")
+                                       .read_text())
+    assert all(abs(sum(x["pair_weights"]) - 1) < 1e-6 for x in rows)
+    bad = subprocess.run([*cmd[:6], "0.7"], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "distill.py: --weights [0.7] --temperature 2: expected weights from 0 to 0.5 and a temperature "
+        "above 0, at most 10 (as [ensemble] takes them)"]

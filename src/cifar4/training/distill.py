@@ -76,11 +76,10 @@ def teacher_targets(teachers: list[Path], member: Experiment, ds: Dataset, ens: 
     if not probs:
         return None
     labels = torch.from_numpy(ds.Y[rows]).long()
-    mixed = ((1 - ens.distill) * torch.nn.functional.one_hot(labels, ds.num_classes).float()
-             + ens.distill * torch.stack(probs).mean(0))
+    taught = torch.stack(probs).mean(0)
+    mixed = (1 - ens.distill) * torch.nn.functional.one_hot(labels, ds.num_classes).float() + ens.distill * taught
     rec: dict[str, Any] = {"weight": ens.distill, "temperature": ens.distill_temperature, "teachers": used,
-                           "teacher_agrees": round(float((torch.stack(probs).mean(0).argmax(1) == labels)
-                                                         .float().mean()), 4),
+                           "teacher_agrees": round(float((taught.argmax(1) == labels).float().mean()), 4),
                            "seconds": round(time.perf_counter() - t0, 3)}
     if left_out:
         rec["left_out"] = left_out

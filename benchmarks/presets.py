@@ -7,13 +7,16 @@ precision measurement, feature extraction, training, the final evaluation and th
 count. `--cold` gives the first run of each preset an empty cache folder (no cached features,
 no cached precision choice: a fresh machine); the later runs of that preset use what it
 cached, as a user's second run does. `--budgets 30 60` runs the first preset with `--time-budget`
-instead (first seed only). `--data FILE` and `--split KIND` (session, stratified, official) go to
+instead, each budget with each of `--seeds` (seed 0 alone when none are given), and the table
+gives each budget's mean. `--data FILE` and `--split KIND` (session, stratified, official) go to
 every run, budgets included: CIFAR-10 is measured on its own test set with `--split official`.
 Each row records its dataset (file name, classes, images, from the run's metrics.json) and split
 kind, so that a series on other data says so and frontier.py draws it in a panel of its own.
 
     python benchmarks/presets.py fast fast-long best --seeds 0 1 2 --split-seeds 7 11 --cold
     python benchmarks/presets.py fast --budgets 30 60 90 180 360
+    python benchmarks/presets.py fast --budgets 60 180 600 --seeds 0 1 2 --cold \
+        --data ~/.cache/cifar4/cifar10.npz --split official
     python benchmarks/presets.py fast best --data ~/.cache/cifar4/cifar10.npz --split official \
         --seeds 0 1 2 --out benchmarks/results/DATE-MACHINE-cifar10-presets.json
 
@@ -78,6 +81,39 @@ def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: floa
     return out
 
 
+def plan_runs(presets: list[str], seeds: list[int] | None, split_seeds: list[int],
+              budgets: list[float]) -> list[tuple[str, int, int, float | None]]:
+    """(preset, seed, split seed, budget) of each run, in order. Budgets: the first preset,
+    each budget with each seed (seed 0 alone by default: a budget series is long), on split
+    seed 42. Otherwise each preset with each seed (0, 1, 2 by default) on split seed 42, then
+    seed 0 on each other split seed."""
+    if budgets:
+        return [(presets[0], s, 42, b) for b in budgets for s in (seeds or [0])]
+    plan: list[tuple[str, int, int, float | None]] = []
+    for p in presets:
+        plan += [(p, s, 42, None) for s in (seeds or [0, 1, 2])] + [(p, 0, k, None) for k in split_seeds]
+    return plan
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The summary's markdown lines: a line per preset (a budget series: per budget), with the
+    test accuracy's mean +- sample std over its runs, the whole command's mean and most seconds,
+    and the cold first run's seconds."""
+    ok = [r for r in rows if "error" not in r]
+    lines = ["| preset | runs | test accuracy | whole command s (mean, max) | cold first run s |",
+             "|---|---|---|---|---|"]
+    groups: dict[tuple[str, float | None], list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r["preset"], r.get("time_budget")), []).append(r)
+    for (p, budget), rs in groups.items():
+        name = p if budget is None else f"{p} --time-budget {budget:g}"
+        cold = [r["whole_command_seconds"] for r in rs if r["cold"]]
+        lines.append(f"| {name} | {len(rs)} | {mean_std([r['test_accuracy'] for r in rs])} | "
+                     f"{sum(r['whole_command_seconds'] for r in rs) / len(rs):.1f}, "
+                     f"{max(r['whole_command_seconds'] for r in rs):.1f} | {cold[0] if cold else ''} |")
+    return lines
+
+
 def dataset(m: dict) -> dict:
     """What a run measured on, from its metrics.json: the file's name, its classes (output
     order) and images, and the split's kind."""
@@ -90,7 +126,8 @@ def dataset(m: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("presets", nargs="+")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="training seeds (default: 0 1 2; with --budgets, 0)")
     ap.add_argument("--split-seeds", type=int, nargs="*", default=[], help="other splits (training seed 0)")
     ap.add_argument("--cold", action="store_true", help="the first run of each preset with an empty cache")
     ap.add_argument("--budgets", type=float, nargs="*", default=[])
@@ -105,12 +142,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(a.keep_runs) if a.keep_runs else Path(tmp) / "runs"
-        plan: list[tuple[str, int, int, float | None]] = []
-        if a.budgets:
-            plan = [(a.presets[0], a.seeds[0], 42, b) for b in a.budgets]
-        else:
-            for p in a.presets:
-                plan += [(p, s, 42, None) for s in a.seeds] + [(p, 0, k, None) for k in a.split_seeds]
+        plan = plan_runs(a.presets, a.seeds, a.split_seeds, a.budgets)
         first: set[str] = set()
         for preset, seed, split_seed, budget in plan:
             # --cold: each preset's first run starts with an empty cache folder of its own, and
@@ -124,20 +156,7 @@ def main() -> None:
             rows.append(r)
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
-    ok = [r for r in rows if "error" not in r]
-    print("\n| preset | runs | test accuracy | whole command s (mean, max) | cold first run s |\n|---|---|---|---|---|")
-    for p in dict.fromkeys(r["preset"] for r in ok):
-        rs = [r for r in ok if r["preset"] == p]
-        if a.budgets:
-            for r in rs:
-                print(f"| {p} --time-budget {r['time_budget']:g} | 1 | {r['test_accuracy']:.4f} | "
-                      f"{r['whole_command_seconds']:.1f} | |")
-            continue
-        cold = [r["whole_command_seconds"] for r in rs if r["cold"]]
-        print(f"| {p} | {len(rs)} | {mean_std([r['test_accuracy'] for r in rs])} | "
-              f"{sum(r['whole_command_seconds'] for r in rs) / len(rs):.1f}, "
-              f"{max(r['whole_command_seconds'] for r in rs):.1f} | {cold[0] if cold else ''} |")
-
+    print("\n" + "\n".join(table(rows)))
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """The benchmark scripts' own rules: the Keras reference needs no TensorFlow to say what it needs,
-time_to_accuracy.py pairs Keras' runs with cifar4's by experiment and round, and recombine.py
-adds another seed's member to each ensemble run."""
+time_to_accuracy.py pairs Keras' runs with cifar4's by experiment and round, presets.py plans
+each budget with each seed and sums them up per budget, and recombine.py adds another seed's
+member to each ensemble run."""
 
 from __future__ import annotations
 
@@ -62,6 +63,24 @@ def test_speedups_pair_each_keras_run_with_cifar4s_runs_of_its_round(monkeypatch
             {"experiment": "keras:cnn", "round": 2, "train_seconds": 24.0},
             {"experiment": "fast", "round": 1, "train_seconds": 60.0}]
     assert speedups(rows) == {"cnn": [2.0, 3.0]}
+
+
+def test_presets_plans_each_budget_with_each_seed_and_sums_up_per_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from presets import plan_runs, table
+    assert plan_runs(["fast", "best"], None, [], [60.0, 180.0]) == [("fast", 0, 42, 60.0), ("fast", 0, 42, 180.0)]
+    assert plan_runs(["fast"], [0, 1], [], [60.0, 180.0]) == [
+        ("fast", 0, 42, 60.0), ("fast", 1, 42, 60.0), ("fast", 0, 42, 180.0), ("fast", 1, 42, 180.0)]
+    assert plan_runs(["fast", "best"], None, [7], []) == [
+        ("fast", s, 42, None) for s in (0, 1, 2)] + [("fast", 0, 7, None)] + [
+        ("best", s, 42, None) for s in (0, 1, 2)] + [("best", 0, 7, None)]
+    rows = [{"preset": "fast", "time_budget": b, "test_accuracy": acc, "whole_command_seconds": t, "cold": cold}
+            for b, acc, t, cold in ((60.0, 0.80, 58.0, True), (60.0, 0.82, 59.0, False),
+                                    (180.0, 0.90, 177.0, False), (180.0, 0.92, 178.0, False))]
+    rows.append({"preset": "fast", "seed": 2, "error": "cifar4: error: ..."})
+    assert table(rows)[2:] == [
+        "| fast --time-budget 60 | 2 | 0.8100 +- 0.0141 | 58.5, 59.0 | 58.0 |",
+        "| fast --time-budget 180 | 2 | 0.9100 +- 0.0141 | 177.5, 178.0 |  |"]
 
 
 def test_recombine_adds_another_seeds_member_to_each_run(tiny_npz, tmp_path, monkeypatch):

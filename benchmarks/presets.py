@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import mean_std
+from common import emit, mean_std, write_rows
 
 
 def run(preset: str, seed: int, split_seed: int, cache: str | None, budget: float | None,
@@ -152,11 +152,10 @@ def main() -> None:
             r = run(preset, seed, split_seed, cache, budget, runs_dir, a.data, cold=preset not in first,
                   split=a.split)
             first.add(preset)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-    if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+            emit(r, rows)
+    write_rows(rows, a.out)
     print("\n" + "\n".join(table(rows)))
+
 
 if __name__ == "__main__":
     main()

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from cifar4 import config, models, runs
 from cifar4.cli import main
-from cifar4.errors import CheckpointError, ConfigError, RunError
+from cifar4.errors import CheckpointError, ConfigError, ModelError, RunError
 from cifar4.models.efficientnet import EfficientNetLite, EfficientNetLite0, SameConv2d
 from cifar4.models.resnet import ResNet
 from cifar4.models.transfer import packaged_weights
-from cifar4.training import features, pipeline
+from cifar4.training import features, onnx_extract, pipeline
 from cifar4.training.train import make_optimizer
 
 # torchvision's published parameter counts (torchvision.models documentation)
@@ -466,6 +466,99 @@ def test_damaged_cache_file_is_recomputed(tiny):
     assert b.status == "miss" and np.array_equal(a.views["plain"], b.views["plain"])
 
 
+# ---------------------------------------------------------------- ONNX Runtime extraction
+
+ORT_INSTALLED = onnx_extract.installed()
+needs_ort = pytest.mark.skipif(not ORT_INSTALLED, reason="the export extra (onnxruntime, onnxscript) "
+                                                         "is not installed")
+
+
+def test_the_extraction_engine_follows_the_precision_the_device_and_the_setting(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CIFAR4_EXTRACT", "auto")
+    assert onnx_extract.engine(cpu, "bf16") == "torch"  # oneDNN's bf16 kernels are the fast ones
+    assert onnx_extract.engine(torch.device("cuda"), "fp32") == "torch"
+    assert onnx_extract.engine(cpu, "fp32") == ("onnxruntime" if ORT_INSTALLED else "torch")
+    monkeypatch.setenv("CIFAR4_EXTRACT", "torch")
+    assert onnx_extract.engine(cpu, "fp32") == "torch"
+    monkeypatch.setenv("CIFAR4_EXTRACT", "fastest")
+    with pytest.raises(ConfigError, match=r"CIFAR4_EXTRACT='fastest' is not an extraction engine; "
+                                          r"expected one of auto, torch, onnxruntime"):
+        onnx_extract.engine(cpu, "fp32")
+
+
+def test_a_bad_extraction_engine_setting_is_one_line_and_an_exit_of_two(tiny_npz, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CIFAR4_EXTRACT", "gpu")
+    monkeypatch.setenv("CIFAR4_CACHE", str(tmp_path / "cache"))
+    code = main(["train", "--data", str(tiny_npz), "--model", "transfer", "--option", "weights=none",
+                 "--option", "resolution=32", "--epochs", "1", "--batch-size", "32",
+                 "--runs-dir", str(tmp_path / "runs"), "-q"])
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and errors == ["cifar4: error: CIFAR4_EXTRACT='gpu' is not an extraction engine; "
+                                    "expected one of auto, torch, onnxruntime"]
+    assert "Traceback" not in err
+
+
+@needs_ort
+@pytest.mark.onnx_extract
+@pytest.mark.parametrize("tune_blocks", [0, 2])
+def test_onnx_runtime_extracts_what_pytorch_does_into_its_own_cache(tiny, monkeypatch, tune_blocks):
+    """fp32 on a CPU: the backbone's pooled features, or the maps below tuned blocks, computed by
+    the exported graph agree with PyTorch's to the cache's float16 rounding; they fill their own
+    cache file, and the graph is kept on disk, so that a new process loads it rather than
+    exporting again, and a damaged one is exported again."""
+    dev = torch.device("cpu")
+    torch.manual_seed(0)
+    m = models.build("transfer", resolution=64, tune_blocks=tune_blocks)
+    m.load_pretrained()  # (a fresh build's random weights give features near zero)
+    rows = np.arange(24)
+    ort = features.features(m, tiny, rows, ("plain", "flip"), dev, "fp32")
+    monkeypatch.setenv("CIFAR4_EXTRACT", "torch")
+    ref = features.features(m, tiny, rows, ("plain", "flip"), dev, "fp32")
+    assert ort.status == ref.status == "miss" and set(ort.files).isdisjoint(ref.files)
+    for v in ("plain", "flip"):
+        a, b = ort.views[v], ref.views[v]
+        assert a.shape == b.shape == (24, features.cache_dim(m))
+        assert np.allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(b).max())
+        assert not np.array_equal(a, np.zeros_like(a))
+    monkeypatch.setenv("CIFAR4_EXTRACT", "auto")
+    x = features.PIXELS.apply(torch.from_numpy(tiny.X[:8]))
+    graph = onnx_extract.graph_path(m, tuple(x.shape[1:]))
+    assert graph.is_file() and graph.parent.name == "graphs"
+    object.__setattr__(m, "_onnx_session", None)  # as a new process finds it
+
+    def no_export(*a):
+        raise AssertionError("exported again although the graph was on disk")
+    real = onnx_extract._export
+    monkeypatch.setattr(onnx_extract, "_export", no_export)
+    got = onnx_extract.session(m, x)(x).numpy()
+    assert np.allclose(got, features.extract(m, tiny.X[:8], False, dev, "fp32").astype(np.float32),
+                       rtol=2e-3, atol=2e-3 * np.abs(got).max()) and np.abs(got).max() > 0.1
+    monkeypatch.setattr(onnx_extract, "_export", real)
+    graph.write_bytes(b"not an onnx graph")
+    object.__setattr__(m, "_onnx_session", None)
+    again = onnx_extract.session(m, x)(x).numpy()
+    assert np.allclose(again, got, atol=1e-5) and graph.stat().st_size > 1000
+
+
+@needs_ort
+@pytest.mark.onnx_extract
+def test_a_graph_that_computes_something_else_is_refused(tiny, monkeypatch):
+    """The export is checked against PyTorch on its first batch before it extracts anything."""
+    m = models.build("transfer", weights="none", resolution=32)
+    x = features.PIXELS.apply(torch.from_numpy(tiny.X[:8]))
+    real = onnx_extract._export
+
+    def other(model, xb):  # the graph of another backbone's weights
+        torch.manual_seed(9)
+        return real(models.build("transfer", weights="none", resolution=32), xb)
+    monkeypatch.setattr(onnx_extract, "_export", other)
+    with pytest.raises(ModelError, match="differs from PyTorch by .* set CIFAR4_EXTRACT=torch"):
+        onnx_extract.session(m, x)
+    assert not onnx_extract.graph_path(m, tuple(x.shape[1:])).exists()
+
+
 # ---------------------------------------------------------------- training, end to end
 
 def _exp(**over) -> config.Experiment:
@@ -475,6 +568,7 @@ def _exp(**over) -> config.Experiment:
     return config.from_dict(config.merge(d, over))
 
 
+@pytest.mark.onnx_extract
 def test_head_training_on_cached_features_then_evaluate_agrees(tiny, tmp_path, capsys):
     r = pipeline.train(_exp(), tiny, runs_root=tmp_path / "runs", progress=False)
     m = r.metrics
@@ -505,6 +599,7 @@ def _tuned(**over) -> config.Experiment:
     return config.from_dict(config.merge(d, over))
 
 
+@pytest.mark.onnx_extract
 def test_tuned_blocks_train_on_cached_maps_then_evaluate_agrees(tiny, tmp_path, capsys):
     """`transfer-tuned`: the maps entering the tuned blocks are extracted once (every image,
     and the mirror images of validation and test for the mirror view), the blocks above and
@@ -691,7 +786,8 @@ def test_finetune_top_benchmark_trains_both_arms_on_cached_activations(tiny_npz,
     assert [(r["arm"], r["mirror"]) for r in rows] == [("frozen", "image")]
 
 
-def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny):
+def test_extraction_pads_a_last_smaller_batch_without_changing_the_features(tiny):  # PyTorch's
+
     """On a GPU the last batch is filled up to a whole one (one kernel choice per shape): the
     images' own features come out as unpadded (up to the kernels' rounding), the filler's not at all."""
     from cifar4.training.features import extract

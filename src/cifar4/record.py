@@ -148,6 +148,8 @@ class FeaturesInfo(_Record):
     views: list[str] = Field(default_factory=list, description="The image views whose features "
                                                                "were cached (the image, its mirror).")
     precision: str | None = Field(default=None, description="Precision the backbone extracted in.")
+    engine: str | None = Field(default=None, description="What ran the backbone: torch, or "
+                                                         "onnxruntime (fp32 on a CPU, with the export extra).")
     cache: str | None = Field(default=None, description="How the feature cache was used.")
     extracted: int | None = Field(default=None, description="Feature rows extracted in this run.")
     cached: int | None = Field(default=None, description="Feature rows read from the cache.")

@@ -45,6 +45,7 @@ from ..device import autocast, bf16_is_fast, synchronize, to_device
 from ..errors import DataError
 from ..models.base import FrozenBackbone, inference_batch
 from ..models.registry import MODEL_SIZE
+from . import onnx_extract
 from .evaluate import predict_logits
 from .precision import arithmetic
 
@@ -107,8 +108,12 @@ def cache_file(model, ds: Dataset, view: str, precision: str, digest: str) -> Ca
     levels = 1 if cut is not None else getattr(model, "levels", 1)
     leveled = "" if levels == 1 else f"|levels{levels}"
     below = "" if cut is None else f"|below{cut}"
+    # features from ONNX Runtime (onnx_extract) agree with PyTorch's to about 1e-5, not bit for
+    # bit: their own key, so that a run reads what its own engine computes
+    engine = onnx_extract.engine(onnx_extract.model_device(model), precision)
+    ran = "" if engine == "torch" else f"|{engine}"
     key = hashlib.sha256(f"{FORMAT}|{digest}|{model.resolution}|{view}|{precision}|"
-                         f"{ds.checksum()}{sized}{leveled}{below}".encode()).hexdigest()[:16]
+                         f"{ds.checksum()}{sized}{leveled}{below}{ran}".encode()).hexdigest()[:16]
     source = "" if ds.size == MODEL_SIZE else f"from{ds.size}px-"
     depth = ("" if levels == 1 else f"{levels}levels-") + ("" if cut is None else f"below{cut}-")
     name = f"{model.spec.name}-{model.resolution}px-{source}{depth}{view}-{precision}-{key}.npz"
@@ -132,6 +137,7 @@ def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: s
     shape, so an unpadded last batch would load a second set of kernels for one batch)."""
     model.eval()
     cast = autocast(device, precision)
+    ort = onnx_extract.engine(device, precision) == "onnxruntime"
     out = torch.empty((len(X), cache_dim(model)), dtype=torch.float16, device=device)
     batch = inference_batch(model, CHUNK, device)
     pad = device.type != "cpu" if pad is None else pad
@@ -144,8 +150,11 @@ def extract(model, X: np.ndarray, flip: bool, device: torch.device, precision: s
         x = PIXELS.apply(part)
         if flip:
             x = x.flip(3)
-        with cast:
-            f = model.cache_embed(x)
+        if ort:
+            f = onnx_extract.session(model, x)(x)
+        else:
+            with cast:
+                f = model.cache_embed(x)
         out[i:i + n] = f[:n].float()
         if progress is not None:
             progress.advance(task, n)
@@ -330,6 +339,7 @@ class CachedFeatures:
                  precision: str | None = None):
         # the backbone's precision: a saved run's recorded one, or the rule for extraction
         self.precision = precision or feature_precision(exp.train.precision, device)
+        self.engine = onnx_extract.engine(device, self.precision)
         maps = getattr(model, "cut", None) is not None
         self.flip_train = exp.augment.flip and not maps  # (maps: mirrored by the augmentation)
         shape: tuple[int, ...] = cast(FrozenBackbone, model).cache_shape
@@ -369,6 +379,6 @@ class CachedFeatures:
 
     def info(self) -> dict[str, Any]:
         fs = self.fs
-        return {"views": list(fs.views), "precision": self.precision, "cache": fs.status,
+        return {"views": list(fs.views), "precision": self.precision, "engine": self.engine, "cache": fs.status,
                 "extracted": fs.extracted, "cached": fs.cached, "seconds": round(fs.seconds, 3),
                 "files": fs.files}

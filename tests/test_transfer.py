@@ -651,6 +651,31 @@ def test_a_time_limit_counts_the_maps_still_to_extract_for_tuned_blocks(tiny, tm
     assert r.model.cut is None
 
 
+def test_a_deeper_cut_whose_extraction_cannot_fit_is_not_timed(tiny, tmp_path, monkeypatch):
+    """Three tuned blocks stop one block deeper in the backbone than four, so their maps cost at
+    least four's a view: where four's maps alone outlast the limit, three's are bounded by four's
+    rate and skipped without timing (on a CPU extracting through ONNX Runtime each timing exports
+    a graph first); the frozen features, past every block, are still timed where they may fit."""
+    calls: list[int] = []
+    monkeypatch.setattr(pipeline, "extraction_seconds", lambda *a: (calls.append(1), 1.0)[1])
+    frozen = {"model": {"options": {"tune_blocks": 0}}, "augment": {"flip": False},
+              "train": {"tta": 0, "schedule": "constant", "warmup": 0.0}}
+    n = len(tiny)
+    sp = pipeline._prepare(_tuned(), tiny, tmp_path).idx
+    maps = n + len(sp["val"]) + len(sp["test"])
+    limit = pipeline.EXTRACTION_MARGIN * (n + maps) / 2
+    three = {"model": {"options": {"tune_blocks": 3}}}
+    r = pipeline.train(_tuned(train={"time_limit": limit}, fallbacks=[three, frozen, frozen]), tiny,
+                       runs_root=tmp_path, progress=False)
+    tried = r.metrics["fallback"]["tried"]
+    assert [t["fallback"] for t in tried] == [None, 0, 1] and r.metrics["fallback"]["used"] == 1
+    bound = round(maps * pipeline.EXTRACTION_MARGIN, 1)
+    assert tried[0]["extraction_seconds"] == tried[1]["extraction_seconds"] == bound
+    assert tried[2]["extraction_seconds"] == round(n * pipeline.EXTRACTION_MARGIN, 1)
+    assert len(calls) == 2  # four blocks' maps and the frozen features; not three blocks'
+    assert r.model.cut is None
+
+
 def test_a_time_limit_counts_the_features_still_to_extract(tiny, tmp_path, monkeypatch):
     """Under a time limit a frozen-backbone candidate is timed with the extraction of the features
     the cache lacks (none once cached) and its head's steps; where the extraction would not fit,

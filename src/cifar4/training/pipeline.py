@@ -603,6 +603,7 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
     rows = run.idx["train"][:max(c.train.batch_size for c in candidates)]
     x = run.norm.apply(torch.from_numpy(run.ds.X[rows])).to(run.device)
     tried: list[dict[str, Any]] = []
+    view_seconds: dict[tuple[str, int, float], float] = {}  # (backbone, resolution, depth) -> s per view
     choices: list[precision.Choice | None] = []  # each candidate's precision: the plan keeps the winner's
     used = len(candidates) - 1
     for i, cand in enumerate(candidates if skippable else candidates[:-1]):
@@ -619,11 +620,26 @@ def _fit_to_limit(run: _Fit, started: float, log: Callable[[str], None] | None,
             if frozen:  # a frozen backbone: its head (and tuned blocks) train on its cache
                 _initialise(model, run.ds, run.norm, _init_rows(run))  # as _prepare: its weights key the cache
                 to_device(model, run.device)
-                extraction = _extraction_seconds(run, cand, model, idx)  # those not cached yet come first
+                todo = _pending_views(run, cand, model, idx)  # those not cached yet come first
+                # at least what an earlier candidate that stops as deep in the same backbone, or
+                # less deep, took a view: a deeper cut computes more layers per image
+                name, res, depth = _depth(model)
+                floor = max((per_view for (n_, r_, d_), per_view in view_seconds.items()
+                             if (n_, r_) == (name, res) and d_ <= depth), default=0.0)
+                bounded = bool(todo and floor and cand.train.time_limit and time.perf_counter()
+                               + EXTRACTION_MARGIN * todo * floor >= started + cand.train.time_limit)
+                per_view = floor
+                if todo and not bounded:
+                    per_view = extraction_seconds(model, run.ds.X, run.device,
+                                                  feature_precision(cand.train.precision, run.device))
+                    view_seconds[(name, res, depth)] = per_view
+                extraction = EXTRACTION_MARGIN * todo * per_view
                 if cand.train.time_limit and time.perf_counter() + extraction >= started + cand.train.time_limit:
                     # its features alone outlast the limit: no step of it fits, so its steps, its
                     # precision and its inference are not timed (on CIFAR-10 each tuned-block
-                    # candidate's timing cost seconds that the next member trains in)
+                    # candidate's timing cost seconds that the next member trains in), nor, where
+                    # a lighter cut's rate already says so, its extraction (on a CPU that extracts
+                    # through ONNX Runtime, each timing exports a graph first)
                     choices.append(None)
                     tried.append(_tried_row(i, spe, needed, 0, None, None, extraction))
                     continue
@@ -704,18 +720,23 @@ def _fit_steps(exp: Experiment, cand: Experiment, train_images: int) -> int:
     return math.ceil(cfgmod.FALLBACK_FITS * exp.train.epochs * epoch_steps(images, cand.train.batch_size))
 
 
-def _extraction_seconds(run: _Fit, exp: Experiment, model: torch.nn.Module,
-                        idx: dict[str, np.ndarray]) -> float:
-    """Seconds a frozen-backbone candidate would spend extracting the features that the cache
-    does not hold yet (none where it holds them all): the rows `idx` of every split in each view
-    it needs, at the rate timed here (features.extraction_seconds). On a CPU that runs in fp32,
-    `best`'s 48,000 views at 224 px would take longer than its whole limit."""
+def _pending_views(run: _Fit, exp: Experiment, model: torch.nn.Module, idx: dict[str, np.ndarray]) -> int:
+    """Image views a frozen-backbone candidate would extract first: the rows `idx` of every split
+    in each view it needs that the cache does not hold yet. Times the rate of
+    features.extraction_seconds (with EXTRACTION_MARGIN), the seconds it would spend: on a CPU
+    that runs in fp32, `best`'s 48,000 views at 224 px would take longer than its whole limit."""
     prec = feature_precision(exp.train.precision, run.device)
-    todo = sum(pending(model, run.ds, np.concatenate([idx[k] for k in parts]), views, prec)
+    return sum(pending(model, run.ds, np.concatenate([idx[k] for k in parts]), views, prec)
                for parts, views in cache_requests(exp, model))
-    if not todo:
-        return 0.0
-    return EXTRACTION_MARGIN * todo * extraction_seconds(model, run.ds.X, run.device, prec)
+
+
+def _depth(model: torch.nn.Module) -> tuple[str, int, float]:
+    """A frozen backbone, its resolution and how deep its cached output lies: the block its
+    activation maps enter, or past every block for pooled features. At one resolution, a deeper
+    output costs at least as much to extract per view."""
+    m: Any = model  # a FrozenBackbone
+    cut = getattr(m, "cut", None)
+    return str(m.spec.name), int(m.resolution), math.inf if cut is None else float(cut)
 
 
 # the whole extraction against its timed batches: mirrored views, copies to the host and the

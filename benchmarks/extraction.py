@@ -101,7 +101,8 @@ def main() -> None:
                  "seconds": round(time.perf_counter() - t, 3)}
         t = time.perf_counter()
         extract(model, X, False, device, prec)
-        row = {"row": f"extract ({engine})", "batch": a.batch[0], "precision": prec, "layout": "channels_last",
+        row = {"row": f"extract ({engine})", "batch": a.batch[0], "precision": prec,
+               "layout": "channels_last" if engine == "torch" else "the graph's",
                "images_per_s": round(len(X) / (time.perf_counter() - t))}
         rows += [first, row]
         print(json.dumps(first), json.dumps(row), sep="\n", flush=True)

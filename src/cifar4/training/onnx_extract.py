@@ -3,8 +3,8 @@
 A frozen backbone's pass over every image is most of a fresh transfer run's time on a CPU
 without bf16 arithmetic (AVX2 only, or AVX-512 without BF16): there PyTorch's eager
 EfficientNet-Lite (normalization, bilinear upsampling, folded batch norms, depthwise
-convolutions in channels_last) runs two to four times slower than the same function exported
-to ONNX and run by ONNX Runtime's CPU kernels (see the benchmark page on features). So where
+convolutions in channels_last) runs up to twice as slow as the same function exported to ONNX
+and run by ONNX Runtime's CPU kernels (the transfer benchmarks give the rates per CPU). So where
 extraction is fp32 on a CPU and the `export` extra is installed, `features.extract` runs the
 model's `cache_embed` as an ONNX graph: the same function (the export is checked against
 PyTorch on the first batch), and its own feature-cache key, so that a cache never mixes the two.

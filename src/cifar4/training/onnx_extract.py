@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .. import io as cio
+from ..data import work_cache
 from ..errors import ConfigError, ModelError
 
 ENV_VAR = "CIFAR4_EXTRACT"
@@ -112,11 +113,10 @@ class Session:
 
 def graph_path(model: Any, shape: tuple[int, ...]) -> Path:
     """Where the exported graph of `model.cache_embed` for inputs of `shape` (3, S, S) is kept."""
-    from .features import features_dir  # noqa: PLC0415 (features imports this module)
     cut, levels = getattr(model, "cut", None), getattr(model, "levels", 1)
     key = hashlib.sha256(f"{model.backbone_digest()}|{model.resolution}|{cut}|{levels}|{shape}|"
                          f"{torch.__version__}|{OPSET}".encode()).hexdigest()[:16]
-    return features_dir() / "graphs" / f"{model.spec.name}-{model.resolution}px-{key}.onnx"
+    return work_cache() / "features" / "graphs" / f"{model.spec.name}-{model.resolution}px-{key}.onnx"
 
 
 def session(model: Any, x: torch.Tensor) -> Session:

@@ -34,14 +34,18 @@ def save_tiny(path: Path) -> Path:
     return path
 
 
+# Features extract with PyTorch unless a test is marked `onnx_extract`: on a CPU in fp32 the
+# default engine exports each new backbone to ONNX first (several seconds), which tests of the
+# cache's bookkeeping on fresh random backbones would pay dozens of times. Set for the whole
+# session, so that module-scoped fixtures that train fill the cache the tests then read, and
+# subprocesses inherit it; the marked tests run the default engine.
+os.environ["CIFAR4_EXTRACT"] = "torch"
+
+
 @pytest.fixture(autouse=True)
 def _extract_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Features extract with PyTorch unless a test is marked `onnx_extract`: on a CPU in fp32
-    the default engine exports each new backbone to ONNX first (several seconds), which tests of
-    the cache's bookkeeping on fresh random backbones would pay dozens of times; the marked tests
-    run the default engine (subprocesses inherit the setting)."""
-    if request.node.get_closest_marker("onnx_extract") is None:
-        monkeypatch.setenv("CIFAR4_EXTRACT", "torch")
+    if request.node.get_closest_marker("onnx_extract") is not None:
+        monkeypatch.setenv("CIFAR4_EXTRACT", "auto")
 
 
 @pytest.fixture
